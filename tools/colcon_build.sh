@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The ROS user's build path: `colcon build` of this package against the ROS 2
+# prefix in a virtual environment (made by `make venv`), in a workspace laid out
+# as a ROS user has it (OUTDIR/src/x2p_ros), so that no build input lies inside
+# the package's source folder (the .venv of a checkout does).
+# Usage: tools/colcon_build.sh VENV OUTDIR   -> OUTDIR/{src,build,install,log}
+set -euo pipefail
+venv=$(cd "$1" && pwd)
+mkdir -p "$2"
+out=$(cd "$2" && pwd)
+here=$(cd "$(dirname "$0")/.." && pwd)
+export AMENT_PREFIX_PATH="$venv" CMAKE_PREFIX_PATH="$venv" PATH="$venv/bin:$PATH"
+rm -rf "$out/src" && mkdir -p "$out/src/x2p_ros"
+for f in package.xml CMakeLists.txt setup.py msg x2p_ros launch config; do
+  [ -e "$here/$f" ] && cp -r "$here/$f" "$out/src/x2p_ros/"
+done
+cd "$out"
+colcon --log-base "$out/log" build --base-paths src --build-base "$out/build" --install-base "$out/install" \
+  --cmake-args -DPython3_EXECUTABLE="$venv/bin/python" -DBUILD_TESTING=OFF -Wno-dev
