@@ -1,0 +1,128 @@
+"""Real-CT import: VerSe centroid files in both layouts, label masks (body
+centroid, not whole-vertebra centroid), and clear errors for bad files."""
+import json
+
+import nibabel as nib
+import nibabel.orientations as nio
+import numpy as np
+import pytest
+
+from x2p_ros.data import case_io
+from x2p_ros.data.ct_import import (RAS_TO_LPS, TOTALSEG_LABELS, import_ct, read_mask_centroids,
+                                    read_verse_centroids)
+from x2p_ros.data.phantom import VERSE_NUMBER, PhantomSpec, make_phantom
+from x2p_ros.data.synth import SynthConfig
+
+
+@pytest.fixture(scope="module")
+def phantom_ct(tmp_path_factory):
+    """A small phantom (L1-L3) written as a NIfTI CT in PIR orientation with 1.5 mm
+    voxels, its VerSe label mask, and its true body centroids (LPS mm)."""
+    root = tmp_path_factory.mktemp("ct")
+    rng = np.random.default_rng(0)
+    spec = PhantomSpec.sample(rng, ["T12", "L1", "L2", "L3", "L4"], voxel_mm=1.5)
+    spec.fractures, spec.implant_levels, spec.scoliosis_mm = {}, [], 0.0
+    phantom = make_phantom(spec, rng)
+    affine_ras = RAS_TO_LPS @ phantom.volume.affine  # the volume's (i, j, k) -> RAS
+    ct = nib.Nifti1Image(phantom.volume.hu.transpose(2, 1, 0).astype(np.int16), affine_ras)
+    labels = nib.Nifti1Image(phantom.volume.labels.transpose(2, 1, 0).astype(np.uint8), affine_ras)
+    to_pir = nio.ornt_transform(nio.io_orientation(affine_ras), nio.axcodes2ornt(("P", "I", "R")))
+    ct, labels = ct.as_reoriented(to_pir), labels.as_reoriented(to_pir)
+    nib.save(ct, root / "ct.nii.gz")
+    nib.save(labels, root / "seg.nii.gz")
+    truth = {v["label"]: np.array(v["xyz_mm"]) for v in phantom.vertebrae}
+    return root, ct, truth
+
+
+def _entries(points_ijk, direction):
+    return [{"direction": list(direction)}] + [
+        {"label": VERSE_NUMBER[name], "X": float(p[0]), "Y": float(p[1]), "Z": float(p[2])} for name, p in points_ijk]
+
+
+def test_subject_based_ctd_json_is_read_in_image_voxels(phantom_ct):
+    root, ct, truth = phantom_ct
+    to_voxel = np.linalg.inv(RAS_TO_LPS @ ct.affine)
+    points = [(name, (to_voxel @ np.append(xyz, 1))[:3]) for name, xyz in truth.items()]
+    path = root / "sub-01_ctd.json"
+    path.write_text(json.dumps(_entries(points, nio.aff2axcodes(ct.affine))))
+    got = read_verse_centroids(path, ct)
+    assert [v["label"] for v in got] == list(truth)  # superior first
+    for v in got:
+        np.testing.assert_allclose(v["xyz_mm"], truth[v["label"]], atol=1e-6)
+
+
+def test_challenge_iso_ctd_json_is_read_on_a_1mm_grid_in_its_direction(phantom_ct):
+    root, ct, truth = phantom_ct
+    # The 1 mm grid in A, S, L axes whose central voxel sits where that of the
+    # image reoriented to A, S, L does; as VerSe resampled (nibabel), the
+    # central voxel is (n - 1) // 2.
+    to_asl = nio.ornt_transform(nio.io_orientation(ct.affine), nio.axcodes2ornt(("A", "S", "L")))
+    ct_asl = ct.as_reoriented(to_asl)
+    n = np.array(ct_asl.shape)
+    centre_ras = ct_asl.affine @ np.append((n - 1) // 2, 1)
+    n_iso = np.round(n * 1.5).astype(int)
+    axes_ras = np.array([[0, 1, 0], [0, 0, 1], [-1, 0, 0]], dtype=float).T  # A, S, L as RAS columns
+    points = []
+    for name, xyz in truth.items():
+        ras = (RAS_TO_LPS @ np.append(xyz, 1))[:3]
+        points.append((name, axes_ras.T @ (ras - centre_ras[:3]) + (n_iso - 1) // 2))
+    path = root / "sub-01_iso-ctd.json"
+    path.write_text(json.dumps(_entries(points, ("A", "S", "L"))))
+    for v in read_verse_centroids(path, ct):
+        np.testing.assert_allclose(v["xyz_mm"], truth[v["label"]], atol=1e-6)
+
+
+def test_label_mask_gives_the_body_centroid_not_the_whole_vertebra(phantom_ct):
+    root, _, truth = phantom_ct
+    got = {v["label"]: np.array(v["xyz_mm"]) for v in read_mask_centroids(root / "seg.nii.gz", "verse")}
+    seg = nib.load(root / "seg.nii.gz")
+    data = np.asarray(seg.dataobj)
+    assert set(got) == set(truth) - {"S1"}
+    for name, xyz in got.items():
+        ijk = np.argwhere(data == VERSE_NUMBER[name]).mean(0)
+        whole = (RAS_TO_LPS @ seg.affine @ np.append(ijk, 1))[:3]
+        assert np.linalg.norm(whole - truth[name]) > 8.0  # the posterior elements pull it back
+        assert np.linalg.norm(xyz - truth[name]) < 1.0, name
+
+
+def test_totalsegmentator_numbering():
+    assert TOTALSEG_LABELS[26] == "S1" and TOTALSEG_LABELS[27] == "L5" and TOTALSEG_LABELS[31] == "L1"
+    assert TOTALSEG_LABELS[32] == "T12" and TOTALSEG_LABELS[44] == "C7" and TOTALSEG_LABELS[50] == "C1"
+
+
+def test_import_round_trip_renders_a_case_with_the_same_anatomy(phantom_ct, tmp_path):
+    root, ct, truth = phantom_ct
+    to_voxel = np.linalg.inv(RAS_TO_LPS @ ct.affine)
+    points = [(name, (to_voxel @ np.append(xyz, 1))[:3]) for name, xyz in truth.items()]
+    (root / "rt_ctd.json").write_text(json.dumps(_entries(points, nio.aff2axcodes(ct.affine))))
+    folder = import_ct(root / "ct.nii.gz", tmp_path / "case", centroids=root / "rt_ctd.json", seed=4,
+                       config=SynthConfig(size=128))
+    case = case_io.read_case(folder)
+    assert case.labels == [name for name in truth if name in case.labels] and len(case.labels) >= 3
+    # rigidly placed in the C-arm frame: distances between vertebrae are kept
+    ref = np.array([truth[n] for n in case.labels])
+    np.testing.assert_allclose(np.linalg.norm(case.xyz_mm[:, None] - case.xyz_mm[None], axis=2),
+                               np.linalg.norm(ref[:, None] - ref[None], axis=2), atol=1e-6)
+    assert case.source == "ct:ct.nii.gz"
+
+
+def test_bad_import_inputs_give_clear_errors(phantom_ct, tmp_path):
+    root, ct, _ = phantom_ct
+    bad = tmp_path / "bad_ctd.json"
+    bad.write_text(json.dumps([{"label": 20, "X": 1.0, "Y": float("nan"), "Z": 2.0}]))
+    with pytest.raises(case_io.DatasetError, match="NaN"):
+        read_verse_centroids(bad, ct)
+    bad.write_text(json.dumps([{"label": 20, "X": 1.0}]))
+    with pytest.raises(case_io.DatasetError, match="needs label, X, Y and Z"):
+        read_verse_centroids(bad, ct)
+    bad.write_text(json.dumps({"label": 20}))
+    with pytest.raises(case_io.DatasetError, match="JSON list"):
+        read_verse_centroids(bad, ct)
+    not_nifti = tmp_path / "ct.nii.gz"
+    not_nifti.write_bytes(b"garbage")
+    with pytest.raises(case_io.DatasetError, match="not a readable NIfTI"):
+        import_ct(not_nifti, tmp_path / "out", mask=root / "seg.nii.gz")
+    with pytest.raises(case_io.DatasetError, match="exactly one ground-truth source"):
+        import_ct(root / "ct.nii.gz", tmp_path / "out")
+    with pytest.raises(case_io.DatasetError, match="no vertebra labels"):
+        read_mask_centroids(root / "seg.nii.gz", "totalseg")

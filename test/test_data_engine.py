@@ -1,0 +1,170 @@
+"""Data engine: DRR physics, synthetic cases (determinism, ground truth on bone,
+exact P), the data set format and its validation."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from x2p_ros import geometry
+from x2p_ros.data import case_io, drr
+from x2p_ros.data.synth import SynthConfig, carm_view, make_case, synthesize
+from x2p_ros.data.volume import Volume
+
+SMALL = SynthConfig(size=160)
+
+
+def test_drr_matches_analytic_chords_of_a_water_ball():
+    # a 30 mm water ball: the line integral is mu_water times the chord length
+    n, voxel = 81, 1.0
+    g = (np.arange(n) - 40) * voxel
+    Z, Y, X = np.meshgrid(g, g, g, indexing="ij")
+    hu = np.where(X ** 2 + Y ** 2 + Z ** 2 <= 30.0 ** 2, 0.0, -1000.0).astype(np.float32)
+    affine = np.diag([voxel, voxel, voxel, 1.0])
+    affine[:3, 3] = -40 * voxel
+    volume = Volume(hu, affine)
+    P, _ = carm_view("lat", sid=500.0, sdd=1000.0, fov_mm=100.0, size=101)
+    line = drr.line_integral(volume, P, (101, 101)).numpy()
+    source, rays = geometry.backproject(P, [[50.0, 50.0], [50.0, 70.0], [80.0, 35.0]])
+    for (u, v), d in zip([(50, 50), (50, 70), (80, 35)], rays):
+        # chord of the ray through the ball: 2 sqrt(r^2 - distance(centre, ray)^2)
+        dist2 = np.sum(source ** 2) - (source @ d) ** 2
+        chord = 2 * np.sqrt(max(30.0 ** 2 - dist2, 0.0))
+        assert line[v, u] == pytest.approx(drr.MU_WATER_PER_MM * chord, rel=0.03, abs=0.01)
+    assert line[0, 0] == 0.0  # a ray that misses the ball crosses only air
+
+
+def test_synthetic_case_is_deterministic_by_seed():
+    a = make_case(11, SMALL)
+    b = make_case(11, SMALL)
+    c = make_case(12, SMALL)
+    for view in case_io.VIEWS:
+        np.testing.assert_array_equal(a[0][view], b[0][view])
+        np.testing.assert_array_equal(a[1][view], b[1][view])
+    assert a[3] == b[3]
+    assert not np.array_equal(a[0]["ap"], c[0]["ap"])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    stats = synthesize(root, 6, seed=3, config=SynthConfig(size=192), workers=1, progress=False)
+    return root, stats
+
+
+def test_synthesize_writes_a_valid_dataset_with_splits_and_stats(dataset):
+    root, stats = dataset
+    problems, summary = case_io.check_dataset(root)
+    assert problems == []
+    assert summary["cases"] == 6 and summary["readable"] == 6
+    splits = {s: case_io.read_split(root, s) for s in case_io.SPLITS}
+    assert sorted(sum(splits.values(), [])) == [f"case_{i:05d}" for i in range(6)]
+    assert len(splits["test"]) == 1 and len(splits["val"]) == 1
+    assert stats["vertebrae_per_case"]["min"] >= 3
+    assert json.loads((root / "dataset.json").read_text())["seed"] == 3
+
+
+def test_resumed_generation_keeps_finished_cases(dataset, tmp_path):
+    root, _ = dataset
+    before = (root / "case_00002" / "ap.png").stat().st_mtime_ns
+    (root / "case_00004" / "case.json").unlink()  # as if interrupted while writing case 4
+    synthesize(root, 6, seed=3, config=SynthConfig(size=192), workers=1, progress=False)
+    assert (root / "case_00002" / "ap.png").stat().st_mtime_ns == before
+    assert case_io.read_case(root / "case_00004").labels
+
+
+def test_ground_truth_triangulates_back_from_the_projections(dataset):
+    root, _ = dataset
+    for name in case_io.list_cases(root):
+        case = case_io.read_case(root / name)
+        uv = np.stack([case.pixels(v) for v in case_io.VIEWS])
+        xyz, residual = geometry.triangulate(np.stack([case.views[v].P for v in case_io.VIEWS]), uv)
+        assert np.abs(xyz - case.xyz_mm).max() < 0.01
+        assert residual.max() < 1e-6
+
+
+def _ring_mean(image, u, v, radius):
+    angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    us = np.clip(np.round(u + radius * np.cos(angles)).astype(int), 0, image.shape[1] - 1)
+    vs = np.clip(np.round(v + radius * np.sin(angles)).astype(int), 0, image.shape[0] - 1)
+    return image[vs, us].astype(float).mean()
+
+
+def test_projected_ground_truth_is_inside_the_image_and_on_bone():
+    brighter, total = 0, 0
+    for seed in range(8):
+        images, Ps, _, vertebrae, _ = make_case(seed, SynthConfig(size=256, photons=(1e6, 1e6)))
+        xyz = np.array([v["xyz_mm"] for v in vertebrae])
+        for view in case_io.VIEWS:
+            uv = geometry.project(Ps[view], xyz)
+            assert np.all((uv >= 0) & (uv <= 255)), f"seed {seed} {view}: ground truth outside the image"
+            pitch = np.median(np.linalg.norm(np.diff(uv, axis=0), axis=1))
+            image = images[view]
+            for u, v in uv:
+                centre = image[int(round(v)) - 1:int(round(v)) + 2, int(round(u)) - 1:int(round(u)) + 2].mean()
+                brighter += centre > _ring_mean(image, u, v, pitch)
+                total += 1
+    assert total > 40
+    assert brighter / total >= 0.85, f"only {brighter}/{total} vertebra centres are brighter than their surroundings"
+
+
+def test_renderer_runs_on_cuda_when_present():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    a = make_case(5, SMALL, device="cpu")[0]["ap"].astype(float)
+    b = make_case(5, SMALL, device="cuda")[0]["ap"].astype(float)
+    assert np.abs(a - b).mean() < 50
+
+
+def _write_valid_case(folder):
+    P, spacing = carm_view("ap", 550.0, 1000.0, 150.0, 64)
+    P2, _ = carm_view("lat", 550.0, 1000.0, 150.0, 64)
+    img = np.full((64, 64), 1000, np.uint16)
+    case_io.write_case(folder, {"ap": img, "lat": img}, {"ap": P, "lat": P2}, {"ap": spacing, "lat": spacing},
+                       [{"label": "L1", "xyz_mm": [0.0, 0.0, 0.0]}], "test", 1)
+    return json.loads((folder / "case.json").read_text())
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda m: m.pop("vertebrae"), "missing key 'vertebrae'"),
+    (lambda m: m.pop("lat"), "missing key 'lat'"),
+    (lambda m: m["ap"].pop("P"), "missing key 'ap.P'"),
+    (lambda m: m["ap"].__setitem__("P", [[1, 2, 3]]), r"ap.P must have shape \[3, 4\]"),
+    (lambda m: m["lat"]["P"][1].__setitem__(2, float("nan")), "lat.P contains NaN"),
+    (lambda m: m["ap"].__setitem__("P", [[0.0] * 4] * 3), "singular"),
+    (lambda m: m["vertebrae"][0].__setitem__("xyz_mm", [1.0, 2.0]), r"xyz_mm must have shape \[3\]"),
+    (lambda m: m["vertebrae"][0].__setitem__("xyz_mm", [1.0, float("nan"), 2.0]), "xyz_mm contains NaN"),
+    (lambda m: m["ap"].__setitem__("size", [64, 32]), "case.json says ap.size"),
+    (lambda m: m["ap"].__setitem__("pixel_spacing_mm", -1), "pixel_spacing_mm must be a positive number"),
+])
+def test_bad_case_files_give_clear_errors(tmp_path, corrupt, message):
+    meta = _write_valid_case(tmp_path)
+    corrupt(meta)
+    (tmp_path / "case.json").write_text(json.dumps(meta))
+    with pytest.raises(case_io.DatasetError, match=message):
+        case_io.read_case(tmp_path)
+
+
+def test_unreadable_json_and_images_give_clear_errors(tmp_path):
+    _write_valid_case(tmp_path)
+    (tmp_path / "lat.png").write_bytes(b"not a png")
+    with pytest.raises(case_io.DatasetError, match="lat.png: not a readable image"):
+        case_io.read_case(tmp_path)
+    (tmp_path / "case.json").write_text("{ broken")
+    with pytest.raises(case_io.DatasetError, match="not valid JSON"):
+        case_io.read_case(tmp_path)
+
+
+def test_check_reports_problems_instead_of_failing(tmp_path, capsys):
+    from x2p_ros.cli import main
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    _write_valid_case(good)
+    meta = _write_valid_case(bad)
+    meta["vertebrae"][0]["xyz_mm"] = [0.0, 0.0, 400.0]  # projects far outside the image
+    (bad / "case.json").write_text(json.dumps(meta))
+    (tmp_path / "train.txt").write_text("good\nbad\n")
+    (tmp_path / "test.txt").write_text("good\n")
+    assert main(["data", "check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "bad: ap: vertebra L1 projects outside the image" in out
+    assert "good: listed in both train.txt and test.txt" in out
