@@ -245,3 +245,41 @@ def projection_to_ros(P):
     """(K as 9 floats, translation in metres, quaternion xyzw) of P (mm)."""
     K, R, t = decompose_projection(P)
     return K.reshape(-1), t / MM_PER_M, rotation_to_quaternion(R)
+
+
+# Batched torch versions for the network (same conventions; no validation: the
+# inputs were validated where they entered the package).
+
+def project_torch(P, points):
+    """P (..., 3, 4), points (..., M, 3) -> pixels (..., M, 2) and depth (..., M)
+    (positive in front of the source, in P's scale)."""
+    h = points @ P[..., :3].transpose(-1, -2) + P[..., None, :, 3]  # (..., M, 3)
+    sign = _sign_det_torch(P)
+    depth = h[..., 2] * sign[..., None]
+    return h[..., :2] / h[..., 2:3], depth
+
+
+def _sign_det_torch(P):
+    import torch
+    return torch.sign(torch.linalg.det(P[..., :3]))
+
+
+def backproject_torch(P, pixels):
+    """P (..., 3, 4), pixels (..., M, 2) -> source (..., 3), unit directions (..., M, 3)."""
+    import torch
+    M = P[..., :3]
+    source = -torch.linalg.solve(M, P[..., 3:])[..., 0]
+    homog = torch.cat([pixels, torch.ones_like(pixels[..., :1])], dim=-1)  # (..., M, 3)
+    d = torch.linalg.solve(M[..., None, :, :], homog[..., None])[..., 0] * _sign_det_torch(P)[..., None, None]
+    return source, d / d.norm(dim=-1, keepdim=True)
+
+
+def triangulate_torch(P, pixels):
+    """P (B, V, 3, 4), pixels (B, V, M, 2) -> points (B, M, 3): the least-squares
+    point of the V rays, as triangulate()."""
+    import torch
+    c, d = backproject_torch(P, pixels)  # (B, V, 3), (B, V, M, 3)
+    proj = torch.eye(3, dtype=P.dtype, device=P.device) - d[..., :, None] * d[..., None, :]  # (B, V, M, 3, 3)
+    A = proj.sum(1)
+    b = (proj @ c[:, :, None, :, None]).sum(1)
+    return torch.linalg.solve(A, b)[..., 0]

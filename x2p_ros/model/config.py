@@ -1,0 +1,88 @@
+"""All sizes of X2P-Net in one dataclass, with named presets."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class X2PConfig:
+    image_size: int = 512  # square input patch, pixels
+    # VFE: 4-level 2D U-Net + spatial pyramid pooling, shared by both views
+    base_channels: int = 16
+    hires_stride: int = 2  # the decoder stops at this stride: the high-resolution features
+    # prompt-guided FE (features at stride 8)
+    prompt_radius: int = 48  # half side of the square prompt mask, input pixels
+    d_model: int = 64
+    heads: int = 8
+    fe_layers: int = 4
+    # SCE with BrickFormer
+    n_vertebrae: int = 10
+    embed_size: int = 16  # each vertebral embedding is an embed_size x embed_size map; heatmaps too
+    sce_layers: int = 2
+    pool_stride: int = 4  # s
+    top_k: int = 8  # k
+    # 3D fusion
+    fusion_channels: int = 16
+    volume_shape: tuple[int, int, int] = (64, 32, 32)  # voxels along (down the spine, AP, lateral)
+    volume_width: float = 0.5  # lateral and AP extent as a share of the vertical extent
+    # presence and losses
+    presence_threshold: float = 0.5  # tau
+    heatmap_sigma: float = 1.0  # ground-truth Gaussian, heatmap cells
+    loss_3d_scale_mm: float = 10.0  # 3D error is measured in units of this many mm in the loss
+    # ablations (paper, Table 3 and section 4.4)
+    use_prompt: bool = True
+    use_sce: bool = True
+    use_fusion: bool = True  # False: the volume is built from the heatmaps alone
+    sce_attention: str = "brick"  # "brick" | "vanilla" | "sparse"
+
+    def __post_init__(self):
+        if self.image_size % 8:
+            raise ValueError(f"image_size must be a multiple of 8, got {self.image_size}")
+        low = self.image_size // 8
+        if low % self.pool_stride:
+            raise ValueError(f"image_size / 8 = {low} must be a multiple of pool_stride = {self.pool_stride}")
+        if self.top_k > (low // self.pool_stride) ** 2:
+            raise ValueError(f"top_k = {self.top_k} exceeds the {(low // self.pool_stride) ** 2} pooled cells")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model = {self.d_model} must be divisible by heads = {self.heads}")
+        if self.sce_attention not in ("brick", "vanilla", "sparse"):
+            raise ValueError(f"sce_attention must be brick, vanilla or sparse, got {self.sce_attention!r}")
+        if self.hires_stride not in (1, 2, 4, 8):
+            raise ValueError(f"hires_stride must be 1, 2, 4 or 8, got {self.hires_stride}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "X2PConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        d = dict(d)
+        if "volume_shape" in d:
+            d["volume_shape"] = tuple(d["volume_shape"])
+        return cls(**d)
+
+
+PRESETS = {
+    "paper": X2PConfig(),
+    # trains on a 2-core CPU: 256 px, the same architecture at a smaller width
+    "cpu": X2PConfig(image_size=256, base_channels=16, prompt_radius=24, d_model=64, embed_size=16,
+                     pool_stride=4, top_k=8, volume_shape=(48, 24, 24)),
+    # unit tests
+    "tiny": X2PConfig(image_size=64, base_channels=4, prompt_radius=8, d_model=16, heads=2, fe_layers=1,
+                      n_vertebrae=4, embed_size=4, sce_layers=1, pool_stride=2, top_k=2, fusion_channels=4,
+                      volume_shape=(8, 6, 6)),
+}
+for _name, _changes in {"no-prompt": dict(use_prompt=False), "no-sce": dict(use_sce=False),
+                        "no-fusion": dict(use_fusion=False), "vanilla": dict(sce_attention="vanilla"),
+                        "sparse": dict(sce_attention="sparse")}.items():
+    PRESETS[_name] = replace(PRESETS["paper"], **_changes)
+    PRESETS[f"cpu-{_name}"] = replace(PRESETS["cpu"], **_changes)
+
+
+def preset(name: str, **overrides) -> X2PConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return replace(PRESETS[name], **overrides)

@@ -1,0 +1,106 @@
+"""3D multi-view fusion: 2D features of both views unprojected into one
+pseudo-3D volume anchored at the triangulated prompt, 3D convolutions to N
+heatmaps, soft-argmax to N points (mm, reference frame).
+
+The volume's axes come from the views: e_z is the images' common "up", e_y
+the AP viewing direction made orthogonal to it, e_x = e_y x e_z. It spans the
+vertical field of view at the prompt's depth, from a little above the prompt
+downwards, and volume_width of that laterally and in depth.
+
+Pixel convention (DESIGN.md section 1) in grid_sample with align_corners=False:
+pixel centre u of a W-wide image is at x = (2u + 1) / W - 1 at every feature
+resolution; x always pairs with W and y with H.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import geometry
+
+TOP_MARGIN = 0.1  # share of the vertical extent kept above the prompt
+
+
+def volume_frame(P, image_hw, anchor, width: float):
+    """Axes (B, 3, 3) as columns e_x, e_y, e_z, and extents (B, 3) in mm along them."""
+    M = P[..., :3]  # (B, V, 3, 3)
+    sign = torch.sign(torch.linalg.det(M))[..., None]
+    basis = torch.eye(3, dtype=P.dtype, device=P.device)
+    up = -torch.linalg.solve(M, basis[1].expand(M.shape[:-1]))[..., :] * sign  # (B, V, 3): d(ray)/d(-v)
+    up = F.normalize(F.normalize(up, dim=-1).mean(1), dim=-1)  # (B, 3)
+    centre_ray = torch.linalg.solve(M[:, 0], basis[2].expand(M.shape[0], 3)) * sign[:, 0]  # AP view direction
+    e_y = F.normalize(centre_ray - (centre_ray * up).sum(-1, keepdim=True) * up, dim=-1)
+    e_x = torch.cross(e_y, up, dim=-1)
+    axes = torch.stack([e_x, e_y, up], dim=-1)
+    # vertical extent: image height over the px-per-mm of a vertical step at the anchor
+    ends = torch.stack([anchor, anchor + up], dim=1)[:, None].expand(-1, P.shape[1], -1, -1)  # (B, V, 2, 3)
+    uv, _ = geometry.project_torch(P, ends)
+    px_per_mm = (uv[:, :, 1] - uv[:, :, 0]).norm(dim=-1).mean(1)  # (B,)
+    height = image_hw[0] / px_per_mm
+    extents = torch.stack([width * height, width * height, height], dim=-1)
+    return axes, extents
+
+
+def voxel_centres(anchor, axes, extents, shape):
+    """World coordinates (B, D, Hy, Wx, 3) of the voxel centres; index 0 along D is the top."""
+    D, Hy, Wx = shape
+    dev, dt = anchor.device, anchor.dtype
+    z = TOP_MARGIN - (torch.arange(D, device=dev, dtype=dt) + 0.5) / D  # (D,) shares of the height, downwards
+    y = (torch.arange(Hy, device=dev, dtype=dt) + 0.5) / Hy - 0.5
+    x = (torch.arange(Wx, device=dev, dtype=dt) + 0.5) / Wx - 0.5
+    grid = torch.stack(torch.meshgrid(x, y, z, indexing="xy"), dim=-1)  # (Hy, Wx, D, 3) as (x, y, z) shares
+    grid = grid.permute(2, 0, 1, 3)  # (D, Hy, Wx, 3)
+    offsets = grid[None] * extents[:, None, None, None, :]  # (B, D, Hy, Wx, 3) mm along e_x, e_y, e_z
+    return anchor[:, None, None, None] + offsets @ axes.transpose(-1, -2)[:, None, None]
+
+
+def unproject(features, P, points, image_hw):
+    """Samples view features at the projections of 3D points.
+
+    features (B, V, C, h, w); P (B, V, 3, 4); points (B, D, Hy, Wx, 3) ->
+    (B, V, C, D, Hy, Wx), zero where a point projects outside an image or lies
+    behind its source."""
+    B, V, C, h, w = features.shape
+    H, W = image_hw
+    pts = points.reshape(B, 1, -1, 3).expand(B, V, -1, 3)
+    uv, depth = geometry.project_torch(P, pts)  # (B, V, X, 2)
+    grid = torch.stack([(2 * uv[..., 0] + 1) / W - 1, (2 * uv[..., 1] + 1) / H - 1], dim=-1)
+    grid = torch.where((depth > 0)[..., None], grid, torch.full_like(grid, 2.0))  # behind: outside
+    sampled = F.grid_sample(features.reshape(B * V, C, h, w), grid.reshape(B * V, 1, -1, 2).to(features.dtype),
+                            align_corners=False)  # (B*V, C, 1, X)
+    return sampled.reshape(B, V, C, *points.shape[1:4])
+
+
+def conv3d_block(c_in, c_out, stride=1):
+    return nn.Sequential(nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                         nn.GroupNorm(min(8, c_out // 2), c_out), nn.ReLU(inplace=True))
+
+
+class Fusion3D(nn.Module):
+    """View features (B, V, C, h, w) -> 3D heatmap logits (B, N, D, Hy, Wx) and points (B, N, 3)."""
+
+    def __init__(self, c_in: int, channels: int, n_vertebrae: int, volume_shape, width: float):
+        super().__init__()
+        self.reduce = nn.Conv2d(c_in, channels, 1)
+        self.volume_shape, self.width = tuple(volume_shape), width
+        c = 2 * channels
+        self.enc = conv3d_block(channels, c)
+        self.down = conv3d_block(c, 2 * c, stride=2)
+        self.up = nn.ConvTranspose3d(2 * c, c, 2, stride=2)
+        self.dec = conv3d_block(2 * c, c)
+        self.head = nn.Conv3d(c, n_vertebrae, 1)
+
+    def forward(self, features, P, anchor, image_hw):
+        B, V = features.shape[:2]
+        f = self.reduce(features.flatten(0, 1))  # (B*V, c, h, w)
+        f = f.reshape(B, V, *f.shape[1:])
+        axes, extents = volume_frame(P, image_hw, anchor, self.width)
+        points = voxel_centres(anchor, axes, extents, self.volume_shape)  # (B, D, Hy, Wx, 3)
+        volume = unproject(f, P, points, image_hw).mean(1)  # (B, c, D, Hy, Wx): views averaged
+        x = self.enc(volume)
+        x = self.dec(torch.cat([self.up(self.down(x)), x], dim=1))
+        logits = self.head(x)  # (B, N, D, Hy, Wx)
+        prob = logits.flatten(2).float().softmax(-1)  # (B, N, X)
+        xyz = prob @ points.reshape(B, -1, 3).to(prob.dtype)  # soft-argmax (B, N, 3)
+        return logits, xyz

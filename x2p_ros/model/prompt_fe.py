@@ -1,0 +1,72 @@
+"""Prompt-guided feature enhancement (FE): every feature attends to the
+features under the square prompt mask; the vertical distance to the prompt is
+added as the cross-view cue (both views share the vertical axis)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sine_positions(h: int, w: int, dim: int, device=None) -> torch.Tensor:
+    """2D sine position encoding (DETR style), (h*w, dim), positions in [0, 1]."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, h, device=device), torch.linspace(0, 1, w, device=device), indexing="ij")
+    freqs = 2.0 ** torch.arange(dim // 4, device=device) * torch.pi
+    enc = [torch.sin(x[..., None] * freqs), torch.cos(x[..., None] * freqs),
+           torch.sin(y[..., None] * freqs), torch.cos(y[..., None] * freqs)]
+    return torch.cat(enc, dim=-1).reshape(h * w, -1)  # (h*w, dim)
+
+
+class AttentionLayer(nn.Module):
+    """Pre-norm cross-attention + feed-forward."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, q, kv, key_padding_mask=None):
+        kv = self.norm_kv(kv)
+        q = q + self.attn(self.norm_q(q), kv, kv, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return q + self.ff(self.norm_ff(q))
+
+
+class PromptFE(nn.Module):
+    """(B, C, h, w) stride-8 features and a prompt per image (B, 2) px -> f_m (B, d, h, w)."""
+
+    def __init__(self, c_in: int, d: int, heads: int, layers: int, prompt_radius: int, use_prompt: bool = True):
+        super().__init__()
+        self.proj = nn.Conv2d(c_in, d, 1)
+        self.use_prompt = use_prompt
+        self.radius = prompt_radius
+        self.layers = nn.ModuleList([AttentionLayer(d, heads) for _ in range(layers)]) if use_prompt else None
+
+    def forward(self, f, prompt, image_hw):
+        B, _, h, w = f.shape
+        H, W = image_hw
+        f = self.proj(f)  # (B, d, h, w)
+        if not self.use_prompt:
+            return f
+        d = f.shape[1]
+        pos = sine_positions(h, w, d, f.device)  # (h*w, d)
+        tokens = f.flatten(2).transpose(1, 2) + pos  # (B, h*w, d)
+        # Prompt features f_p: the tokens under the square mask M_p, gathered at
+        # fixed size with grid_sample; cells outside the image are padding.
+        n = max(2 * self.radius // 8, 1)
+        offsets = (torch.arange(n, device=f.device, dtype=f.dtype) - (n - 1) / 2) * 8  # px
+        gy, gx = torch.meshgrid(offsets, offsets, indexing="ij")
+        u = prompt[:, 0, None, None] + gx  # (B, n, n) px
+        v = prompt[:, 1, None, None] + gy
+        grid = torch.stack([(2 * u + 1) / W - 1, (2 * v + 1) / H - 1], dim=-1)  # pixel centres, align_corners=False
+        f_p = F.grid_sample(f + pos.T.reshape(1, d, h, w), grid, align_corners=False)  # (B, d, n, n)
+        f_p = f_p.flatten(2).transpose(1, 2)  # (B, n*n, d)
+        outside = ((grid.abs() > 1).any(-1)).flatten(1)  # (B, n*n)
+        outside[:, (n * n) // 2] = False  # the prompt cell itself always counts
+        for layer in self.layers:
+            tokens = layer(tokens, f_p, key_padding_mask=outside)
+        f_e = tokens.transpose(1, 2).reshape(B, d, h, w)
+        # f_m = f_e * [M_d > 0] + M_d, M_d = |y - y0| normalised by the image height
+        rows = (torch.arange(h, device=f.device, dtype=f.dtype) + 0.5) * (H / h) - 0.5  # row centres in px
+        m_d = ((rows[None, :] - prompt[:, 1:2]).abs() / H)[:, None, :, None].expand(B, 1, h, w)
+        return f_e * (m_d > 0.5 * 8 / H) + m_d
