@@ -1,0 +1,32 @@
+"""Image preparation shared by training, evaluation, the offline command and
+the node: intensity normalisation and square windows with the matching P."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from . import geometry
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """float32 image, bone bright, windowed between its 1st and 99.5th percentile to [-1, 1]."""
+    image = np.asarray(image, dtype=np.float32)
+    if not np.all(np.isfinite(image)):
+        raise ValueError("image contains NaN or Inf")
+    lo, hi = np.percentile(image, [1.0, 99.5])
+    return ((image - lo) / max(float(hi - lo), 1e-6) * 2.0 - 1.0).clip(-1.5, 1.5)
+
+
+def window(image: np.ndarray, P, box, size: int):
+    """The square box (x0, y0, side) of an image resampled to size x size, and
+    its P. Parts of the box outside the image are filled with the image's edge."""
+    x0, y0, side = box
+    A = geometry.resize_transform((side, side), (size, size)) @ geometry.crop_transform(x0, y0)
+    out = cv2.warpAffine(image, A[:2], (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return out, geometry.apply_pixel_transform(A, P), A
+
+
+def full_box(width: int, height: int):
+    """The square box that holds the whole image, centred."""
+    side = max(width, height)
+    return ((width - side) / 2.0, (height - side) / 2.0, side)

@@ -1,0 +1,94 @@
+"""Training and evaluation samples: a case folder -> tensors for X2P-Net.
+
+A sample is a square window per view (random crops in training, the whole
+image otherwise) resampled to the model's size, with P updated to match; the
+targets are the vertebrae visible in both windows from the top-most one down,
+and the prompt is the top-most one's projection (jittered in training)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .. import geometry, preprocess
+from ..data import case_io
+
+
+class BiplanarDataset(Dataset):
+    def __init__(self, root, names: list[str], image_size: int, n_vertebrae: int, train: bool = False,
+                 prompt_jitter=(20.0 / 512, 10.0 / 512), seed: int = 0):
+        self.root, self.names = Path(root), list(names)
+        self.size, self.n, self.train = image_size, n_vertebrae, train
+        self.jitter = prompt_jitter  # half range of the prompt jitter (x, y) as a share of the window
+        self.seed = seed
+        self.epoch = 0
+        if not self.names:
+            raise case_io.DatasetError(f"{root}: no cases in this split")
+
+    def __len__(self):
+        return len(self.names)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        case = case_io.read_case(self.root / self.names[i])
+        images, Ps = [], []
+        inside = np.ones(len(case.labels), dtype=bool)
+        for view in case_io.VIEWS:
+            v = case.views[view]
+            x0, y0, side = preprocess.full_box(*v.size)
+            if rng is not None:  # random crop: 70-100 % of the side, anywhere inside
+                side *= rng.uniform(0.7, 1.0)
+                x0 += rng.uniform(0, max(v.size[0] - side, 0)) if v.size[0] > side else 0
+                y0 += rng.uniform(0, max(v.size[1] - side, 0)) if v.size[1] > side else 0
+            image, P, _ = preprocess.window(v.image.astype(np.float32), v.P, (x0, y0, side), self.size)
+            image = preprocess.normalize(image)
+            if rng is not None:
+                image = _intensity_augment(image, rng)
+            images.append(image)
+            Ps.append(P)
+            if len(case.labels):
+                uv = geometry.project(P, case.xyz_mm)
+                margin = 0.02 * self.size
+                inside &= np.all((uv >= margin) & (uv <= self.size - 1 - margin), axis=1)
+        # the vertebrae visible in both views, from the top-most one down, without gaps
+        first = int(np.argmax(inside)) if inside.any() else len(inside)
+        last = first
+        while last < len(inside) and inside[last]:
+            last += 1
+        xyz = np.zeros((self.n, 3))
+        present = np.zeros(self.n, dtype=bool)
+        pixels = np.zeros((2, self.n, 2))
+        count = min(last - first, self.n)
+        xyz[:count] = case.xyz_mm[first:first + count]
+        present[:count] = True
+        for k, P in enumerate(Ps):
+            if count:
+                pixels[k, :count] = geometry.project(P, xyz[:count])
+        if count:
+            prompt = pixels[:, 0].copy()
+        else:  # nothing visible: a prompt at the centre, every vertebra absent
+            prompt = np.full((2, 2), (self.size - 1) / 2)
+        if rng is not None:
+            prompt += rng.uniform(-1, 1, size=(2, 2)) * np.array(self.jitter) * self.size
+        return {
+            "images": torch.from_numpy(np.stack(images)[:, None].astype(np.float32)),  # (V, 1, S, S)
+            "P": torch.from_numpy(np.stack(Ps).astype(np.float32)),  # (V, 3, 4)
+            "prompt": torch.from_numpy(prompt.astype(np.float32)),  # (V, 2)
+            "xyz": torch.from_numpy(xyz.astype(np.float32)),  # (N, 3)
+            "present": torch.from_numpy(present),  # (N,)
+            "pixels": torch.from_numpy(pixels.astype(np.float32)),  # (V, N, 2)
+            "first": first,  # index of the prompted vertebra in the case's list
+        }
+
+
+def _intensity_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    x = (image.clip(-1, 1) + 1) / 2
+    x = x ** rng.uniform(0.7, 1.4)  # gamma
+    x = x * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)  # contrast, brightness
+    x = x + rng.normal(0, rng.uniform(0, 0.03), size=x.shape)  # detector noise
+    return (x * 2 - 1).astype(np.float32)

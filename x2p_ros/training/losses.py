@@ -1,0 +1,37 @@
+"""Losses (DESIGN.md section 2.5): per view MSE + Dice between predicted and
+Gaussian ground-truth heatmaps, plus the mean squared 3D error over the
+vertebrae present."""
+from __future__ import annotations
+
+import torch
+
+
+def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma: float):
+    """Targets (B, V, N, S, S) in [0, 1] from ground-truth pixels (B, V, N, 2);
+    all zero for vertebrae that are not present (B, N)."""
+    H, W = image_hw
+    S = size
+    cells = torch.arange(S, device=pixels.device, dtype=torch.float32)
+    cx = (pixels[..., 0] + 0.5) * S / W - 0.5  # (B, V, N): pixel centre -> heatmap cell
+    cy = (pixels[..., 1] + 0.5) * S / H - 0.5
+    g = torch.exp(-((cells[None, :] - cx[..., None, None]) ** 2 + (cells[:, None] - cy[..., None, None]) ** 2)
+                  / (2 * sigma ** 2))
+    return g * present[:, None, :, None, None]
+
+
+def x2p_losses(out: dict, batch: dict, sigma: float, scale_mm: float) -> dict:
+    """Each term and their sum ('total')."""
+    present = batch["present"].float()  # (B, N)
+    terms = {}
+    if "heatmaps" in out:
+        logits = out["heatmaps"].float()
+        target = gaussian_heatmaps(batch["pixels"], present, logits.shape[-1], batch["images"].shape[-2:], sigma)
+        prob = torch.sigmoid(logits)
+        terms["mse"] = ((prob - target) ** 2).mean()
+        inter = (prob * target).sum((-1, -2))
+        dice = 1 - (2 * inter + 1.0) / (prob.sum((-1, -2)) + target.sum((-1, -2)) + 1.0)  # (B, V, N)
+        terms["dice"] = dice.mean()
+    err2 = (((out["xyz"].float() - batch["xyz"]) / scale_mm) ** 2).sum(-1)  # (B, N)
+    terms["3d"] = (err2 * present).sum() / present.sum().clamp_min(1.0)
+    terms["total"] = sum(terms.values())
+    return terms

@@ -1,0 +1,173 @@
+"""`x2p train`: end-to-end training of X2P-Net (AdamW, weight decay 0.05), one
+process or several through torchrun (DistributedDataParallel). Resumable: every
+epoch writes RUN/last.pt, and a run that finds it continues from there."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..data import case_io
+from ..model import X2PNet, checkpoint, preset
+from .data import BiplanarDataset
+from .losses import x2p_losses
+
+LOG_FIELDS = ["epoch", "step", "lr", "loss", "mse", "dice", "3d", "val_mpe_mm", "val_pcl10", "seconds"]
+
+
+def _distributed() -> tuple[int, int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda, but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validate(model, loader, device) -> dict:
+    model.eval()
+    errors = []
+    for batch in loader:
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(batch["images"], batch["P"], batch["prompt"])
+        err = (out["xyz"].float() - batch["xyz"]).norm(dim=-1)
+        errors.append(err[batch["present"]].cpu())
+    model.train()
+    e = torch.cat(errors).numpy() if errors else np.zeros(0)
+    return {"val_mpe_mm": float(e.mean()) if e.size else float("nan"),
+            "val_pcl10": float((e <= 10).mean()) if e.size else float("nan")}
+
+
+def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int = 2, lr: float = 5e-4,
+          workers: int = 2, device: str = "auto", seed: int = 0, time_limit_min: float | None = None,
+          progress: bool = True, **config_overrides) -> dict:
+    rank, world, local_rank = _distributed()
+    dev = _device(device, local_rank)
+    torch.manual_seed(seed)
+    out = Path(out)
+    cfg = preset(config, **config_overrides)
+    names = {s: case_io.read_split(data, s) for s in ("train", "val")}
+    train_set = BiplanarDataset(data, names["train"], cfg.image_size, cfg.n_vertebrae, train=True, seed=seed)
+    val_set = BiplanarDataset(data, names["val"] or names["train"][:2], cfg.image_size, cfg.n_vertebrae)
+    sampler = DistributedSampler(train_set, world, rank, seed=seed) if world > 1 else None
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=workers, drop_last=len(train_set) >= batch_size, persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
+    val_loader = DataLoader(val_set, batch_size=batch_size, num_workers=0)
+
+    model = X2PNet(cfg).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    total_steps = max(epochs * len(loader), 1)
+    warmup = min(200, total_steps // 10 + 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0))))
+    start_epoch, step, best = 0, 0, {"val_mpe_mm": float("inf")}
+    if (out / "last.pt").is_file():  # resume
+        state = checkpoint.read(out / "last.pt")
+        if state["config"] != cfg.to_dict():
+            raise checkpoint.CheckpointError(f"{out / 'last.pt'} was trained with another config; use a new --out")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if dev.type == "cuda" else None) \
+        if world > 1 else model
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"training {config} on {dev} from epoch {start_epoch}: {len(train_set)} train / {len(val_set)} val cases")
+    started = time.monotonic()
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, epochs):
+        train_set.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        sums, count = {}, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
+        for batch in bar:
+            batch = to_device(batch, dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                out_ = net(batch["images"], batch["P"], batch["prompt"])
+            losses = x2p_losses(out_, batch, cfg.heatmap_sigma, cfg.loss_3d_scale_mm)
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            count += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            bar.set_postfix(loss=f"{sums['total'] / count:.3f}")
+        if rank != 0:
+            continue
+        row = {"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], "loss": sums["total"] / count,
+               "mse": sums.get("mse", 0.0) / count, "dice": sums.get("dice", 0.0) / count, "3d": sums["3d"] / count,
+               **validate(model, val_loader, dev), "seconds": round(time.monotonic() - started, 1)}
+        _append_log(out / "log.csv", row)
+        if row["val_mpe_mm"] < best["val_mpe_mm"]:
+            best = {"val_mpe_mm": row["val_mpe_mm"], "val_pcl10": row["val_pcl10"], "epoch": epoch}
+            checkpoint.save(out / "best.pt", model, meta={"config_name": config, "data": str(data), **best})
+        checkpoint.save(out / "last.pt", model, meta={"config_name": config}, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), epoch=epoch, step=step, best=best)
+        _plot_log(out / "log.csv", out / "loss.png")
+        print(f"epoch {epoch}: loss {row['loss']:.4f} (3d {row['3d']:.4f}) val MPE {row['val_mpe_mm']:.2f} mm "
+              f"PCL@10 {100 * row['val_pcl10']:.1f} %")
+        if time_limit_min is not None and time.monotonic() - started > 60 * time_limit_min:
+            print(f"time limit reached after epoch {epoch}; run the same command again to resume")
+            break
+    if world > 1:
+        dist.destroy_process_group()
+    return best
+
+
+def _append_log(path: Path, row: dict):
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
+
+
+def _plot_log(csv_path: Path, png_path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(csv_path.open()))
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key in ("loss", "mse", "dice", "3d"):
+        a.plot(epochs, [float(r[key]) for r in rows], label=key)
+    a.set_yscale("log")
+    a.set_xlabel("epoch")
+    a.legend()
+    b.plot(epochs, [float(r["val_mpe_mm"]) for r in rows], "o-")
+    b.set_xlabel("epoch")
+    b.set_ylabel("validation MPE (mm)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
