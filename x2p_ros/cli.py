@@ -1,5 +1,4 @@
-"""The `x2p` command line: data generation and inspection (training,
-evaluation and localisation join as they land)."""
+"""The `x2p` command line: data sets, training, evaluation and model summary."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +44,50 @@ def _data_check(args):
     return 1 if problems else 0
 
 
+def _train(args):
+    from .training.train import train
+    best = train(args.data, args.config, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                 workers=args.workers, device=args.device, seed=args.seed, time_limit_min=args.time_limit,
+                 progress=not args.quiet)
+    print(f"best validation: {json.dumps(best)}")
+    return 0
+
+
+def _evaluate(args):
+    from .training.evaluate import evaluate
+    result = evaluate(args.data, args.checkpoint, split=args.split, out=args.out, device=args.device,
+                      sweep=args.sweep, limit=args.limit)
+    m = result["3d_mm"]
+    print(f"3D: PCL@10 {100 * m['pcl@10']:.1f} %  PCL@20 {100 * m['pcl@20']:.1f} %  MPE {m['mpe']:.2f} mm  "
+          f"AUC {m['auc']:.4f}  ({m['n']} vertebrae, {m['missed']} missed)")
+    for view in ("ap", "lat"):
+        if f"2d_{view}_px" in result:
+            m = result[f"2d_{view}_px"]
+            print(f"2D {view.upper()}: PCL@10 {100 * m['pcl@10']:.1f} %  MPE {m['mpe']:.2f} px  AUC {m['auc']:.4f}")
+    if args.sweep:
+        print(f"prompt sweep: largest MPE change {result['prompt_sweep_max_mpe_change_mm']:.3f} mm")
+    if args.out:
+        print(f"wrote {args.out}/metrics.json and plots")
+    return 0
+
+
+def _model_summary(args):
+    from .model import preset
+    from .model.checkpoint import read
+    from .model.config import X2PConfig
+    from .model.summary import model_summary
+    if args.checkpoint:
+        config = X2PConfig.from_dict(read(args.checkpoint)["config"])
+    else:
+        config = preset(args.config, **({"image_size": args.size} if args.size else {}))
+    rows = model_summary(config)
+    print(f"X2P-Net ({args.checkpoint or args.config}) at {config.image_size} x {config.image_size}, per pair:")
+    print(f"{'unit':<8}{'parameters':>12}{'GMACs':>10}")
+    for unit, row in rows.items():
+        print(f"{unit:<8}{row['params']:>12,}{row['gmacs']:>10.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="x2p", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +122,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("check", help="validate a data set and list its problems")
     p.add_argument("dir")
     p.set_defaults(run=_data_check)
+
+    from .model.config import PRESETS
+    p = commands.add_parser("train", help="train X2P-Net (resumes from OUT/last.pt; torchrun for several GPUs)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--config", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, loss.png")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=None, help="minutes; stop after the epoch that passes it")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser("evaluate", help="the paper's metrics on a data split")
+    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", help="folder for metrics.json and the plots")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sweep", action="store_true", help="also displace the prompt (paper, Figure 9)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    p.set_defaults(run=_evaluate)
+
+    model = commands.add_parser("model", help="model information").add_subparsers(dest="model_command", required=True)
+    p = model.add_parser("summary", help="parameters and GMACs per unit")
+    p.add_argument("--config", default="paper", choices=sorted(PRESETS))
+    p.add_argument("--checkpoint", help="summarise the config of this checkpoint instead")
+    p.add_argument("--size", type=int, default=None, help="input size (default: the config's)")
+    p.set_defaults(run=_model_summary)
     return parser
 
 
@@ -86,9 +161,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .data.case_io import DatasetError
     from .geometry import CalibrationError
+    from .inference import InputError
+    from .model.checkpoint import CheckpointError
     try:
         return args.run(args)
-    except (DatasetError, CalibrationError) as e:
+    except (DatasetError, CalibrationError, CheckpointError, InputError) as e:
         print(f"x2p: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -43,10 +42,13 @@ def read(path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused: the file holds objects other than tensors and plain data "
-                              f"(loading it could run code): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        if "global" in str(e).lower():  # the weights-only unpickler met a class or function
+            raise CheckpointError(f"{path}: refused: the file holds objects other than tensors and plain data "
+                                  f"(loading it could run code)") from None
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from None
+    except Exception as e:  # a damaged zip or pickle stream fails in many ways inside torch.load
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an x2p_ros checkpoint (no format tag {FORMAT!r})")
     if payload.get("version") != VERSION:

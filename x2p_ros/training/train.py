@@ -119,7 +119,7 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
             step += 1
             count += 1
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{sums['total'] / count:.3f}")
         if rank != 0:
             continue

@@ -1,0 +1,173 @@
+"""Metrics against hand-computed values, safe checkpoints, resumable training,
+evaluation output, and the long-film sliding window."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from x2p_ros import geometry, metrics
+from x2p_ros.cli import main
+from x2p_ros.inference import InputError, Localizer
+from x2p_ros.model import X2PNet, checkpoint, preset
+
+
+def test_metrics_match_hand_computed_values():
+    errors = np.array([2.0, 12.0, 30.0, np.inf])  # the last ground truth has no prediction
+    assert metrics.pcl(errors, 10) == 0.25
+    assert metrics.pcl(errors, 20) == 0.5
+    assert metrics.mpe(errors) == pytest.approx(44.0 / 3)
+    # AUC over [10, 50]: each error contributes the length of [max(e, 10), 50] / 40
+    assert metrics.auc(errors) == pytest.approx((40 + 38 + 20 + 0) / 40 / 4)
+    s = metrics.summary(errors)
+    assert s["missed"] == 1 and s["n"] == 4
+
+
+def test_match_errors_pairs_by_index_and_counts_absent_predictions_as_misses():
+    gt = np.array([[0.0, 0, 0], [0, 0, 10], [0, 0, 20]])
+    pred = np.array([[3.0, 4, 0], [0, 0, 10], [0, 0, 25], [9, 9, 9]])
+    e = metrics.match_errors(pred, [True, False, True, True], gt)
+    np.testing.assert_allclose(e, [5.0, np.inf, 5.0])
+    assert np.isinf(metrics.match_errors(pred[:1], [True], gt)[1:]).all()  # fewer predictions than ground truth
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    torch.manual_seed(0)
+    model = X2PNet(preset("tiny"))
+    path = checkpoint.save(tmp_path / "m.pt", model, meta={"note": "test"})
+    loaded, meta = checkpoint.load_model(path)
+    assert meta == {"note": "test"}
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+    with pytest.raises(checkpoint.CheckpointError, match="not found"):
+        checkpoint.load_model(tmp_path / "missing.pt")
+    (tmp_path / "trunc.pt").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
+        checkpoint.load_model(tmp_path / "trunc.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load_model(tmp_path / "text.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not an x2p_ros checkpoint"):
+        checkpoint.load_model(tmp_path / "other.pt")
+    payload = checkpoint.read(path)
+    payload["config"]["n_vertebrae"] = 6  # weights of a 4-vertebra model under a 6-vertebra config
+    torch.save(payload, tmp_path / "mismatch.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="do not match"):
+        checkpoint.load_model(tmp_path / "mismatch.pt")
+    payload["config"]["bogus"] = 1
+    torch.save(payload, tmp_path / "bogus.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="config does not fit"):
+        checkpoint.load_model(tmp_path / "bogus.pt")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    torch.save({"format": checkpoint.FORMAT, "version": 1, "payload": RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="could run code"):
+        checkpoint.load_model(tmp_path / "evil.pt")
+    assert "this must never run" not in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from x2p_ros.data.synth import SynthConfig, synthesize
+    root = tmp_path_factory.mktemp("train")
+    synthesize(root, 5, seed=2, config=SynthConfig(size=96), workers=1, progress=False)
+    return root
+
+
+def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--data", str(small_data), "--config", "tiny", "--out", str(run), "--workers", "0", "--quiet"]
+    assert main(args + ["--epochs", "2"]) == 0
+    assert checkpoint.read(run / "last.pt")["epoch"] == 1
+    assert main(args + ["--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "from epoch 2" in out
+    rows = (run / "log.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
+    assert (run / "loss.png").stat().st_size > 1000 and (run / "best.pt").is_file()
+
+    assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"),
+                 "--out", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(result["3d_mm"]) >= {"pcl@10", "pcl@20", "mpe", "auc", "missed"}
+    assert {"2d_ap_px", "2d_lat_px", "per_level_mpe_mm"} <= set(result)
+    assert (tmp_path / "eval" / "pcl.png").is_file() and (tmp_path / "eval" / "per_level.png").is_file()
+
+    assert main(["model", "summary", "--checkpoint", str(run / "best.pt")]) == 0
+    assert "total" in capsys.readouterr().out
+
+
+class OracleNet(nn.Module):
+    """Stands in for X2P-Net where the windowing logic is under test: it reports
+    the known vertebrae that lie in the window, from the one nearest the prompt down."""
+
+    def __init__(self, xyz, config):
+        super().__init__()
+        self.xyz = torch.as_tensor(xyz, dtype=torch.float64)
+        self.config = config
+        self.calls = 0
+
+    def forward(self, images, P, prompt):
+        self.calls += 1
+        S = images.shape[-1]
+        N = self.config.n_vertebrae
+        uv, _ = geometry.project_torch(P[0].double(), self.xyz[None].expand(2, -1, -1))  # (2, M, 2)
+        inside = ((uv >= 0) & (uv <= S - 1)).all(-1).all(0)
+        start = int((uv[0] - prompt[0, 0].double()).norm(dim=-1).argmin())
+        chain = [i for i in range(start, len(self.xyz)) if inside[i]][:N]
+        xyz = torch.zeros(1, N, 3, dtype=torch.float64)
+        presence = torch.zeros(1, N)
+        xyz[0, :len(chain)] = self.xyz[chain]
+        presence[0, :len(chain)] = 0.9
+        return {"xyz": xyz, "presence": presence}
+
+
+def test_long_film_sliding_window_finds_every_vertebra_once():
+    from x2p_ros.data.synth import carm_view
+    cfg = preset("tiny", n_vertebrae=4)
+    W, H = 64, 256  # a film four windows tall
+    Ps = {}
+    for view in ("ap", "lat"):
+        P, _ = carm_view(view, 550.0, 1000.0, 100.0, W)
+        Ps[view] = geometry.apply_pixel_transform(geometry.crop_transform(0, -(H - W) / 2), P)
+    xyz = np.array([[0.0, 0.0, z] for z in np.linspace(170, -170, 12)])  # 12 vertebrae top to bottom
+    net = OracleNet(xyz, cfg)
+    localizer = Localizer.__new__(Localizer)
+    localizer.model, localizer.device, localizer.config, localizer.threshold = net, torch.device("cpu"), cfg, 0.5
+    images = {v: np.random.default_rng(0).random((H, W)).astype(np.float32) for v in Ps}
+    prompts = {v: geometry.project(Ps[v], xyz[:1])[0] for v in Ps}
+    found = localizer.localize(images, Ps, prompts, reference_level="T1")
+    present = [f for f in found if f.present]
+    assert net.calls > 1
+    np.testing.assert_allclose([f.xyz_mm for f in present], xyz, atol=1e-9)
+    assert [f.index for f in present] == list(range(12))
+    assert [f.label for f in present][:3] == ["T1", "T2", "T3"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda i, P, p: i.__setitem__("ap", np.full((64, 64), np.nan)), "NaN or Inf pixels"),
+    (lambda i, P, p: i.__setitem__("lat", np.ones((64, 64))), "constant"),
+    (lambda i, P, p: i.__setitem__("ap", np.ones(64)), "must be 2D"),
+    (lambda i, P, p: p.__setitem__("ap", (70.0, 10.0)), "outside the 64 x 64 image"),
+    (lambda i, P, p: p.__setitem__("lat", (np.nan, 10.0)), "two finite numbers"),
+    (lambda i, P, p: P.__setitem__("ap", np.zeros((3, 4))), "singular"),
+    (lambda i, P, p: P.pop("lat"), "all needed"),
+])
+def test_bad_localisation_input_is_refused_with_a_reason(change, message):
+    from x2p_ros.data.synth import carm_view
+    model = X2PNet(preset("tiny"))
+    images = {v: np.random.default_rng(1).random((64, 64)) for v in ("ap", "lat")}
+    Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
+    prompts = {"ap": (32.0, 10.0), "lat": (30.0, 11.0)}
+    change(images, Ps, prompts)
+    with pytest.raises(InputError, match=message):
+        Localizer(model).localize(images, Ps, prompts)

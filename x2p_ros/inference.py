@@ -1,0 +1,145 @@
+"""Localisation of one AP/LAT pair: checks the input, windows each view, runs
+X2P-Net, and maps the result back to the input's pixels. The offline command,
+evaluation and the ROS node all go through Localizer.localize.
+
+Long films: a view taller than it is wide goes through square windows down the
+image; the lowest vertebra found in one window is the prompt of the next, and
+the windows' results are merged without duplicates."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import geometry, preprocess
+from .levels import levels_below
+from .model import X2PNet, checkpoint
+
+VIEWS = ("ap", "lat")
+TALL = 1.25  # height / width above which a view is a long film
+
+
+class InputError(ValueError):
+    """Input that cannot give a trustworthy localisation."""
+
+
+@dataclass
+class Vertebra:
+    index: int  # 0: the prompted vertebra, i: the i-th below it
+    label: str
+    present: bool
+    confidence: float
+    xyz_mm: np.ndarray  # (3,) reference frame
+    pixels: dict = field(default_factory=dict)  # view -> (2,) projection of xyz_mm
+    heatmap_pixels: dict = field(default_factory=dict)  # view -> (2,) peak of the view's heatmap
+
+
+def check_inputs(images: dict, Ps: dict, prompts: dict) -> tuple[dict, dict, dict]:
+    """Validated float images, P matrices and prompts; InputError says what is wrong."""
+    out_images, out_P, out_prompts = {}, {}, {}
+    for view in VIEWS:
+        if view not in images or view not in Ps or view not in prompts:
+            raise InputError(f"{view}: image, calibration and prompt are all needed")
+        image = np.asarray(images[view])
+        if image.ndim != 2 or min(image.shape) < 16:
+            raise InputError(f"{view}: image must be 2D and at least 16 x 16 pixels, got shape {image.shape}")
+        image = image.astype(np.float32)
+        if not np.all(np.isfinite(image)):
+            raise InputError(f"{view}: image contains NaN or Inf pixels")
+        if float(image.max() - image.min()) <= 0:
+            raise InputError(f"{view}: image is constant (no X-ray content)")
+        try:
+            P = geometry.validate_projection(Ps[view])
+        except geometry.CalibrationError as e:
+            raise InputError(f"{view}: {e}") from None
+        prompt = np.asarray(prompts[view], dtype=np.float64).reshape(-1)
+        h, w = image.shape
+        if prompt.shape != (2,) or not np.all(np.isfinite(prompt)):
+            raise InputError(f"{view}: prompt must be two finite numbers (u, v), got {prompts[view]!r}")
+        if not (-0.5 <= prompt[0] <= w - 0.5 and -0.5 <= prompt[1] <= h - 0.5):
+            raise InputError(f"{view}: prompt ({prompt[0]:.1f}, {prompt[1]:.1f}) lies outside the {w} x {h} image")
+        out_images[view], out_P[view], out_prompts[view] = image, P, prompt
+    return out_images, out_P, out_prompts
+
+
+class Localizer:
+    def __init__(self, model: X2PNet, device="cpu", presence_threshold: float | None = None):
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.config = model.config
+        self.threshold = model.config.presence_threshold if presence_threshold is None else presence_threshold
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", presence_threshold=None) -> "Localizer":
+        model, _ = checkpoint.load_model(path, device)
+        return cls(model, device, presence_threshold)
+
+    def _boxes(self, images, prompts):
+        boxes = {}
+        for view in VIEWS:
+            h, w = images[view].shape
+            if h > TALL * w:  # long film: a w x w window from just above the prompt
+                y0 = float(np.clip(prompts[view][1] - 0.1 * w, 0, h - w))
+                boxes[view] = (0.0, y0, float(w))
+            else:
+                boxes[view] = preprocess.full_box(w, h)
+        return boxes
+
+    @torch.no_grad()
+    def _run_window(self, images, Ps, prompts, boxes):
+        size = self.config.image_size
+        tiles, Pw, pw, A = [], [], [], {}
+        for view in VIEWS:
+            tile, P, A[view] = preprocess.window(images[view], Ps[view], boxes[view], size)
+            tiles.append(preprocess.normalize(tile))
+            Pw.append(P)
+            pw.append(geometry.transform_pixels(A[view], prompts[view])[0])
+        t = lambda a: torch.as_tensor(np.stack(a)[None], dtype=torch.float32, device=self.device)  # noqa: E731
+        out = self.model(t(tiles)[:, :, None], t(Pw), t(pw))
+        xyz = out["xyz"][0].double().cpu().numpy()
+        presence = out["presence"][0].float().cpu().numpy()
+        heat = {}
+        if "pixels" in out:
+            for k, view in enumerate(VIEWS):  # window pixels -> input pixels
+                inv = np.linalg.inv(A[view])
+                heat[view] = geometry.transform_pixels(inv, out["pixels"][0, k].double().cpu().numpy())
+        return xyz, presence, heat
+
+    @staticmethod
+    def _vertebra(index, present, confidence, xyz, heat, k, Ps) -> Vertebra:
+        return Vertebra(index, "", bool(present), float(confidence), xyz,
+                        {v: geometry.project(Ps[v], xyz)[0] for v in VIEWS}, {v: heat[v][k] for v in heat})
+
+    def localize(self, images: dict, Ps: dict, prompts: dict, reference_level: str = "") -> list[Vertebra]:
+        """Vertebrae from the prompted one down, superior first; absent ones are
+        listed with present=False up to the model's N."""
+        images, Ps, prompts = check_inputs(images, Ps, prompts)
+        found: list[Vertebra] = []
+        first_window = None
+        offset = 0
+        while True:
+            boxes = self._boxes(images, prompts)
+            xyz, presence, heat = self._run_window(images, Ps, prompts, boxes)
+            first_window = first_window or (xyz, presence, heat)
+            present = presence > self.threshold
+            n_chain = int(np.argmin(present)) if not present.all() else len(present)  # contiguous from the prompt
+            for k in range(n_chain):
+                if offset + k < len(found):
+                    continue  # the window above found it already
+                found.append(self._vertebra(offset + k, True, presence[k], xyz[k], heat, k, Ps))
+            tall = any(images[v].shape[0] > TALL * images[v].shape[1] for v in VIEWS)
+            at_bottom = all(boxes[v][1] + boxes[v][2] >= images[v].shape[0] - 1 for v in VIEWS)
+            if not tall or at_bottom or n_chain < 2:
+                break
+            next_prompts = {v: found[-1].pixels[v] for v in VIEWS}
+            if all(next_prompts[v][1] <= prompts[v][1] + 1 for v in VIEWS):
+                break  # no progress down the film
+            prompts, offset = next_prompts, len(found) - 1
+        # the rest of the first window's N outputs, as absent
+        xyz, presence, heat = first_window
+        for k in range(len(found), len(xyz)):
+            found.append(self._vertebra(k, False, presence[k], xyz[k], heat, k, Ps))
+        for vertebra, label in zip(found, levels_below(reference_level, len(found))):
+            vertebra.label = label
+        return found

@@ -1,0 +1,128 @@
+"""`x2p evaluate`: the paper's metrics on a data split, with the ground-truth
+top-most vertebra as the prompt (optionally displaced, as Figure 9).
+
+3D: PCL@10/20 mm, MPE, AUC(10-50 mm); 2D per view (heatmap peaks): PCL@10/20
+px, MPE, AUC(10-50 px); per-level 3D errors; a ground-truth vertebra without a
+present prediction is a miss."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import metrics
+from ..data import case_io
+from ..inference import VIEWS, Localizer
+
+
+def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0)) -> dict:
+    """Per-case errors: {'3d': [...], 'ap': [...], 'lat': [...], 'levels': [...]} concatenated over cases."""
+    errors = {"3d": [], "ap": [], "lat": [], "levels": []}
+    for name in names:
+        case = case_io.read_case(Path(root) / name)
+        if not case.labels:
+            continue
+        gt_px = {v: case.pixels(v) for v in VIEWS}
+        # displacements are given for 512 x 512 images (the paper's) and scaled to this one
+        prompts = {v: gt_px[v][0] + np.asarray(prompt_offset_px) * case.views[v].size[0] / 512.0 for v in VIEWS}
+        prompts = {v: np.clip(p, 0, np.array(case.views[v].size) - 1) for v, p in prompts.items()}
+        found = localizer.localize({v: case.views[v].image for v in VIEWS}, {v: case.views[v].P for v in VIEWS},
+                                   prompts)
+        present = [f.present for f in found]
+        errors["3d"].append(metrics.match_errors([f.xyz_mm for f in found], present, case.xyz_mm))
+        for v in VIEWS:
+            if found and found[0].heatmap_pixels:
+                errors[v].append(metrics.match_errors([f.heatmap_pixels[v] for f in found], present, gt_px[v]))
+        errors["levels"] += case.labels
+    return {k: (np.concatenate(v) if k != "levels" and v else v) for k, v in errors.items()}
+
+
+def report(errors: dict) -> dict:
+    out = {"3d_mm": metrics.summary(errors["3d"])}
+    for v in VIEWS:
+        if len(errors[v]):
+            out[f"2d_{v}_px"] = metrics.summary(errors[v])
+    levels = {}
+    for level, e in zip(errors["levels"], errors["3d"]):
+        levels.setdefault(level, []).append(e)
+    out["per_level_mpe_mm"] = {k: metrics.mpe(v) for k, v in levels.items()}
+    out["per_level_missed"] = {k: int(np.sum(~np.isfinite(v))) for k, v in levels.items()}
+    return out
+
+
+def plot_pcl(errors: dict, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.linspace(0, 50, 201)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].plot(t, [metrics.pcl(errors["3d"], x) for x in t])
+    axes[0].set(xlabel="threshold (mm)", ylabel="PCL", title="3D", ylim=(0, 1.02))
+    for v in VIEWS:
+        if len(errors[v]):
+            axes[1].plot(t, [metrics.pcl(errors[v], x) for x in t], label=v.upper())
+    axes[1].set(xlabel="threshold (px)", title="2D", ylim=(0, 1.02))
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_levels(result: dict, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..levels import level_order
+    levels = sorted(result["per_level_mpe_mm"], key=level_order)
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(levels)), 3.5))
+    ax.bar(levels, [result["per_level_mpe_mm"][k] for k in levels])
+    ax.set(ylabel="3D MPE (mm)", title="per level")
+    ax.tick_params(axis="x", rotation=90)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_sweep(sweep: dict, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for axis in ("x", "y"):
+        pts = sorted((d, r["mpe"]) for (a, d), r in sweep.items() if a == axis)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"displaced along {axis}")
+    ax.set(xlabel="prompt displacement (px at 512 x 512)", ylabel="3D MPE (mm)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=False, limit=None) -> dict:
+    localizer = Localizer.from_checkpoint(checkpoint_path, device)
+    names = case_io.read_split(data, split)[:limit]
+    errors = evaluate_cases(localizer, data, names)
+    result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
+              **report(errors)}
+    if sweep:
+        table = {}
+        for axis, values in (("x", (-20, -10, 10, 20)), ("y", (-10, -5, 5, 10))):
+            for d in values:
+                offset = (d, 0) if axis == "x" else (0, d)
+                table[(axis, d)] = metrics.summary(evaluate_cases(localizer, data, names, offset)["3d"])
+        table[("x", 0)] = table[("y", 0)] = result["3d_mm"]
+        result["prompt_sweep"] = {f"{a}{d:+d}": r for (a, d), r in sorted(table.items())}
+        result["prompt_sweep_max_mpe_change_mm"] = max(abs(r["mpe"] - result["3d_mm"]["mpe"]) for r in table.values())
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=1))
+        plot_pcl(errors, out / "pcl.png")
+        plot_levels(result, out / "per_level.png")
+        if sweep:
+            plot_sweep(table, out / "prompt_sweep.png")
+    return result
