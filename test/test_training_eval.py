@@ -141,8 +141,7 @@ def test_long_film_sliding_window_finds_every_vertebra_once():
         Ps[view] = geometry.apply_pixel_transform(geometry.crop_transform(0, -(H - W) / 2), P)
     xyz = np.array([[0.0, 0.0, z] for z in np.linspace(170, -170, 12)])  # 12 vertebrae top to bottom
     net = OracleNet(xyz, cfg)
-    localizer = Localizer.__new__(Localizer)
-    localizer.model, localizer.device, localizer.config, localizer.threshold = net, torch.device("cpu"), cfg, 0.5
+    localizer = Localizer(net, presence_threshold=0.5)
     images = {v: np.random.default_rng(0).random((H, W)).astype(np.float32) for v in Ps}
     prompts = {v: geometry.project(Ps[v], xyz[:1])[0] for v in Ps}
     found = localizer.localize(images, Ps, prompts, reference_level="T1")

@@ -11,7 +11,7 @@ out=$(cd "$2" && pwd)
 here=$(cd "$(dirname "$0")/.." && pwd)
 export AMENT_PREFIX_PATH="$venv" CMAKE_PREFIX_PATH="$venv" PATH="$venv/bin:$PATH"
 rm -rf "$out/src" && mkdir -p "$out/src/x2p_ros"
-for f in package.xml CMakeLists.txt setup.py msg x2p_ros launch config; do
+for f in package.xml CMakeLists.txt setup.py msg x2p_ros launch config scripts; do
   [ -e "$here/$f" ] && cp -r "$here/$f" "$out/src/x2p_ros/"
 done
 cd "$out"

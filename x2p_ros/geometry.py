@@ -283,3 +283,26 @@ def triangulate_torch(P, pixels):
     A = proj.sum(1)
     b = (proj @ c[:, :, None, :, None]).sum(1)
     return torch.linalg.solve(A, b)[..., 0]
+
+
+def spine_orientations(points) -> np.ndarray:
+    """Quaternions (N, 4) xyzw for vertebrae (N, 3) ordered superior first: z
+    along the local spine axis, pointing to the vertebra above (central
+    differences inside, one-sided at the ends); x is the reference frame's x
+    made orthogonal to z (its y when x is along the axis)."""
+    X = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if len(X) < 2:
+        return np.tile([0.0, 0.0, 0.0, 1.0], (len(X), 1))
+    up = -np.gradient(X, axis=0)  # towards the vertebra above
+    quats = []
+    for z in up:
+        n = np.linalg.norm(z)
+        if n < 1e-9:
+            quats.append([0.0, 0.0, 0.0, 1.0])
+            continue
+        z = z / n
+        x = np.array([1.0, 0.0, 0.0]) if abs(z[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+        x = x - z * (x @ z)
+        x /= np.linalg.norm(x)
+        quats.append(rotation_to_quaternion(np.stack([x, np.cross(z, x), z], axis=1)))
+    return np.array(quats)

@@ -64,16 +64,17 @@ def check_inputs(images: dict, Ps: dict, prompts: dict) -> tuple[dict, dict, dic
 
 
 class Localizer:
-    def __init__(self, model: X2PNet, device="cpu", presence_threshold: float | None = None):
+    def __init__(self, model: X2PNet, device="cpu", presence_threshold: float | None = None, bf16: bool = False):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
+        self.bf16 = bf16 and self.device.type == "cuda"  # bfloat16 autocast: CUDA only
         self.config = model.config
         self.threshold = model.config.presence_threshold if presence_threshold is None else presence_threshold
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", presence_threshold=None) -> "Localizer":
+    def from_checkpoint(cls, path, device="cpu", presence_threshold=None, bf16=False) -> "Localizer":
         model, _ = checkpoint.load_model(path, device)
-        return cls(model, device, presence_threshold)
+        return cls(model, device, presence_threshold, bf16)
 
     def _boxes(self, images, prompts):
         boxes = {}
@@ -96,7 +97,8 @@ class Localizer:
             Pw.append(P)
             pw.append(geometry.transform_pixels(A[view], prompts[view])[0])
         t = lambda a: torch.as_tensor(np.stack(a)[None], dtype=torch.float32, device=self.device)  # noqa: E731
-        out = self.model(t(tiles)[:, :, None], t(Pw), t(pw))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(t(tiles)[:, :, None], t(Pw), t(pw))
         xyz = out["xyz"][0].double().cpu().numpy()
         presence = out["presence"][0].float().cpu().numpy()
         heat = {}

@@ -1,0 +1,150 @@
+"""carm_sim: a simulated C-arm. Publishes data-engine cases (a data set or case
+folder, or phantoms rendered on start) as a live stream: both images at a set
+rate, camera_info, view poses and prompts, with optional noise and small
+motion between frames, and the ground truth on ground_truth/poses."""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from geometry_msgs.msg import PointStamped, PoseArray, TransformStamped
+from rclpy.node import Node
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import Header
+
+from .. import geometry
+from ..data import case_io
+from ..data.synth import SynthConfig, synthesize
+from ..inference import VIEWS, Vertebra
+from ..levels import levels_below
+from . import messages
+from .localizer_node import LATCHED_QOS, RELIABLE_QOS
+
+PARAMETERS = {
+    "data": "",  # a data set or case folder; empty: render `cases` phantoms with `seed`
+    "cases": 2, "seed": 7, "size": 256,
+    "case_period_s": 0.0,  # switch to the next case every so often (0: stay on the first)
+    "rate_hz": 5.0,
+    "noise": 0.0,  # Gaussian noise, share of the image range
+    "motion_px": 0.0,  # random shift of each frame, pixels (the calibration follows it)
+    "lat_delay_s": 0.0,  # stamp LAT this much later than AP (to test synchronisation)
+    "reference_frame": "carm",
+    "publish_prompts": True,
+}
+
+
+class CarmSim(Node):
+    def __init__(self, **kwargs):
+        super().__init__("carm_sim", **kwargs)
+        for name, default in PARAMETERS.items():
+            self.declare_parameter(name, default)
+        p = {name: self.get_parameter(name).value for name in PARAMETERS}
+        self.p = p
+        self.rng = np.random.default_rng(p["seed"])
+        self.cases = self._load_cases(p)
+        self.pub_image = {v: self.create_publisher(Image, f"{v}/image", RELIABLE_QOS) for v in VIEWS}
+        self.pub_info = {v: self.create_publisher(CameraInfo, f"{v}/camera_info", LATCHED_QOS) for v in VIEWS}
+        self.pub_pose = {v: self.create_publisher(TransformStamped, f"{v}/pose", LATCHED_QOS) for v in VIEWS}
+        self.pub_prompt = {v: self.create_publisher(PointStamped, f"{v}/prompt", LATCHED_QOS) for v in VIEWS}
+        self.pub_truth = self.create_publisher(PoseArray, "ground_truth/poses", LATCHED_QOS)
+        self.case_index, self.case_started, self.shift = -1, 0.0, {v: np.zeros(2) for v in VIEWS}
+        self.frames = 0
+        self.create_timer(1.0 / p["rate_hz"], self._tick)
+        self.get_logger().info(f"simulating {len(self.cases)} case(s) at {p['rate_hz']} Hz")
+
+    def _load_cases(self, p):
+        root = Path(p["data"]) if p["data"] else None
+        if root is None:
+            root = Path(tempfile.mkdtemp(prefix="carm_sim_"))
+            synthesize(root, p["cases"], seed=p["seed"], config=SynthConfig(size=p["size"]), workers=1, progress=False)
+        if (root / "case.json").is_file():
+            return [case_io.read_case(root)]
+        return [case_io.read_case(root / name) for name in case_io.list_cases(root)]
+
+    @property
+    def case(self):
+        return self.cases[self.case_index]
+
+    def _now(self):
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _header(self, stamp: float, frame_id: str) -> Header:
+        h = Header(frame_id=frame_id)
+        h.stamp.sec, h.stamp.nanosec = int(stamp), int(round((stamp - int(stamp)) * 1e9)) % 1_000_000_000
+        return h
+
+    def _P(self, view):
+        """P of the current frame: the case's view moved by this frame's shift."""
+        return geometry.apply_pixel_transform(geometry.crop_transform(*-self.shift[view]), self.case.views[view].P)
+
+    def _publish_calibration(self, stamp):
+        for v in VIEWS:
+            k9, t, q = geometry.projection_to_ros(self._P(v))
+            w, h = self.case.views[v].size
+            info = CameraInfo(header=self._header(stamp, f"{v}_optical"), width=w, height=h,
+                              distortion_model="plumb_bob", d=[0.0] * 5, k=k9.tolist(),
+                              r=[1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
+                              p=[k9[0], k9[1], k9[2], 0.0, k9[3], k9[4], k9[5], 0.0, k9[6], k9[7], k9[8], 0.0])
+            self.pub_info[v].publish(info)
+            pose = TransformStamped(header=self._header(stamp, self.p["reference_frame"]), child_frame_id=f"{v}_optical")
+            pose.transform.translation.x, pose.transform.translation.y, pose.transform.translation.z = map(float, t)
+            r = pose.transform.rotation
+            r.x, r.y, r.z, r.w = map(float, q)
+            self.pub_pose[v].publish(pose)
+
+    def _publish_case(self, stamp):
+        case = self.case
+        header = self._header(stamp, self.p["reference_frame"])
+        labels = levels_below(case.labels[0], len(case.labels)) if case.labels else []
+        truth = [Vertebra(i, label, True, 1.0, xyz) for i, (xyz, label) in enumerate(zip(case.xyz_mm, labels))]
+        self.pub_truth.publish(messages.pose_array(header, truth))
+        if self.p["publish_prompts"] and case.labels:
+            for v in VIEWS:
+                u, vv = geometry.project(self._P(v), case.xyz_mm[:1])[0] + self.rng.uniform(-3, 3, size=2)
+                msg = PointStamped(header=self._header(stamp, f"{v}_optical"))
+                msg.point.x, msg.point.y = float(u), float(vv)
+                self.pub_prompt[v].publish(msg)
+
+    def _tick(self):
+        now = self._now()
+        period = self.p["case_period_s"]
+        if self.case_index < 0 or (period > 0 and now - self.case_started >= period):
+            self.case_index = (self.case_index + 1) % len(self.cases)
+            self.case_started = now
+            self.shift = {v: np.zeros(2) for v in VIEWS}
+            self._publish_calibration(now)
+            self._publish_case(now)
+        if self.p["motion_px"] > 0:
+            self.shift = {v: self.rng.uniform(-1, 1, size=2) * self.p["motion_px"] for v in VIEWS}
+            self._publish_calibration(now)
+        for v in VIEWS:
+            image = self.case.views[v].image.astype(np.float32)
+            if self.p["motion_px"] > 0:
+                import cv2
+                A = geometry.crop_transform(*-self.shift[v])
+                image = cv2.warpAffine(image, A[:2], image.shape[::-1], borderMode=cv2.BORDER_REPLICATE)
+            if self.p["noise"] > 0:
+                image += self.rng.normal(0, self.p["noise"] * 65535, size=image.shape)
+            stamp = now + (self.p["lat_delay_s"] if v == "lat" else 0.0)
+            out = np.clip(image, 0, 65535).astype(np.uint16)
+            self.pub_image[v].publish(messages.image_message(self._header(stamp, f"{v}_optical"), out))
+        self.frames += 1
+
+
+def main(argv=None):
+    rclpy.init(args=argv if argv is not None else sys.argv)
+    node = CarmSim()
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

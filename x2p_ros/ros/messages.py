@@ -1,0 +1,75 @@
+"""Localisation results -> ROS messages (metres, REP 103: converted here, once)."""
+from __future__ import annotations
+
+import numpy as np
+from geometry_msgs.msg import Point, Pose, PoseArray
+from sensor_msgs.msg import Image
+from std_msgs.msg import ColorRGBA, Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+from .. import geometry
+from ..msg import Vertebra, VertebraArray
+from .images import array_to_fields
+
+M_PER_MM = 1e-3
+TEXT_ID, LINE_ID = 1000, 2000  # marker ids: spheres use the vertebra index
+
+
+def _point(xyz_mm) -> Point:
+    x, y, z = (float(c) * M_PER_MM for c in xyz_mm)
+    return Point(x=x, y=y, z=z)
+
+
+def pose_array(header: Header, vertebrae) -> PoseArray:
+    present = [v for v in vertebrae if v.present]
+    msg = PoseArray(header=header)
+    if present:
+        quats = geometry.spine_orientations(np.array([v.xyz_mm for v in present]))
+        for v, q in zip(present, quats):
+            pose = Pose(position=_point(v.xyz_mm))
+            pose.orientation.x, pose.orientation.y, pose.orientation.z, pose.orientation.w = (float(c) for c in q)
+            msg.poses.append(pose)
+    return msg
+
+
+def vertebra_array(header: Header, vertebrae, reference_level: str) -> VertebraArray:
+    msg = VertebraArray(header=header, reference_level=reference_level)
+    for v in vertebrae:
+        msg.vertebrae.append(Vertebra(
+            label=v.label, index=int(v.index), present=bool(v.present), position=_point(v.xyz_mm),
+            confidence=float(v.confidence),
+            ap_pixel=Point(x=float(v.pixels["ap"][0]), y=float(v.pixels["ap"][1])),
+            lat_pixel=Point(x=float(v.pixels["lat"][0]), y=float(v.pixels["lat"][1]))))
+    return msg
+
+
+def marker_array(header: Header, vertebrae, sphere_mm: float = 12.0) -> MarkerArray:
+    """DELETEALL first (stale markers go), then a sphere and a label per present
+    vertebra (ids stable per index) and a line through them."""
+    msg = MarkerArray(markers=[Marker(header=header, ns="vertebrae", action=Marker.DELETEALL)])
+    present = [v for v in vertebrae if v.present]
+    colour = ColorRGBA(r=1.0, g=0.6, b=0.0, a=0.9)
+    for v in present:
+        sphere = Marker(header=header, ns="vertebrae", id=int(v.index), type=Marker.SPHERE, action=Marker.ADD,
+                        color=colour)
+        sphere.pose.position = _point(v.xyz_mm)
+        sphere.pose.orientation.w = 1.0
+        sphere.scale.x = sphere.scale.y = sphere.scale.z = sphere_mm * M_PER_MM
+        text = Marker(header=header, ns="vertebrae", id=TEXT_ID + int(v.index), type=Marker.TEXT_VIEW_FACING,
+                      action=Marker.ADD, text=v.label, color=ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0))
+        text.pose.position = _point(v.xyz_mm)
+        text.pose.position.x += 2.0 * sphere_mm * M_PER_MM
+        text.pose.orientation.w = 1.0
+        text.scale.z = sphere_mm * M_PER_MM
+        msg.markers += [sphere, text]
+    if len(present) >= 2:
+        line = Marker(header=header, ns="vertebrae", id=LINE_ID, type=Marker.LINE_STRIP, action=Marker.ADD,
+                      color=colour, points=[_point(v.xyz_mm) for v in present])
+        line.pose.orientation.w = 1.0
+        line.scale.x = 0.2 * sphere_mm * M_PER_MM
+        msg.markers.append(line)
+    return msg
+
+
+def image_message(header: Header, image: np.ndarray) -> Image:
+    return Image(header=header, **array_to_fields(image))
