@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .inference import InputError
+
 
 def _data_synth(args):
     from .data.synth import SynthConfig, synthesize
@@ -88,6 +90,24 @@ def _model_summary(args):
     return 0
 
 
+def _localize(args):
+    from .localize_files import localize_files
+    from .models import default_checkpoint
+    prompts = None
+    if args.prompt_ap or args.prompt_lat:
+        prompts = {v: p for v, p in (("ap", args.prompt_ap), ("lat", args.prompt_lat)) if p}
+    if args.case is None and not (args.ap and args.lat and args.calibration):
+        raise InputError("give a case folder, or --ap, --lat and --calibration")
+    result = localize_files(args.checkpoint or default_checkpoint(), args.out, case=args.case,
+                            images={"ap": args.ap, "lat": args.lat}, calibration=args.calibration,
+                            prompts=prompts, reference_level=args.reference_level, device=args.device)
+    found = [v for v in result["vertebrae"] if v["present"]]
+    print(f"{len(found)} vertebrae in {1000 * result['seconds']:.0f} ms: "
+          + ", ".join(f"{v['label']} ({', '.join(f'{c:.1f}' for c in v['xyz_mm'])}) mm" for v in found))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="x2p", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N cases")
     p.set_defaults(run=_evaluate)
 
+    p = commands.add_parser("localize", help="localise the vertebrae of one AP/LAT pair from files")
+    p.add_argument("case", nargs="?", help="a case folder (prompt: its top-most vertebra unless given)")
+    p.add_argument("--ap", help="AP image (PNG, 16-bit TIFF, DICOM)")
+    p.add_argument("--lat", help="LAT image")
+    p.add_argument("--calibration", help="YAML with ap and lat: P, or K + translation_m + rotation_xyzw")
+    p.add_argument("--prompt-ap", type=float, nargs=2, metavar=("U", "V"))
+    p.add_argument("--prompt-lat", type=float, nargs=2, metavar=("U", "V"))
+    p.add_argument("--reference-level", default="", help="level of the prompted vertebra, e.g. T12")
+    p.add_argument("--checkpoint", default=None, help="default: the shipped model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="localization.json", help="JSON; the overlay goes beside it as .png")
+    p.set_defaults(run=_localize)
+
     model = commands.add_parser("model", help="model information").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("summary", help="parameters and GMACs per unit")
     p.add_argument("--config", default="paper", choices=sorted(PRESETS))
@@ -161,7 +194,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .data.case_io import DatasetError
     from .geometry import CalibrationError
-    from .inference import InputError
     from .model.checkpoint import CheckpointError
     try:
         return args.run(args)

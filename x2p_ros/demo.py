@@ -1,63 +1,144 @@
-"""`make demo`: the end-to-end slice on the built-in default.
+"""`make demo`: the product end to end, as real ROS 2 processes.
 
-Renders a few synthetic C-arm pairs, checks them, localises the vertebrae with
-the shipped model (the prompt: the top-most vertebra, as a surgeon would
-click), prints per-vertebra 3D errors against the ground truth and the latency,
-and writes overlays and a contact sheet."""
+Starts carm_sim (phantom cases rendered on start, a live image stream with
+calibration, prompts and ground truth) and x2p_localizer with the parameter
+file the launch file uses (config/localize.yaml), listens to what the
+localizer publishes for a bounded time, prints per-vertebra 3D errors against
+the ground truth and the latency, writes the last overlays as PNGs and the
+session as an MCAP recording, and stops every process it started."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from . import metrics
-from .data import case_io
-from .data.contact_sheet import contact_sheet
-from .data.synth import SynthConfig, synthesize
-from .inference import VIEWS, Localizer
-from .models import default_checkpoint
-from .overlay import draw_overlay
+ROOT = Path(__file__).resolve().parents[1]
+RECORDED = ("vertebrae/poses", "vertebrae/markers", "vertebrae", "ground_truth/poses", "/diagnostics",
+            "ap/overlay", "lat/overlay")
 
 
-def run(out: Path, cases: int, seed: int, checkpoint=None) -> int:
-    checkpoint = checkpoint or default_checkpoint()
-    localizer = Localizer.from_checkpoint(checkpoint)
-    size = localizer.config.image_size
-    data = out / "data"
-    print(f"1. rendering {cases} synthetic AP/LAT pairs at {size} x {size} (seed {seed}) into {data}")
-    synthesize(data, cases, seed=seed, config=SynthConfig(size=size), workers=1, progress=False)
-    problems, summary = case_io.check_dataset(data)
-    print(f"2. data check: {summary['readable']} cases, {len(problems)} problems")
-    for p in problems:
-        print(f"   problem: {p}")
-    sheet = contact_sheet(data, out / "contact_sheet.png", cases=cases)
-    print(f"3. localising with {checkpoint}")
-    all_errors, latencies = [], []
-    print(f"   {'case':<11}{'level':<7}{'present':<9}{'conf':>6}{'3D error mm':>13}")
-    for name in case_io.list_cases(data):
-        case = case_io.read_case(data / name)
-        prompts = {v: case.pixels(v)[0] for v in VIEWS}
-        images = {v: case.views[v].image for v in VIEWS}
-        Ps = {v: case.views[v].P for v in VIEWS}
-        start = time.perf_counter()
-        found = localizer.localize(images, Ps, prompts, reference_level=case.labels[0])
-        latencies.append(time.perf_counter() - start)
-        errors = metrics.match_errors([f.xyz_mm for f in found], [f.present for f in found], case.xyz_mm)
-        all_errors.append(errors)
-        for f, e, label in zip(found, errors, case.labels):
-            print(f"   {name:<11}{label:<7}{str(f.present):<9}{f.confidence:>6.2f}{e:>13.2f}")
-        tiles = [draw_overlay(images[v], prompts[v], found, v, case.pixels(v)) for v in VIEWS]
-        cv2.imwrite(str(out / f"overlay_{name}.png"), np.hstack(tiles))
-    summary3d = metrics.summary(np.concatenate(all_errors))
-    print(f"4. {summary3d['n']} vertebrae: MPE {summary3d['mpe']:.2f} mm, PCL@10 {100 * summary3d['pcl@10']:.1f} %, "
-          f"PCL@20 {100 * summary3d['pcl@20']:.1f} %, missed {summary3d['missed']}; latency per pair "
-          f"median {1000 * np.median(latencies[1:] or latencies):.0f} ms (CPU)")
-    print(f"   overlays: {out}/overlay_*.png (green rings: ground truth, orange: X2P-Net, magenta: prompt)")
-    print(f"   contact sheet: {sheet}")
+def _start(module: str, params: Path, overrides: dict, log: Path) -> subprocess.Popen:
+    args = [sys.executable, "-m", module, "--ros-args", "--params-file", str(params)]
+    for k, v in overrides.items():
+        args += ["-p", f"{k}:={v}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def _stop(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) -> int:
+    import cv2
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from geometry_msgs.msg import PoseArray
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    from visualization_msgs.msg import MarkerArray
+
+    from . import metrics
+    from .msg import VertebraArray
+    from .ros.images import image_to_array
+    from .ros.recording import McapRecorder
+
+    out.mkdir(parents=True, exist_ok=True)
+    reliable = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
+    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    best_effort = QoSProfile(depth=2, reliability=ReliabilityPolicy.BEST_EFFORT)
+    types = {"vertebrae/poses": (PoseArray, reliable), "vertebrae/markers": (MarkerArray, reliable),
+             "vertebrae": (VertebraArray, reliable), "ground_truth/poses": (PoseArray, latched),
+             "/diagnostics": (DiagnosticArray, reliable), "ap/overlay": (Image, best_effort),
+             "lat/overlay": (Image, best_effort)}
+    period = seconds / cases
+    sim_params = {"cases": cases, "case_period_s": period, "noise": 0.002}
+    localizer_params = {"checkpoint": checkpoint} if checkpoint else {}
+    print(f"starting carm_sim ({cases} phantom cases, {period:.0f} s each) and x2p_localizer with {params}")
+    procs = [_start("x2p_ros.ros.carm_sim", params, sim_params, out / "carm_sim.log"),
+             _start("x2p_ros.ros.localizer_node", params, localizer_params, out / "x2p_localizer.log")]
+    rclpy.init()
+    node = rclpy.create_node("x2p_demo")
+    recorder = McapRecorder(out / "session.mcap")
+    got = {t: [] for t in RECORDED}
+
+    def on_message(topic, msg):
+        now = time.time_ns()
+        got[topic].append((now, msg))
+        if topic.endswith("overlay") and len(got[topic]) % 4 != 1:
+            return  # every fourth overlay is enough for a replay
+        recorder.write(topic if topic.startswith("/") else "/" + topic, msg, now)
+
+    for topic, (msg_type, qos) in types.items():
+        node.create_subscription(msg_type, topic, lambda m, t=topic: on_message(t, m), qos)
+    try:
+        # the sim renders its phantoms first; then run for `seconds` of stream
+        deadline = time.monotonic() + seconds + 120
+        started = None
+        while time.monotonic() < deadline:
+            rclpy.spin_once(node, timeout_sec=0.1)
+            if started is None and got["ground_truth/poses"]:
+                started = time.monotonic()
+            if started is not None and time.monotonic() - started > seconds:
+                break
+            if any(p.poll() is not None for p in procs):
+                print("a node stopped early; see its log in", out)
+                break
+    finally:
+        recorder.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+        _stop(procs)
+
+    if not got["vertebrae"]:
+        print(f"no localisation was published; logs: {out}/*.log")
+        return 1
+    # ground truth of each published pair: the newest truth stamped at or before the pair
+    stamp = lambda h: h.stamp.sec + 1e-9 * h.stamp.nanosec  # noqa: E731
+    truths = [(stamp(m.header), m) for _, m in got["ground_truth/poses"]]
+    errors_all, rows, latencies = [], [], []
+    last_per_case = {}
+    for t_recv, va in got["vertebrae"]:
+        truth_msgs = [m for t, m in truths if t <= stamp(va.header)]
+        if not truth_msgs:
+            continue
+        truth = np.array([[p.position.x, p.position.y, p.position.z] for p in truth_msgs[-1].poses]) * 1000.0
+        case = len(truth_msgs) - 1
+        pred = np.array([[v.position.x, v.position.y, v.position.z] for v in va.vertebrae]) * 1000.0
+        errors = metrics.match_errors(pred, [v.present for v in va.vertebrae], truth)
+        errors_all.append(errors)
+        latencies.append(t_recv * 1e-9 - stamp(va.header))
+        last_per_case[case] = (va, errors)
+    print(f"\n{len(got['vertebrae'])} key frames localised; the last of each case:")
+    print(f"   {'case':<6}{'label':<7}{'present':<9}{'conf':>6}{'3D error mm':>13}")
+    for case, (va, errors) in sorted(last_per_case.items()):
+        for v, e in zip(va.vertebrae, errors):
+            print(f"   {case:<6}{v.label:<7}{str(v.present):<9}{v.confidence:>6.2f}{e:>13.2f}")
+    summary = metrics.summary(np.concatenate(errors_all))
+    model_latency = [float(kv.value) for _, d in got["/diagnostics"] for s in d.status for kv in s.values
+                     if kv.key == "last_latency_ms" and kv.value != "nan"]
+    print(f"\nall key frames: {summary['n']} vertebra estimates, MPE {summary['mpe']:.2f} mm, "
+          f"PCL@10 {100 * summary['pcl@10']:.1f} %, PCL@20 {100 * summary['pcl@20']:.1f} %, missed {summary['missed']}")
+    print(f"latency: model {np.median(model_latency) if model_latency else float('nan'):.0f} ms (median), "
+          f"image stamp to result received {1000 * np.median(latencies):.0f} ms (median, CPU)")
+    for view in ("ap", "lat"):
+        if got[f"{view}/overlay"]:
+            cv2.imwrite(str(out / f"overlay_{view}.png"), image_to_array(got[f"{view}/overlay"][-1][1], ("bgr8",)))
+    print(f"written: {out}/overlay_ap.png, overlay_lat.png, session.mcap (open in Foxglove), *.log")
     return 0
 
 
@@ -65,10 +146,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo_output", type=Path)
     parser.add_argument("--cases", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=20261124)
-    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--seconds", type=float, default=30.0, help="stream time after the sim is up")
+    parser.add_argument("--params", type=Path, default=ROOT / "config" / "localize.yaml")
+    parser.add_argument("--checkpoint", default="", help="default: the shipped model")
     args = parser.parse_args(argv)
-    return run(args.out, args.cases, args.seed, args.checkpoint)
+    return run(args.out, args.cases, args.seconds, args.params, args.checkpoint)
 
 
 if __name__ == "__main__":

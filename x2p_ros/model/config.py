@@ -28,7 +28,7 @@ class X2PConfig:
     # presence and losses
     presence_threshold: float = 0.5  # tau
     heatmap_sigma: float = 1.0  # ground-truth Gaussian, heatmap cells
-    loss_3d_scale_mm: float = 10.0  # 3D error is measured in units of this many mm in the loss
+    loss_3d_scale_mm: float = 30.0  # 3D error is measured in units of this many mm in the loss
     # ablations (paper, Table 3 and section 4.4)
     use_prompt: bool = True
     use_sce: bool = True

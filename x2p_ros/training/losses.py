@@ -7,8 +7,10 @@ import torch
 
 
 def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma: float):
-    """Targets (B, V, N, S, S) in [0, 1] from ground-truth pixels (B, V, N, 2);
-    all zero for vertebrae that are not present (B, N)."""
+    """Targets (B, V, N, S, S) from ground-truth pixels (B, V, N, 2): Gaussians
+    scaled to a peak of 1 on the grid (so that the presence test "maximum above
+    tau" sees the same height wherever the centre falls between cells); all
+    zero for vertebrae that are not present (B, N)."""
     H, W = image_hw
     S = size
     cells = torch.arange(S, device=pixels.device, dtype=torch.float32)
@@ -16,6 +18,7 @@ def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma: float):
     cy = (pixels[..., 1] + 0.5) * S / H - 0.5
     g = torch.exp(-((cells[None, :] - cx[..., None, None]) ** 2 + (cells[:, None] - cy[..., None, None]) ** 2)
                   / (2 * sigma ** 2))
+    g = g / g.flatten(-2).amax(-1).clamp_min(1e-6)[..., None, None]
     return g * present[:, None, :, None, None]
 
 
