@@ -74,10 +74,10 @@ def test_outputs_agree_are_metric_stamped_and_services_work(tiny_checkpoint):
             # the pair's stamp: the simulated images' stamp, not the time of publication
             assert abs(va.header.stamp.sec + 1e-9 * va.header.stamp.nanosec - time.time()) < 60
 
-            assert listener.spin_until(lambda: any(s.values for d in r["/diagnostics"] for s in d.status), 5)
-            status = r["/diagnostics"][-1].status[0]
-            values = {kv.key: kv.value for kv in status.values}
-            assert values["state"] == "active" and values["device"] == "cpu" and int(values["published"]) >= 1
+            def diag():
+                return {kv.key: kv.value for kv in r["/diagnostics"][-1].status[0].values} if r["/diagnostics"] else {}
+            assert listener.spin_until(lambda: int(diag().get("published", 0)) >= 1, 5)
+            assert diag()["state"] == "active" and diag()["device"] == "cpu"
 
             response = listener.call(SetBool, "enable", SetBool.Request(data=False))
             assert response.success and response.message == "disabled"
@@ -90,6 +90,22 @@ def test_outputs_agree_are_metric_stamped_and_services_work(tiny_checkpoint):
             response = listener.call(Trigger, "localize", Trigger.Request())
             assert response.success, response.message
             assert listener.spin_until(lambda: len(r["vertebrae/poses"]) > before, 30)
+
+            # runtime parameter changes are validated; invalid ones are refused with a reason
+            from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+            from rcl_interfaces.srv import SetParameters
+
+            def set_param(name, **value):
+                request = SetParameters.Request(parameters=[Parameter(name=name, value=ParameterValue(**value))])
+                return listener.call(SetParameters, "x2p_localizer/set_parameters", request).results[0]
+            refused = set_param("device", type=ParameterType.PARAMETER_STRING, string_value="gpu")
+            assert not refused.successful and "auto, cuda or cpu" in refused.reason
+            refused = set_param("checkpoint", type=ParameterType.PARAMETER_STRING, string_value="/no/such.pt")
+            assert not refused.successful and "not found" in refused.reason
+            refused = set_param("presence_threshold", type=ParameterType.PARAMETER_DOUBLE, double_value=1.5)
+            assert not refused.successful
+            accepted = set_param("reference_level", type=ParameterType.PARAMETER_STRING, string_value="T12")
+            assert accepted.successful
     finally:
         listener.close()
 

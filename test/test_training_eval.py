@@ -106,6 +106,21 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     assert "total" in capsys.readouterr().out
 
 
+def test_data_parallel_training_through_torchrun(small_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "x2p_ros.cli", "train", "--data",
+                             str(small_data), "--config", "tiny", "--out", str(tmp_path / "ddp"), "--epochs", "1",
+                             "--workers", "0", "--quiet"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.count("best validation") == 1  # one process writes and reports
+    assert checkpoint.read(tmp_path / "ddp" / "last.pt")["epoch"] == 0
+
+
 class OracleNet(nn.Module):
     """Stands in for X2P-Net where the windowing logic is under test: it reports
     the known vertebrae that lie in the window, from the one nearest the prompt down."""

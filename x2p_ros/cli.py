@@ -48,10 +48,12 @@ def _data_check(args):
 
 def _train(args):
     from .training.train import train
+    import os
     best = train(args.data, args.config, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  workers=args.workers, device=args.device, seed=args.seed, time_limit_min=args.time_limit,
                  progress=not args.quiet)
-    print(f"best validation: {json.dumps(best)}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 validates and writes
+        print(f"best validation: {json.dumps(best)}")
     return 0
 
 

@@ -73,7 +73,7 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
     val_set = BiplanarDataset(data, names["val"] or names["train"][:2], cfg.image_size, cfg.n_vertebrae)
     sampler = DistributedSampler(train_set, world, rank, seed=seed) if world > 1 else None
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=workers, drop_last=len(train_set) >= batch_size, persistent_workers=workers > 0,
+                        num_workers=workers, persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(seed))
     val_loader = DataLoader(val_set, batch_size=batch_size, num_workers=0)
 
