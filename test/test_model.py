@@ -187,7 +187,7 @@ def test_training_a_few_cases_drives_their_3d_error_below_2mm(tmp_path):
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
         out = model(batch["images"], batch["P"], batch["prompt"])
-        loss = x2p_losses(out, batch, cfg.heatmap_sigma, cfg.loss_3d_scale_mm)["total"]
+        loss = x2p_losses(out, batch, cfg.heatmap_sigma_px, cfg.loss_3d_scale_mm)["total"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -196,3 +196,27 @@ def test_training_a_few_cases_drives_their_3d_error_below_2mm(tmp_path):
         out = model(batch["images"], batch["P"], batch["prompt"])
     err = (out["xyz"] - batch["xyz"]).norm(dim=-1)[batch["present"]]
     assert err.mean() < 2.0, f"3D error after training: {err.mean():.2f} mm"
+
+
+def test_lifting_baseline_triangulates_its_2d_points():
+    torch.manual_seed(0)
+    cfg = preset("tiny", lifting=True)
+    model = X2PNet(cfg)
+    images, P, prompt = example_inputs(cfg, batch=2)
+    out = model(images, P, prompt)
+    assert out["heatmaps"].shape == (2, 2, 4, 32, 32) and out["xyz"].shape == (2, 4, 3)
+    assert model.sce is None and model.fusion is None
+    # the 3D points are the triangulation of the 2D points it reports
+    uv, _ = geometry.project_torch(P.double(), out["xyz"].double()[:, None].expand(-1, 2, -1, -1))
+    rays_meet = geometry.triangulate_torch(P.double(), uv)
+    torch.testing.assert_close(rays_meet, out["xyz"].double(), atol=1e-3, rtol=0)
+    out["xyz"].sum().backward()
+    assert model.vfe.down[0][0].weight.grad is not None
+
+
+def test_soft_argmax_2d_finds_a_peak_at_its_pixel_on_non_square_maps():
+    from x2p_ros.model.x2pnet import soft_argmax_2d
+    logits = torch.full((1, 16, 24), -50.0)
+    logits[0, 5, 17] = 50.0  # map cell (row 5, col 17) of a 48 x 32 image at stride 2
+    uv = soft_argmax_2d(logits, (32, 48))[0]
+    torch.testing.assert_close(uv, torch.tensor([17 * 2 + 0.5, 5 * 2 + 0.5]))

@@ -34,6 +34,9 @@ class X2PConfig:
     use_sce: bool = True
     use_fusion: bool = True  # False: the volume is built from the heatmaps alone
     sce_attention: str = "brick"  # "brick" | "vanilla" | "sparse"
+    # the lifting baseline on the same VFE and prompt FE: per-view high-resolution
+    # heatmaps, 2D soft-argmax, closed-form two-view triangulation
+    lifting: bool = False
 
     def __post_init__(self):
         if self.image_size % 8:
@@ -49,6 +52,11 @@ class X2PConfig:
             raise ValueError(f"sce_attention must be brick, vanilla or sparse, got {self.sce_attention!r}")
         if self.hires_stride not in (1, 2, 4, 8):
             raise ValueError(f"hires_stride must be 1, 2, 4 or 8, got {self.hires_stride}")
+
+    @property
+    def heatmap_sigma_px(self) -> float:
+        """The ground-truth Gaussian's sigma in input pixels."""
+        return self.heatmap_sigma * self.image_size / self.embed_size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +83,8 @@ PRESETS = {
                       n_vertebrae=4, embed_size=4, sce_layers=1, pool_stride=2, top_k=2, fusion_channels=4,
                       volume_shape=(8, 6, 6)),
 }
+PRESETS["baseline"] = replace(PRESETS["paper"], lifting=True)
+PRESETS["cpu-baseline"] = replace(PRESETS["cpu"], lifting=True)
 for _name, _changes in {"no-prompt": dict(use_prompt=False), "no-sce": dict(use_sce=False),
                         "no-fusion": dict(use_fusion=False), "vanilla": dict(sce_attention="vanilla"),
                         "sparse": dict(sce_attention="sparse")}.items():

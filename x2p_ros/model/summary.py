@@ -9,7 +9,7 @@ from ..data.synth import carm_view
 from .config import X2PConfig
 from .x2pnet import X2PNet
 
-UNITS = ("vfe", "fe", "sce", "fusion")
+UNITS = ("vfe", "fe", "sce", "fusion", "lifting")
 
 
 def example_inputs(config: X2PConfig, batch: int = 1):
@@ -30,7 +30,7 @@ def model_summary(config: X2PConfig) -> dict:
     flops = counter.get_flop_counts()
     rows = {}
     for unit in UNITS:
-        module = getattr(model, unit)
+        module = getattr(model, unit, None)
         if module is None:
             continue
         key = f"X2PNet.{unit}"

@@ -34,6 +34,37 @@ def heatmap_peaks(logits, image_hw):
     return torch.stack([(cx + 0.5) * W / S - 0.5, (cy + 0.5) * H / S - 0.5], dim=-1)
 
 
+def soft_argmax_2d(logits, image_hw):
+    """Expected pixel (u, v) of each map under a spatial softmax. logits (..., h, w) -> (..., 2)."""
+    h, w = logits.shape[-2:]
+    H, W = image_hw
+    prob = logits.flatten(-2).float().softmax(-1).reshape(logits.shape)
+    u = (torch.arange(w, device=logits.device, dtype=prob.dtype) + 0.5) * W / w - 0.5
+    v = (torch.arange(h, device=logits.device, dtype=prob.dtype) + 0.5) * H / h - 0.5
+    return torch.stack([(prob.sum(-2) * u).sum(-1), (prob.sum(-1) * v).sum(-1)], dim=-1)
+
+
+class LiftingHead(nn.Module):
+    """The baseline: per view, N heatmaps at the high resolution from the
+    high-resolution and prompt-enhanced features; 2D soft-argmax; two-view
+    triangulation with the index as the correspondence."""
+
+    def __init__(self, c_in: int, n_vertebrae: int):
+        super().__init__()
+        self.head = nn.Sequential(nn.Conv2d(c_in, c_in, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c_in, n_vertebrae, 1))
+        nn.init.constant_(self.head[-1].bias, -2.0)  # unsaturated start, as the SCE heads
+
+    def forward(self, features, P, image_hw):
+        B, V = P.shape[:2]
+        logits = self.head(features)  # (B*V, N, h, w)
+        logits = logits.reshape(B, V, *logits.shape[1:])
+        pixels = soft_argmax_2d(logits, image_hw)  # (B, V, N, 2)
+        xyz = geometry.triangulate_torch(P.double(), pixels.double()).to(P.dtype)  # (B, N, 3)
+        presence = torch.sigmoid(logits.float()).flatten(-2).amax(-1).mean(1)
+        return {"heatmaps": logits, "pixels": pixels, "xyz": xyz, "presence": presence}
+
+
 class X2PNet(nn.Module):
     def __init__(self, config: X2PConfig):
         super().__init__()
@@ -41,6 +72,10 @@ class X2PNet(nn.Module):
         self.vfe = VFE(cfg.base_channels, cfg.hires_stride)
         self.fe = PromptFE(self.vfe.lowres_channels, cfg.d_model, cfg.heads, cfg.fe_layers, cfg.prompt_radius,
                            cfg.use_prompt)
+        if cfg.lifting:
+            self.lifting = LiftingHead(self.vfe.hires_channels + cfg.d_model, cfg.n_vertebrae)
+            self.sce = self.fusion = None
+            return
         self.sce = SCE(cfg.d_model, cfg.heads, cfg.sce_layers, cfg.n_vertebrae, cfg.embed_size, cfg.pool_stride,
                        cfg.top_k, cfg.sce_attention) if cfg.use_sce else None
         # Fusion input: heatmaps (unless no SCE) and the high-resolution features
@@ -59,6 +94,10 @@ class X2PNet(nn.Module):
         B, V, _, H, W = images.shape
         low, high = self.vfe(images.flatten(0, 1))  # (B*V, 8c, H/8, W/8), (B*V, c_hi, H/s, W/s)
         f_m = self.fe(low, prompt.flatten(0, 1).to(low.dtype), (H, W))  # (B*V, d, H/8, W/8)
+        if cfg.lifting:
+            features = torch.cat([high, F.interpolate(f_m, size=high.shape[-2:], mode="bilinear",
+                                                      align_corners=False)], dim=1)
+            return self.lifting(features, P, (H, W))
         parts, out = [], {}
         if self.sce is not None:
             logits, _ = self.sce(f_m)  # (B*V, N, S, S)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 
-def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma: float):
+def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma_px: float):
     """Targets (B, V, N, S, S) from ground-truth pixels (B, V, N, 2): Gaussians
     scaled to a peak of 1 on the grid (so that the presence test "maximum above
     tau" sees the same height wherever the centre falls between cells); all
@@ -16,19 +16,20 @@ def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma: float):
     cells = torch.arange(S, device=pixels.device, dtype=torch.float32)
     cx = (pixels[..., 0] + 0.5) * S / W - 0.5  # (B, V, N): pixel centre -> heatmap cell
     cy = (pixels[..., 1] + 0.5) * S / H - 0.5
+    sigma = sigma_px * S / W
     g = torch.exp(-((cells[None, :] - cx[..., None, None]) ** 2 + (cells[:, None] - cy[..., None, None]) ** 2)
                   / (2 * sigma ** 2))
     g = g / g.flatten(-2).amax(-1).clamp_min(1e-6)[..., None, None]
     return g * present[:, None, :, None, None]
 
 
-def x2p_losses(out: dict, batch: dict, sigma: float, scale_mm: float) -> dict:
+def x2p_losses(out: dict, batch: dict, sigma_px: float, scale_mm: float) -> dict:
     """Each term and their sum ('total')."""
     present = batch["present"].float()  # (B, N)
     terms = {}
     if "heatmaps" in out:
         logits = out["heatmaps"].float()
-        target = gaussian_heatmaps(batch["pixels"], present, logits.shape[-1], batch["images"].shape[-2:], sigma)
+        target = gaussian_heatmaps(batch["pixels"], present, logits.shape[-1], batch["images"].shape[-2:], sigma_px)
         prob = torch.sigmoid(logits)
         terms["mse"] = ((prob - target) ** 2).mean()
         inter = (prob * target).sum((-1, -2))

@@ -110,7 +110,7 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
             batch = to_device(batch, dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 out_ = net(batch["images"], batch["P"], batch["prompt"])
-            losses = x2p_losses(out_, batch, cfg.heatmap_sigma, cfg.loss_3d_scale_mm)
+            losses = x2p_losses(out_, batch, cfg.heatmap_sigma_px, cfg.loss_3d_scale_mm)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
