@@ -14,17 +14,22 @@ from .prompt_fe import PromptFE
 from .vfe import VFE
 
 
-def heatmap_peaks(logits, image_hw):
-    """Sub-cell peak (soft-argmax around the maximum) of each heatmap, in input pixels.
+def presence(heatmaps):
+    """Heatmap maximum in [0, 1], averaged over the views: (B, V, N, h, w) -> (B, N)."""
+    return heatmaps.float().flatten(-2).amax(-1).clamp(0, 1).mean(1)
 
-    logits (..., S, S) -> (..., 2) as (u, v)."""
-    S = logits.shape[-1]
+
+def heatmap_peaks(heatmaps, image_hw):
+    """Sub-cell peak (weighted mean around the maximum) of each heatmap, in input pixels.
+
+    heatmaps (..., S, S) -> (..., 2) as (u, v)."""
+    S = heatmaps.shape[-1]
     H, W = image_hw
-    prob = torch.sigmoid(logits.float())
+    prob = heatmaps.float().clamp(0, 1)
     flat = prob.flatten(-2)
     peak = flat.argmax(-1)
     r, c = peak // S, peak % S
-    rows = torch.arange(S, device=logits.device, dtype=prob.dtype)
+    rows = torch.arange(S, device=heatmaps.device, dtype=prob.dtype)
     # weights: the 3x3 neighbourhood of the peak
     near = ((rows[:, None] - r[..., None, None]).abs() <= 1) & ((rows[None, :] - c[..., None, None]).abs() <= 1)
     wgt = prob * near
@@ -35,7 +40,7 @@ def heatmap_peaks(logits, image_hw):
 
 
 def soft_argmax_2d(logits, image_hw):
-    """Expected pixel (u, v) of each map under a spatial softmax. logits (..., h, w) -> (..., 2)."""
+    """Expected pixel (u, v) of each map under a spatial softmax of logits (..., h, w) -> (..., 2)."""
     h, w = logits.shape[-2:]
     H, W = image_hw
     prob = logits.flatten(-2).float().softmax(-1).reshape(logits.shape)
@@ -53,16 +58,15 @@ class LiftingHead(nn.Module):
         super().__init__()
         self.head = nn.Sequential(nn.Conv2d(c_in, c_in, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(c_in, n_vertebrae, 1))
-        nn.init.constant_(self.head[-1].bias, -2.0)  # unsaturated start, as the SCE heads
+        self.sharpness = nn.Parameter(torch.tensor(20.0))  # softmax temperature on the heatmaps
 
     def forward(self, features, P, image_hw):
         B, V = P.shape[:2]
-        logits = self.head(features)  # (B*V, N, h, w)
-        logits = logits.reshape(B, V, *logits.shape[1:])
-        pixels = soft_argmax_2d(logits, image_hw)  # (B, V, N, 2)
+        maps = self.head(features)  # (B*V, N, h, w), linear heatmaps
+        maps = maps.reshape(B, V, *maps.shape[1:])
+        pixels = soft_argmax_2d(maps * self.sharpness, image_hw)  # (B, V, N, 2)
         xyz = geometry.triangulate_torch(P.double(), pixels.double()).to(P.dtype)  # (B, N, 3)
-        presence = torch.sigmoid(logits.float()).flatten(-2).amax(-1).mean(1)
-        return {"heatmaps": logits, "pixels": pixels, "xyz": xyz, "presence": presence}
+        return {"heatmaps": maps, "pixels": pixels, "xyz": xyz, "presence": presence(maps)}
 
 
 class X2PNet(nn.Module):
@@ -88,8 +92,8 @@ class X2PNet(nn.Module):
     def forward(self, images, P, prompt):
         """images (B, V, 1, H, W) normalised; P (B, V, 3, 4) mm -> px; prompt (B, V, 2) px.
 
-        Returns a dict: xyz (B, N, 3) mm; heatmaps (B, V, N, S, S) logits (absent
-        without SCE); presence (B, N) in [0, 1]; pixels (B, V, N, 2) heatmap peaks."""
+        Returns a dict: xyz (B, N, 3) mm; heatmaps (B, V, N, S, S) (absent without
+        SCE); presence (B, N) in [0, 1]; pixels (B, V, N, 2) heatmap peaks."""
         cfg = self.config
         B, V, _, H, W = images.shape
         low, high = self.vfe(images.flatten(0, 1))  # (B*V, 8c, H/8, W/8), (B*V, c_hi, H/s, W/s)
@@ -100,11 +104,11 @@ class X2PNet(nn.Module):
             return self.lifting(features, P, (H, W))
         parts, out = [], {}
         if self.sce is not None:
-            logits, _ = self.sce(f_m)  # (B*V, N, S, S)
-            out["heatmaps"] = logits.reshape(B, V, *logits.shape[1:])
-            out["presence"] = torch.sigmoid(out["heatmaps"].float()).flatten(-2).amax(-1).mean(1)  # (B, N)
+            maps, _ = self.sce(f_m)  # (B*V, N, S, S)
+            out["heatmaps"] = maps.reshape(B, V, *maps.shape[1:])
+            out["presence"] = presence(out["heatmaps"])  # (B, N)
             out["pixels"] = heatmap_peaks(out["heatmaps"], (H, W))
-            parts.append(F.interpolate(torch.sigmoid(logits), size=high.shape[-2:], mode="bilinear", align_corners=False))
+            parts.append(F.interpolate(maps, size=high.shape[-2:], mode="bilinear", align_corners=False))
         if cfg.use_fusion or self.sce is None:
             parts += [high, F.interpolate(f_m, size=high.shape[-2:], mode="bilinear", align_corners=False)]
         features = torch.cat(parts, dim=1)

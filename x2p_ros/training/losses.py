@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+POSITIVE_WEIGHT = 20.0
+
 
 def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma_px: float):
     """Targets (B, V, N, S, S) from ground-truth pixels (B, V, N, 2): Gaussians
@@ -28,10 +30,13 @@ def x2p_losses(out: dict, batch: dict, sigma_px: float, scale_mm: float) -> dict
     present = batch["present"].float()  # (B, N)
     terms = {}
     if "heatmaps" in out:
-        logits = out["heatmaps"].float()
-        target = gaussian_heatmaps(batch["pixels"], present, logits.shape[-1], batch["images"].shape[-2:], sigma_px)
-        prob = torch.sigmoid(logits)
-        terms["mse"] = ((prob - target) ** 2).mean()
+        maps = out["heatmaps"].float()
+        target = gaussian_heatmaps(batch["pixels"], present, maps.shape[-1], batch["images"].shape[-2:], sigma_px)
+        # the few cells under a vertebra weigh as much as the many around it, or the
+        # maps learn "nothing anywhere" first and the peaks come slowly
+        weight = 1.0 + POSITIVE_WEIGHT * target
+        terms["mse"] = (weight * (maps - target) ** 2).mean()
+        prob = maps.clamp(0, 1)
         inter = (prob * target).sum((-1, -2))
         dice = 1 - (2 * inter + 1.0) / (prob.sum((-1, -2)) + target.sum((-1, -2)) + 1.0)  # (B, V, N)
         terms["dice"] = dice.mean()
