@@ -151,7 +151,7 @@ def test_unprojection_samples_each_voxel_at_its_projection_on_non_square_images(
 
 
 def test_unprojection_puts_a_known_points_feature_in_its_voxel():
-    W, H, stride = 96, 64, 1
+    W, H = 96, 64
     P = _views(W, H)
     anchor = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)
     axes, extents = volume_frame(P, (H, W), anchor, 0.5)

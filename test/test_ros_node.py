@@ -3,7 +3,6 @@ rclpy: outputs agree with each other, are in metres, carry the pair's stamp and
 the reference frame; the services work; an unsynchronised pair gives no pose."""
 import time
 
-import numpy as np
 import pytest
 
 rclpy = pytest.importorskip("rclpy")

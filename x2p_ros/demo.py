@@ -110,7 +110,7 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
     # ground truth of each published pair: the newest truth stamped at or before the pair
     stamp = lambda h: h.stamp.sec + 1e-9 * h.stamp.nanosec  # noqa: E731
     truths = [(stamp(m.header), m) for _, m in got["ground_truth/poses"]]
-    errors_all, rows, latencies = [], [], []
+    errors_all, latencies = [], []
     last_per_case = {}
     for t_recv, va in got["vertebrae"]:
         truth_msgs = [m for t, m in truths if t <= stamp(va.header)]

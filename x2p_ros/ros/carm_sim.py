@@ -82,17 +82,9 @@ class CarmSim(Node):
 
     def _publish_calibration(self, stamp):
         for v in VIEWS:
-            k9, t, q = geometry.projection_to_ros(self._P(v))
-            w, h = self.case.views[v].size
-            info = CameraInfo(header=self._header(stamp, f"{v}_optical"), width=w, height=h,
-                              distortion_model="plumb_bob", d=[0.0] * 5, k=k9.tolist(),
-                              r=[1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
-                              p=[k9[0], k9[1], k9[2], 0.0, k9[3], k9[4], k9[5], 0.0, k9[6], k9[7], k9[8], 0.0])
+            info, pose = messages.calibration_messages(self._P(v), self.case.views[v].size,
+                                                       self._header(stamp, self.p["reference_frame"]), f"{v}_optical")
             self.pub_info[v].publish(info)
-            pose = TransformStamped(header=self._header(stamp, self.p["reference_frame"]), child_frame_id=f"{v}_optical")
-            pose.transform.translation.x, pose.transform.translation.y, pose.transform.translation.z = map(float, t)
-            r = pose.transform.rotation
-            r.x, r.y, r.z, r.w = map(float, q)
             self.pub_pose[v].publish(pose)
 
     def _publish_case(self, stamp):

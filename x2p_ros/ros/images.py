@@ -12,16 +12,17 @@ class ImageError(ValueError):
     pass
 
 
-def image_to_array(msg, encodings=("mono8", "mono16", "32FC1")) -> np.ndarray:
-    """(H, W) array of a mono image message; ImageError says what is wrong."""
+def image_to_array(msg, encodings=("mono8", "mono16", "32FC1"), max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """(H, W) array of a mono image message; ImageError says what is wrong. Images
+    above max_pixels are refused before any copy: memory stays bounded."""
     if msg.encoding not in encodings:
         raise ImageError(f"unsupported encoding {msg.encoding!r}; expected one of {', '.join(encodings)}")
     dtype, channels = ENCODINGS[msg.encoding]
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     if h <= 0 or w <= 0:
         raise ImageError(f"zero-size image ({w} x {h})")
-    if h * w > MAX_PIXELS:
-        raise ImageError(f"image of {w} x {h} pixels exceeds the limit of {MAX_PIXELS} pixels")
+    if h * w > max_pixels:
+        raise ImageError(f"image of {w} x {h} pixels exceeds the limit of {max_pixels} pixels")
     row = w * channels * np.dtype(dtype).itemsize
     if step < row:
         raise ImageError(f"step {step} is shorter than a row of {w} pixels ({row} bytes)")

@@ -14,7 +14,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PointStamped, PoseArray, TransformStamped
-from rcl_interfaces.msg import FloatingPointRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -55,6 +55,9 @@ PARAMETERS = {  # name: (default, descriptor)
     "reference_frame": ("carm", ParameterDescriptor(description="frame of the view poses and of the outputs")),
     "sync_slop_s": (0.05, _float_range(0.0, 1.0, "largest stamp difference of an AP/LAT pair, s")),
     "max_image_age_s": (0.0, _float_range(0.0, 3600.0, "refuse images older than this, s (0: no limit)")),
+    "max_image_pixels": (4096 * 4096, ParameterDescriptor(
+        description="refuse larger images (memory stays bounded)",
+        integer_range=[IntegerRange(from_value=256, to_value=16384 * 16384)])),
     "keyframe_max_rate_hz": (2.0, _float_range(0.01, 100.0, "most key frames per second")),
     "keyframe_change_threshold": (0.02, _float_range(0.0, 1.0, "image change that makes a key frame")),
     "presence_threshold": (0.5, _float_range(0.0, 1.0, "tau: heatmap maximum above which a vertebra is present")),
@@ -184,6 +187,12 @@ class LocalizerNode(LifecycleNode):
         return SetParametersResult(successful=True)
 
     # inputs ----------------------------------------------------------------------------------
+    def _drop_prompt(self, view):
+        """A bad prompt replaces the last one: which vertebra was meant is unknown now."""
+        with self._lock:
+            if self.prompts.pop(view, None) is not None:
+                self.inputs_version += 1
+
     def _report(self, source: str, problem: str):
         """A bad input or a failure: log it, count it, show it in diagnostics."""
         self.health[source] = problem
@@ -244,6 +253,7 @@ class LocalizerNode(LifecycleNode):
         other_frames = {self.calib[other].get("pose", (None, None, f"{other}_optical"))[2], f"{other}_optical"}
         if msg.header.frame_id and msg.header.frame_id in other_frames:
             self._report(f"{view}/prompt", f"prompt is in the {other} view's frame {msg.header.frame_id!r}")
+            self._drop_prompt(view)
             return
         self._set_prompt(view, msg.point)
 
@@ -254,11 +264,13 @@ class LocalizerNode(LifecycleNode):
         uv = np.array([point.x, point.y], dtype=np.float64)
         if not np.all(np.isfinite(uv)):
             self._report(f"{view}/prompt", "prompt contains NaN or Inf")
+            self._drop_prompt(view)
             return
         size = self.calib[view].get("size")
         if size is not None and not (-0.5 <= uv[0] <= size[0] - 0.5 and -0.5 <= uv[1] <= size[1] - 0.5):
             self._report(f"{view}/prompt", f"prompt ({uv[0]:.1f}, {uv[1]:.1f}) lies outside the "
                                            f"{size[0]} x {size[1]} image")
+            self._drop_prompt(view)
             return
         with self._lock:
             self.prompts[view] = uv
@@ -270,7 +282,7 @@ class LocalizerNode(LifecycleNode):
             return
         source = f"{view}/image"
         try:
-            image = image_to_array(msg).astype(np.float32)
+            image = image_to_array(msg, max_pixels=self.get_parameter("max_image_pixels").value).astype(np.float32)
             if float(image.max() - image.min()) <= 0:
                 raise ImageError("image is constant (no X-ray content)")
         except ImageError as e:

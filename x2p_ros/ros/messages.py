@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-from geometry_msgs.msg import Point, Pose, PoseArray
-from sensor_msgs.msg import Image
+from geometry_msgs.msg import Point, Pose, PoseArray, TransformStamped
+from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
@@ -73,3 +73,18 @@ def marker_array(header: Header, vertebrae, sphere_mm: float = 12.0) -> MarkerAr
 
 def image_message(header: Header, image: np.ndarray) -> Image:
     return Image(header=header, **array_to_fields(image))
+
+
+def calibration_messages(P, size, header: Header, child_frame: str) -> tuple[CameraInfo, TransformStamped]:
+    """CameraInfo (K) and the view pose (TransformStamped, metres) of a view P (mm -> px)."""
+    k9, t, q = geometry.projection_to_ros(P)
+    w, h = size
+    info_header = Header(stamp=header.stamp, frame_id=child_frame)
+    info = CameraInfo(header=info_header, width=int(w), height=int(h), distortion_model="plumb_bob", d=[0.0] * 5,
+                      k=[float(x) for x in k9], r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+                      p=[float(x) for x in (k9[0], k9[1], k9[2], 0.0, k9[3], k9[4], k9[5], 0.0, k9[6], k9[7], k9[8], 0.0)])
+    pose = TransformStamped(header=header, child_frame_id=child_frame)
+    tr, r = pose.transform.translation, pose.transform.rotation
+    tr.x, tr.y, tr.z = (float(c) for c in t)
+    r.x, r.y, r.z, r.w = (float(c) for c in q)
+    return info, pose

@@ -1,0 +1,375 @@
+"""The node under bad input: each kind gets a clear diagnostics entry, the
+node stays alive, and no pose is published from that input. One x2p_localizer
+process (tiny model, CPU) serves the suite; this process plays the C-arm."""
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from geometry_msgs.msg import PointStamped, PoseArray, TransformStamped  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
+
+from ros_helpers import Listener, ros_processes  # noqa: E402
+from x2p_ros import geometry  # noqa: E402
+from x2p_ros.data import case_io  # noqa: E402
+from x2p_ros.data.synth import SynthConfig, synthesize  # noqa: E402
+from x2p_ros.model import X2PNet, checkpoint, preset  # noqa: E402
+from x2p_ros.ros import messages  # noqa: E402
+
+RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+VIEWS = ("ap", "lat")
+
+
+def header(stamp, frame):
+    h = Header(frame_id=frame)
+    h.stamp.sec, h.stamp.nanosec = int(stamp), int(round((stamp % 1) * 1e9)) % 1_000_000_000
+    return h
+
+
+class Rig:
+    """Plays the C-arm: publishes calibration, prompts and images; records poses and diagnostics."""
+
+    def __init__(self, case):
+        self.case = case
+        self.listener = Listener([("vertebrae/poses", PoseArray, RELIABLE), ("/diagnostics", DiagnosticArray, RELIABLE)],
+                                 name="bad_input_rig")
+        node = self.listener.node
+        self.pub = {}
+        for v in VIEWS:
+            self.pub[f"{v}/image"] = node.create_publisher(Image, f"{v}/image", RELIABLE)
+            self.pub[f"{v}/camera_info"] = node.create_publisher(CameraInfo, f"{v}/camera_info", LATCHED)
+            self.pub[f"{v}/pose"] = node.create_publisher(TransformStamped, f"{v}/pose", LATCHED)
+            self.pub[f"{v}/prompt"] = node.create_publisher(PointStamped, f"{v}/prompt", LATCHED)
+        self.rng = np.random.default_rng(0)
+
+    def now(self):
+        return time.time()
+
+    def calibration(self, view, P=None):
+        return messages.calibration_messages(self.case.views[view].P if P is None else P, self.case.views[view].size,
+                                             header(self.now(), "carm"), f"{view}_optical")
+
+    def send_calibration(self):
+        for v in VIEWS:
+            info, pose = self.calibration(v)
+            self.pub[f"{v}/camera_info"].publish(info)
+            self.pub[f"{v}/pose"].publish(pose)
+
+    def prompt(self, view, u=None, v=None, frame=None):
+        msg = PointStamped(header=header(self.now(), frame if frame is not None else f"{view}_optical"))
+        gt = self.case.pixels(view)[0]
+        msg.point.x, msg.point.y = float(gt[0] if u is None else u), float(gt[1] if v is None else v)
+        return msg
+
+    def send_prompts(self):
+        for v in VIEWS:
+            self.pub[f"{v}/prompt"].publish(self.prompt(v))
+
+    def image(self, view, stamp, array=None, encoding=None):
+        if array is None:  # the case's image with fresh noise: every pair differs
+            array = self.case.views[view].image.astype(np.float32) + self.rng.normal(0, 300, self.case.views[view].image.shape)
+            array = np.clip(array, 0, 65535).astype(np.uint16)
+        msg = messages.image_message(header(stamp, f"{view}_optical"), array)
+        if encoding:
+            msg.encoding = encoding
+        return msg
+
+    def send_pair(self, stamp=None, ap=None, lat=None):
+        stamp = self.now() if stamp is None else stamp
+        self.pub["ap/image"].publish(ap if ap is not None else self.image("ap", stamp))
+        self.pub["lat/image"].publish(lat if lat is not None else self.image("lat", stamp))
+        return stamp
+
+    def pose_stamps(self):
+        return [s.sec + 1e-9 * s.nanosec for s in (p.header.stamp for p in self.listener.received["vertebrae/poses"])]
+
+    def diagnostics_text(self, since: int = 0):
+        text = []
+        for d in self.listener.received["/diagnostics"][since:]:
+            for s in d.status:
+                text.append(s.message)
+                text += [f"{kv.key}: {kv.value}" for kv in s.values]
+        return "\n".join(text)
+
+    def spin(self, seconds):
+        self.listener.spin_until(lambda: False, seconds)
+
+    def good_pose(self, timeout=20.0):
+        """Good input gives a pose: the node is alive and the rig is in a known good state.
+        Pairs are sent again each second until one comes back (the node may still be starting)."""
+        self.send_calibration()
+        self.send_prompts()
+        self.spin(0.3)
+        deadline = time.monotonic() + timeout
+        stamps = []
+        while time.monotonic() < deadline:
+            stamps.append(self.send_pair())
+            if self.listener.spin_until(lambda: any(abs(s - t) < 1e-6 for s in self.pose_stamps() for t in stamps),
+                                        1.0):
+                return True
+        return False
+
+    def expect_refusal(self, text, stamp=None, timeout=4.0):
+        """Diagnostics say `text`, and no pose carries the bad pair's stamp."""
+        since = len(self.listener.received["/diagnostics"])
+        found = self.listener.spin_until(lambda: text in self.diagnostics_text(since), timeout)
+        self.spin(1.0)  # a pose computed from the bad pair would have arrived by now
+        assert found, f"diagnostics never said {text!r}; they said:\n{self.diagnostics_text(since)[-1500:]}"
+        if stamp is not None:
+            assert not any(abs(s - stamp) < 1e-6 for s in self.pose_stamps()), "a pose was published from bad input"
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    import torch
+    root = tmp_path_factory.mktemp("bad_input")
+    synthesize(root / "data", 1, seed=5, config=SynthConfig(size=96), workers=1, progress=False)
+    torch.manual_seed(0)
+    ckpt = checkpoint.save(root / "tiny.pt", X2PNet(preset("tiny")))
+    case = case_io.read_case(root / "data" / "case_00000")
+    command = ["x2p_ros.ros.localizer_node", "--ros-args", "-p", f"checkpoint:={ckpt}", "-p", "presence_threshold:=0.0",
+               "-p", "keyframe_max_rate_hz:=50.0", "-p", "keyframe_change_threshold:=0.0", "-p", "auto_prompt:=false",
+               "-p", "max_image_age_s:=30.0", "-p", "sync_slop_s:=0.05", "-p", "max_image_pixels:=16384"]
+    with ros_processes(command) as procs:
+        r = Rig(case)
+        r.procs = procs
+        assert r.good_pose(timeout=60), "the node never published a pose for good input"
+        yield r
+        r.listener.close()
+
+
+@pytest.fixture
+def fresh(rig):
+    assert rig.good_pose(), "good input no longer gives a pose"
+    rig.spin(0.2)  # more than the slop: the good frames cannot pair with the bad ones
+    yield rig
+    assert rig.procs[0].poll() is None, "the node died"
+    assert rig.good_pose(), "the node did not recover after the bad input"
+
+
+def _bad_image(rig, view, **changes):
+    stamp = rig.now()
+    msg = rig.image(view, stamp)
+    for k, v in changes.items():
+        setattr(msg, k, v)
+    return stamp, msg
+
+
+@pytest.mark.parametrize("changes, text", [
+    (dict(encoding="rgb8"), "unsupported encoding 'rgb8'"),
+    (dict(data=b"\x00" * 100), "data has 100 bytes"),
+    (dict(height=0, width=0, step=0, data=b""), "zero-size image"),
+])
+def test_malformed_image(fresh, changes, text):
+    stamp, msg = _bad_image(fresh, "ap", **changes)
+    fresh.send_pair(stamp, ap=msg)
+    fresh.expect_refusal(f"ap/image: {text}", stamp)
+
+
+def test_nan_pixels_in_float_image(fresh):
+    stamp = fresh.now()
+    image = fresh.case.views["lat"].image.astype(np.float32)
+    image[10, 10] = np.nan
+    fresh.send_pair(stamp, lat=messages.image_message(header(stamp, "lat_optical"), image))
+    fresh.expect_refusal("lat/image: 32FC1 image contains NaN or Inf pixels", stamp)
+
+
+def test_constant_image(fresh):
+    stamp = fresh.now()
+    fresh.send_pair(stamp, ap=fresh.image("ap", stamp, np.full((96, 96), 3000, np.uint16)))
+    fresh.expect_refusal("ap/image: image is constant", stamp)
+
+
+def test_image_size_differs_from_camera_info(fresh):
+    stamp = fresh.now()
+    fresh.send_pair(stamp, lat=fresh.image("lat", stamp, np.random.default_rng(1).integers(0, 60000, (80, 96),
+                                                                                            dtype=np.uint16)))
+    fresh.expect_refusal("lat/image: image is 96 x 80 but camera_info says 96 x 96", stamp)
+
+
+def test_image_above_the_pixel_limit_is_refused(fresh):
+    # the suite's node runs with max_image_pixels = 128 x 128 (default 4096 x 4096), so that
+    # the refusal of an oversized image is shown without sending 8192 x 8192 over DDS
+    stamp = fresh.now()
+    big = np.random.default_rng(2).integers(0, 255, (200, 200), dtype=np.uint8)
+    fresh.send_pair(stamp, ap=fresh.image("ap", stamp, big))
+    fresh.expect_refusal("ap/image: image of 200 x 200 pixels exceeds the limit of 16384 pixels", stamp)
+
+
+@pytest.mark.parametrize("K, text", [
+    (np.zeros(9), "K focal lengths must be positive"),
+    ([1000.0, 0, 48, 0, 1000.0, 48, 0, 0, 0], "K must be upper triangular with last row (0, 0, 1)"),
+    ([np.nan, 0, 48, 0, 1000.0, 48, 0, 0, 1], "K contains NaN"),
+])
+def test_bad_camera_info(fresh, K, text):
+    info, _ = fresh.calibration("ap")
+    info.k = [float(x) for x in K]
+    fresh.pub["ap/camera_info"].publish(info)
+    fresh.spin(0.3)
+    stamp = fresh.send_pair()
+    fresh.expect_refusal(f"ap/camera_info: {text}", stamp)
+
+
+@pytest.mark.parametrize("change, text", [
+    (lambda p: setattr(p.transform.translation, "x", float("nan")), "pose translation contains NaN"),
+    (lambda p: [setattr(p.transform.rotation, a, 0.0) for a in "xyzw"], "quaternion must have unit norm, got norm 0"),
+    (lambda p: setattr(p.transform.rotation, "w", 3.0), "quaternion must have unit norm"),
+    (lambda p: setattr(p.header, "frame_id", "world"), "pose is given in frame 'world', not the reference frame"),
+])
+def test_bad_view_pose(fresh, change, text):
+    _, pose = fresh.calibration("lat")
+    change(pose)
+    fresh.pub["lat/pose"].publish(pose)
+    fresh.spin(0.3)
+    stamp = fresh.send_pair()
+    fresh.expect_refusal(f"lat/pose: {text}", stamp)
+
+
+@pytest.mark.parametrize("prompt, text", [
+    (dict(u=500.0, v=10.0), "prompt (500.0, 10.0) lies outside the 96 x 96 image"),
+    (dict(u=float("nan"), v=10.0), "prompt contains NaN"),
+    (dict(frame="lat_optical"), "prompt is in the lat view's frame"),
+])
+def test_bad_prompt(fresh, prompt, text):
+    fresh.pub["ap/prompt"].publish(fresh.prompt("ap", **prompt))
+    fresh.spin(0.3)
+    stamp = fresh.send_pair()
+    fresh.expect_refusal(f"ap/prompt: {text}", stamp)
+
+
+def test_unsynchronised_stamps(fresh):
+    stamp = fresh.now()
+    fresh.pub["ap/image"].publish(fresh.image("ap", stamp))
+    fresh.pub["lat/image"].publish(fresh.image("lat", stamp + 0.3))
+    since = len(fresh.listener.received["/diagnostics"])
+    fresh.spin(2.5)
+    assert not any(abs(s - stamp) < 1e-6 or abs(s - stamp - 0.3) < 1e-6 for s in fresh.pose_stamps())
+    assert "unpaired_frames" in fresh.diagnostics_text(since)
+
+
+def test_image_older_than_the_maximum_age(fresh):
+    stamp = fresh.now() - 120.0
+    fresh.send_pair(stamp)
+    fresh.expect_refusal("old (max_image_age_s = 30.0)", stamp)
+
+
+def test_calibration_change_mid_stream_uses_the_new_one(fresh):
+    from x2p_ros.msg import VertebraArray
+    got = []
+    fresh.listener.node.create_subscription(VertebraArray, "vertebrae", got.append, RELIABLE)
+    moved = geometry.apply_pixel_transform(geometry.crop_transform(-5.0, 3.0), fresh.case.views["lat"].P)
+    info, pose = fresh.calibration("lat", moved)
+    fresh.pub["lat/camera_info"].publish(info)
+    fresh.pub["lat/pose"].publish(pose)
+    fresh.spin(0.3)
+    stamp = fresh.send_pair()
+    assert fresh.listener.spin_until(lambda: any(abs(m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec - stamp)
+                                                 < 1e-6 for m in got), 20)
+    msg = next(m for m in got if abs(m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec - stamp) < 1e-6)
+    for v in msg.vertebrae:  # the reported LAT pixels are the 3D result seen through the NEW calibration
+        uv = geometry.project(moved, [[1000 * v.position.x, 1000 * v.position.y, 1000 * v.position.z]])[0]
+        np.testing.assert_allclose([v.lat_pixel.x, v.lat_pixel.y], uv, atol=1e-3)
+
+
+def test_invalid_calibration_mid_stream_stops_poses_until_a_valid_one(fresh):
+    info, _ = fresh.calibration("ap")
+    info.k = [0.0] * 9
+    fresh.pub["ap/camera_info"].publish(info)
+    fresh.spin(0.3)
+    stamp = fresh.send_pair()
+    fresh.expect_refusal("ap/camera_info", stamp)
+    stamp2 = fresh.send_pair()  # the old, valid calibration is not used in its place
+    fresh.expect_refusal("calibration: no valid camera_info and pose yet for ap", stamp2)
+
+
+def test_images_before_any_calibration(tmp_path):
+    import torch
+    torch.manual_seed(0)
+    ckpt = checkpoint.save(tmp_path / "tiny.pt", X2PNet(preset("tiny")))
+    synthesize(tmp_path / "d", 1, seed=5, config=SynthConfig(size=96), workers=1, progress=False)
+    with ros_processes(["x2p_ros.ros.localizer_node", "--ros-args", "-p", f"checkpoint:={ckpt}",
+                        "-r", "__ns:=/uncalibrated"]) as procs:
+        r = Rig(case_io.read_case(tmp_path / "d" / "case_00000"))
+        try:
+            for v in VIEWS:  # the rig publishes into the node's namespace
+                for kind in ("image", "camera_info", "pose", "prompt"):
+                    msg_type = {"image": Image, "camera_info": CameraInfo, "pose": TransformStamped,
+                                "prompt": PointStamped}[kind]
+                    qos = RELIABLE if kind == "image" else LATCHED
+                    r.pub[f"{v}/{kind}"] = r.listener.node.create_publisher(msg_type, f"/uncalibrated/{v}/{kind}", qos)
+            r.listener.node.create_subscription(PoseArray, "/uncalibrated/vertebrae/poses",
+                                                r.listener.received["vertebrae/poses"].append, RELIABLE)
+            text = "calibration: no valid camera_info and pose yet for ap, lat"
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and text not in r.diagnostics_text():  # the node may still start
+                r.send_pair()
+                r.spin(1.0)
+            assert text in r.diagnostics_text()
+            assert r.listener.received["vertebrae/poses"] == []
+            assert procs[0].poll() is None
+        finally:
+            r.listener.close()
+
+
+@pytest.mark.parametrize("content, text", [
+    (None, "checkpoint file not found"),
+    (b"PK\x03\x04 truncated", "not a readable checkpoint"),
+    (b"just text", "not a readable checkpoint"),
+])
+def test_bad_checkpoint_at_start_keeps_the_node_alive(tmp_path, content, text):
+    path = tmp_path / "model.pt"
+    if content is not None:
+        path.write_bytes(content)
+    listener = Listener([("/diagnostics", DiagnosticArray, RELIABLE)], name="ckpt_listener")
+    try:
+        with ros_processes(["x2p_ros.ros.localizer_node", "--ros-args", "-p", f"checkpoint:={path}",
+                            "-r", "__node:=x2p_bad_ckpt"]) as procs:
+            def said():
+                return any(text in s.message for d in listener.received["/diagnostics"] for s in d.status
+                           if s.name.startswith("x2p_localizer"))
+            assert listener.spin_until(said, 30), [s.message for d in listener.received["/diagnostics"] for s in d.status]
+            assert procs[0].poll() is None
+    finally:
+        listener.close()
+
+
+def test_checkpoint_that_would_run_code_is_refused_at_start(tmp_path):
+    import torch
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("code ran",))
+    torch.save({"format": checkpoint.FORMAT, "version": 1, "x": RunsCode()}, tmp_path / "evil.pt")
+    listener = Listener([("/diagnostics", DiagnosticArray, RELIABLE)], name="evil_listener")
+    try:
+        with ros_processes(["x2p_ros.ros.localizer_node", "--ros-args", "-p", f"checkpoint:={tmp_path / 'evil.pt'}",
+                            "-r", "__node:=x2p_evil"]) as procs:
+            assert listener.spin_until(lambda: any("could run code" in s.message for d in listener.received["/diagnostics"]
+                                                   for s in d.status), 30)
+            assert procs[0].poll() is None
+    finally:
+        listener.close()
+
+
+def test_cuda_without_a_gpu_falls_back_to_the_cpu(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    torch.manual_seed(0)
+    ckpt = checkpoint.save(tmp_path / "tiny.pt", X2PNet(preset("tiny")))
+    listener = Listener([("/diagnostics", DiagnosticArray, RELIABLE)], name="cuda_listener")
+    try:
+        with ros_processes(["x2p_ros.ros.localizer_node", "--ros-args", "-p", f"checkpoint:={ckpt}", "-p",
+                            "device:=cuda", "-r", "__node:=x2p_cuda"]) as procs:
+            def device():
+                return [kv.value for d in listener.received["/diagnostics"] for s in d.status for kv in s.values
+                        if kv.key == "device"]
+            assert listener.spin_until(lambda: "cpu" in device(), 30)
+            assert procs[0].poll() is None
+    finally:
+        listener.close()
