@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
+from collections import deque
 
 import numpy as np
 import rclpy
@@ -87,6 +89,8 @@ class LocalizerNode(LifecycleNode):
         self.health: dict[str, str] = {}  # input -> "ok" or what was wrong
         self.counts = {"key_frames": 0, "published": 0, "failed": 0, "refused": 0}
         self.last_latency = float("nan")
+        self.latencies = deque(maxlen=500)  # model seconds per key frame
+        self.overheads = deque(maxlen=500)  # the node's own work per key frame: input handling + outputs
         self.problem = ""
         self.pairer = Pairer(self.get_parameter("sync_slop_s").value)
         self.gate = KeyframeGate(self.get_parameter("keyframe_max_rate_hz").value,
@@ -280,6 +284,7 @@ class LocalizerNode(LifecycleNode):
     def _on_image(self, view, msg: Image):
         if not self.active or not self.enabled:
             return
+        received = time.perf_counter()
         source = f"{view}/image"
         try:
             image = image_to_array(msg, max_pixels=self.get_parameter("max_image_pixels").value).astype(np.float32)
@@ -297,10 +302,10 @@ class LocalizerNode(LifecycleNode):
         self._ok(source)
         pair = self.pairer.add(view, Frame(stamp, image, msg.header.frame_id))
         if pair is not None:
-            self._consider(pair, forced=False)
+            self._consider(pair, forced=False, received=received)
 
     # key frames ------------------------------------------------------------------------------
-    def _consider(self, pair, forced: bool) -> str:
+    def _consider(self, pair, forced: bool, received: float | None = None) -> str:
         """Builds a job from a pair and the current calibration and prompts; submits it if it
         is a key frame. Returns what happened."""
         with self._lock:
@@ -337,7 +342,8 @@ class LocalizerNode(LifecycleNode):
             if not key:
                 return why
         self.counts["key_frames"] += 1
-        self.worker.submit({"pair": pair, "Ps": Ps, "prompts": prompts,
+        prepared = time.perf_counter() - received if received is not None else 0.0
+        self.worker.submit({"pair": pair, "Ps": Ps, "prompts": prompts, "prepared_s": prepared,
                             "reference_level": self.get_parameter("reference_level").value})
         return "submitted"
 
@@ -363,6 +369,7 @@ class LocalizerNode(LifecycleNode):
 
     def _done(self, job, vertebrae, error, seconds):
         self.last_latency = seconds
+        self.latencies.append(seconds)
         pair = job["pair"]
         if error is not None:
             self.counts["failed"] += 1
@@ -371,6 +378,7 @@ class LocalizerNode(LifecycleNode):
             return
         if not self.active:
             return
+        started = time.perf_counter()
         header = Header(frame_id=self.get_parameter("reference_frame").value)
         header.stamp.sec = int(pair.stamp)
         header.stamp.nanosec = int(round((pair.stamp - int(pair.stamp)) * 1e9)) % 1_000_000_000
@@ -387,6 +395,9 @@ class LocalizerNode(LifecycleNode):
             if any(v.present for v in vertebrae):
                 self.last_result = (vertebrae, job["Ps"])
         self.counts["published"] += 1
+        # the node's own work: image conversion, checks, pairing, key frame (the image that
+        # completed the pair) and building and publishing every output
+        self.overheads.append(job["prepared_s"] + time.perf_counter() - started)
         self._ok("inference")
 
     # services and diagnostics ----------------------------------------------------------------
@@ -417,6 +428,7 @@ class LocalizerNode(LifecycleNode):
         values = {"state": "active" if self.active and self.enabled else "inactive" if not self.active else "disabled",
                   "model": self.model_path, "device": self.device,
                   "last_latency_ms": f"{1000 * self.last_latency:.1f}",
+                  **_percentiles("latency_ms", self.latencies), **_percentiles("overhead_ms", self.overheads),
                   "skipped_frames": str(self.worker.skipped), "unpaired_frames": str(self.pairer.unpaired),
                   **{k: str(v) for k, v in self.counts.items()},
                   **{f"input {k}": v for k, v in sorted(self.health.items())}}
@@ -427,6 +439,13 @@ class LocalizerNode(LifecycleNode):
         msg = DiagnosticArray(status=[self.diagnostic_status()])
         msg.header.stamp = self.get_clock().now().to_msg()
         self.pub_diag.publish(msg)
+
+
+def _percentiles(name, samples) -> dict:
+    if not samples:
+        return {}
+    p50, p99 = np.percentile(np.array(samples) * 1000.0, [50, 99])
+    return {f"{name}_p50": f"{p50:.1f}", f"{name}_p99": f"{p99:.1f}"}
 
 
 def main(argv=None):
