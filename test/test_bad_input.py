@@ -373,3 +373,56 @@ def test_cuda_without_a_gpu_falls_back_to_the_cpu(tmp_path):
             assert procs[0].poll() is None
     finally:
         listener.close()
+
+
+def test_out_of_memory_during_inference_is_reported_and_the_node_recovers(tmp_path):
+    """Fault injection in-process: the model runs out of memory once."""
+    import torch
+    from rclpy.parameter import Parameter
+
+    from x2p_ros.ros.localizer_node import LocalizerNode
+    torch.manual_seed(0)
+    ckpt = checkpoint.save(tmp_path / "tiny.pt", X2PNet(preset("tiny")))
+    synthesize(tmp_path / "d", 1, seed=5, config=SynthConfig(size=96), workers=1, progress=False)
+    case = case_io.read_case(tmp_path / "d" / "case_00000")
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = LocalizerNode(context=context, parameter_overrides=[
+        Parameter("checkpoint", value=str(ckpt)), Parameter("presence_threshold", value=0.0),
+        Parameter("keyframe_change_threshold", value=0.0), Parameter("keyframe_max_rate_hz", value=100.0)])
+    try:
+        node.trigger_configure()
+        node.trigger_activate()
+        real, calls = node.localizer.localize, []
+
+        def runs_out_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(*args, **kwargs)
+        node.localizer.localize = runs_out_once
+        for v in VIEWS:
+            info, pose = messages.calibration_messages(case.views[v].P, case.views[v].size, header(time.time(), "carm"),
+                                                       f"{v}_optical")
+            node._on_info(v, info)
+            node._on_pose(v, pose)
+            prompt = PointStamped(header=header(time.time(), f"{v}_optical"))
+            prompt.point.x, prompt.point.y = (float(c) for c in case.pixels(v)[0])
+            node._on_prompt(v, prompt)
+        rng = np.random.default_rng(0)
+        for k in range(2):
+            stamp = time.time() + k
+            for v in VIEWS:
+                image = np.clip(case.views[v].image + rng.normal(0, 500, (96, 96)), 0, 65535).astype(np.uint16)
+                node._on_image(v, messages.image_message(header(stamp, f"{v}_optical"), image))
+            deadline = time.monotonic() + 20
+            while node.counts["failed"] + node.counts["published"] < k + 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert node.counts["failed"] == 1 and node.counts["published"] == 1  # failed once, then recovered
+        assert "inference failed" in node.problem and "out of memory" in node.problem
+        values = {kv.key: kv.value for kv in node.diagnostic_status().values}
+        assert values["failed"] == "1" and values["input inference"] == "ok"
+    finally:
+        node.worker.stop()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
