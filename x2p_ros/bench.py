@@ -115,12 +115,13 @@ def main(argv=None) -> int:
     sections += ["## Model size", "", "Counted with `torch.utils.flop_counter` for one AP/LAT pair "
                  "(`x2p model summary --config NAME`). Paper: 3.24 M parameters, 130.8 GMACs at 512 x 512.", "",
                  "| config | input | unit | parameters | GMACs |", "|---|---|---|---|---|"]
-    for name in ("paper", "cpu", "vanilla"):
+    for name in ("paper", "cpu", "vanilla", "baseline"):
         cfg = preset(name)
         for unit, row in model_summary(cfg).items():
             sections.append(f"| {name} | {cfg.image_size} | {unit} | {row['params']:,} | {row['gmacs']:.2f} |")
     sections += ["", "BrickFormer against vanilla attention in the SCE unit: compare the `sce` rows of "
-                 "`paper` and `vanilla` (same input, same embeddings).", ""]
+                 "`paper` and `vanilla` (same input, same embeddings). `baseline` is the lifting approach "
+                 "(per-view heatmaps and triangulation) on the same VFE and prompt FE.", ""]
 
     from .models import default_checkpoint
     ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
@@ -128,9 +129,32 @@ def main(argv=None) -> int:
         sections += bench_model(ckpt, args.test_cases)
     else:
         sections += ["## Shipped model", "", f"No checkpoint at {ckpt}: accuracy and latency not measured.", ""]
+    sections += soak_section(args.out.parent / "soak_result.json")
     write_report(args.out, sections)
     print(args.out.read_text())
     return 0
+
+
+def soak_section(path: Path) -> list[str]:
+    lines = ["## The node under load (soak)", ""]
+    if not path.is_file():
+        return lines + [f"Not run yet: `python -m x2p_ros.soak --minutes 10 --json {path}`.", ""]
+    r = json.loads(path.read_text())
+    return lines + [
+        f"`python -m x2p_ros.soak --minutes {r['minutes']:g} --json {path}`: carm_sim streams "
+        f"{r['size']} x {r['size']} mono16 images at {r['rate_hz_per_view']:g} Hz per view (small motion every "
+        f"frame) into x2p_localizer with the shipped model on the CPU; the image publisher is restarted half-way.",
+        "", "| figure | value | goal |", "|---|---|---|",
+        f"| resident memory after warm-up / at the end | {r['rss_mb_after_warmup']:.0f} / {r['rss_mb_end']:.0f} MB "
+        f"({r['rss_growth_pct']:+.1f} %) | under +5 % |",
+        f"| key frames / published / failed / skipped (replaced while waiting) | {r['key_frames']} / "
+        f"{r['published']} / {r['failed']} / {r['skipped_frames']} | every key frame accounted for |",
+        f"| key frames not accounted for | {r['unaccounted_key_frames']} | 0 (1: one still running) |",
+        f"| unpaired frames | {r['unpaired_frames']} | reported |",
+        f"| model latency p50 / p99 | {r['latency_ms_p50']:.0f} / {r['latency_ms_p99']:.0f} ms | reported |",
+        f"| node's own work per key frame (input handling + outputs) p50 / p99 | {r['overhead_ms_p50']:.1f} / "
+        f"{r['overhead_ms_p99']:.1f} ms | at most 10 ms |",
+        f"| poses after the publisher restart | {r['poses_after_restart']} | resumes by itself |", ""]
 
 
 def bench_model(ckpt: Path, test_cases: int) -> list[str]:

@@ -1,0 +1,49 @@
+"""Copies a run's best checkpoint to x2p_ros/models/default.pt and records its
+provenance beside it (default.json): config, training data and seed, validation
+metrics, the commit it was trained at, the machine.
+
+  python tools/ship_model.py runs/default-cpu data/bispinex-256-s1000"""
+import csv
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from x2p_ros.model import checkpoint  # noqa: E402
+from x2p_ros.models import default_checkpoint  # noqa: E402
+
+
+def main(run: str, data: str) -> int:
+    run, data = Path(run), Path(data)
+    payload = checkpoint.read(run / "best.pt")
+    model, meta = checkpoint.load_model(run / "best.pt")
+    dataset = json.loads((data / "dataset.json").read_text())
+    log = list(csv.DictReader((run / "log.csv").open()))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    record = {
+        "config": meta.get("config_name"), "config_values": payload["config"],
+        "training_data": {"generator": "x2p data synth", "cases": dataset["cases"], "seed": dataset["seed"],
+                          "size": dataset["config"]["size"], "folder": data.name,
+                          "vertebrae_per_case": dataset["vertebrae_per_case"]},
+        "training": {"epochs_run": len(log), "best_epoch": meta.get("epoch"), "optimizer": "AdamW wd 0.05",
+                     "seconds": float(log[-1]["seconds"]) if log else None, "device": "cpu",
+                     "machine": f"{platform.machine()}, torch {torch.__version__}"},
+        "validation": {"mpe_mm": meta.get("val_mpe_mm"), "pcl10": meta.get("val_pcl10")},
+        "commit": commit,
+    }
+    target = default_checkpoint()
+    checkpoint.save(target, model, meta={"config_name": meta.get("config_name"),
+                                         "note": f"trained on the CPU, {len(log)} epochs, commit {commit[:10]}",
+                                         **record["validation"]})
+    target.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    print(f"shipped {target} ({target.stat().st_size / 1e6:.1f} MB): {json.dumps(record['validation'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
