@@ -29,11 +29,14 @@ PARAMETERS = {
     "case_period_s": 0.0,  # switch to the next case every so often (0: stay on the first)
     "rate_hz": 5.0,
     "noise": 0.0,  # Gaussian noise, share of the image range
-    "motion_px": 0.0,  # random shift of each frame, pixels (the calibration follows it)
+    "motion_px": 0.0,  # random shift of the view every few frames, pixels (the calibration follows it)
     "lat_delay_s": 0.0,  # stamp LAT this much later than AP (to test synchronisation)
     "reference_frame": "carm",
     "publish_prompts": True,
 }
+
+
+MOTION_EVERY = 4  # frames between two moves of the C-arm
 
 
 class CarmSim(Node):
@@ -109,9 +112,12 @@ class CarmSim(Node):
             self.shift = {v: np.zeros(2) for v in VIEWS}
             self._publish_calibration(now)
             self._publish_case(now)
-        if self.p["motion_px"] > 0:
+            return  # the new calibration goes out a frame before the new images: topics are not ordered
+        if self.p["motion_px"] > 0 and self.frames % MOTION_EVERY == MOTION_EVERY - 1:
             self.shift = {v: self.rng.uniform(-1, 1, size=2) * self.p["motion_px"] for v in VIEWS}
             self._publish_calibration(now)
+            self.frames += 1
+            return  # as at a case switch: the calibration goes out a frame before its images
         for v in VIEWS:
             image = self.case.views[v].image.astype(np.float32)
             if self.p["motion_px"] > 0:
