@@ -1,44 +1,22 @@
 """Helpers for the cross-process ROS tests: real rclpy, real processes."""
-import os
-import signal
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from x2p_ros.ros import processes
 
 
 @contextmanager
 def ros_processes(*commands):
-    """Starts `python -m MODULE --ros-args ...` processes; stops them all on exit
-    and reports their output when the block fails."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen([sys.executable, "-m", *c], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for c in commands]
+    """Starts [MODULE, "--ros-args", ...] processes; stops them all on exit and
+    reports their output when the block fails."""
+    procs = [processes.start(c[0], [a for a in c[1:] if a != "--ros-args"]) for c in commands]
     try:
         yield procs
     except BaseException:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                out = p.communicate(timeout=10)[0]
-            except subprocess.TimeoutExpired:
-                p.kill()
-                out = p.communicate()[0]
-            print(f"--- {' '.join(p.args[2:4])} said:\n{out[-4000:]}")
+        for p, out in zip(procs, processes.stop(*procs)):
+            print(f"--- {p.args[2]} said:\n{out[-4000:]}")
         raise
-    for p in procs:
-        p.send_signal(signal.SIGINT)
-    for p in procs:
-        try:
-            p.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
+    processes.stop(*procs)
 
 
 class Listener:

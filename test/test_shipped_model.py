@@ -43,7 +43,7 @@ def test_the_shipped_model_localises_a_fresh_case_within_10mm(tmp_path):
 
 
 def test_the_shipped_model_through_the_node_within_10mm(tmp_path):
-    rclpy = pytest.importorskip("rclpy")  # noqa: F841
+    pytest.importorskip("rclpy")
     from geometry_msgs.msg import PoseArray
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 

@@ -18,6 +18,7 @@ done
 
 export AMENT_PREFIX_PATH="$venv" CMAKE_PREFIX_PATH="$venv" PATH="$venv/bin:$PATH"
 build="$here/build/interfaces"
+mkdir -p "$here/build"
 cmake -S "$here" -B "$build" -DCMAKE_INSTALL_PREFIX="$venv" -DBUILD_TESTING=OFF -DX2P_INSTALL_PYTHON_SOURCES=OFF \
   -DPython3_EXECUTABLE="$py" -DCMAKE_BUILD_TYPE=Release -Wno-dev >"$build.log" 2>&1 \
   || { cat "$build.log"; exit 1; }

@@ -9,38 +9,24 @@ session as an MCAP recording, and stops every process it started."""
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .ros import processes
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = ("vertebrae/poses", "vertebrae/markers", "vertebrae", "ground_truth/poses", "/diagnostics",
             "ap/overlay", "lat/overlay")
 
 
-def _start(module: str, params: Path, overrides: dict, log: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", module, "--ros-args", "--params-file", str(params)]
+def _start(module: str, params: Path, overrides: dict, log: Path):
+    args = ["--params-file", str(params)]
     for k, v in overrides.items():
         args += ["-p", f"{k}:={v}"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-
-
-def _stop(procs):
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    return processes.start(module, args, log)
 
 
 def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) -> int:
@@ -102,7 +88,7 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
         recorder.close()
         node.destroy_node()
         rclpy.try_shutdown()
-        _stop(procs)
+        processes.stop(*procs)
 
     if not got["vertebrae"]:
         print(f"no localisation was published; logs: {out}/*.log")

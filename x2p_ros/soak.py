@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from .ros import processes
 
 
 def _rss_mb(pid: int) -> float:
@@ -32,21 +29,6 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _start(args, log):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-
-
-def _stop(p):
-    if p.poll() is None:
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def soak(minutes: float, rate_hz: float, size: int, checkpoint: str, out: Path) -> dict:
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
@@ -54,12 +36,12 @@ def soak(minutes: float, rate_hz: float, size: int, checkpoint: str, out: Path) 
     from rclpy.qos import QoSProfile, ReliabilityPolicy
 
     out.mkdir(parents=True, exist_ok=True)
-    sim_args = ["x2p_ros.ros.carm_sim", "--ros-args", "-p", f"rate_hz:={rate_hz}", "-p", f"size:={size}",
-                "-p", "cases:=1", "-p", "motion_px:=1.0", "-p", "seed:=3"]
-    loc_args = ["x2p_ros.ros.localizer_node", "--ros-args", "-p", "keyframe_max_rate_hz:=30.0",
-                "-p", "presence_threshold:=0.0"] + (["-p", f"checkpoint:={checkpoint}"] if checkpoint else [])
-    localizer = _start(loc_args, out / "soak_localizer.log")
-    sim = _start(sim_args, out / "soak_sim_1.log")
+    sim_args = ["-p", f"rate_hz:={rate_hz}", "-p", f"size:={size}", "-p", "cases:=1", "-p", "motion_px:=1.0",
+                "-p", "seed:=3"]
+    loc_args = ["-p", "keyframe_max_rate_hz:=30.0", "-p", "presence_threshold:=0.0"] + \
+        (["-p", f"checkpoint:={checkpoint}"] if checkpoint else [])
+    localizer = processes.start("x2p_ros.ros.localizer_node", loc_args, out / "soak_localizer.log")
+    sim = processes.start("x2p_ros.ros.carm_sim", sim_args, out / "soak_sim_1.log")
     rclpy.init()
     node = rclpy.create_node("x2p_soak_monitor")
     qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
@@ -83,22 +65,21 @@ def soak(minutes: float, rate_hz: float, size: int, checkpoint: str, out: Path) 
             if not rss or time.monotonic() - rss[-1][0] >= 1.0:
                 rss.append((time.monotonic(), _rss_mb(localizer.pid)))
             if restarted is None and elapsed > duration / 2:
-                _stop(sim)  # the image publisher goes away and comes back
+                processes.stop(sim)  # the image publisher goes away and comes back
                 poses_before_restart = len(poses)
                 time.sleep(1.0)
-                sim = _start(sim_args, out / "soak_sim_2.log")
+                sim = processes.start("x2p_ros.ros.carm_sim", sim_args, out / "soak_sim_2.log")
                 restarted = time.monotonic()
             if elapsed > duration:
                 break
-        _stop(sim)  # then let the last key frame finish and the counters reach the diagnostics
+        processes.stop(sim)  # then let the last key frame finish and the counters reach the diagnostics
         end = time.monotonic() + 3
         while time.monotonic() < end:
             rclpy.spin_once(node, timeout_sec=0.05)
     finally:
-        _stop(sim)
+        processes.stop(sim, localizer)
         node.destroy_node()
         rclpy.try_shutdown()
-        _stop(localizer)
     values = {kv.key: kv.value for kv in diags[-1].status[0].values} if diags else {}
     samples = np.array([r for _, r in rss])
     warm = samples[len(samples) // 5:] if len(samples) >= 5 else samples  # after a fifth of the run
