@@ -1,0 +1,51 @@
+"""A contact sheet of cases: both views, windowed, with the projected ground truth."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from . import case_io
+
+
+def window(image: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
+    """8-bit display of a 16-bit radiograph, windowed between two percentiles."""
+    lo, hi = np.percentile(image, [low, high])
+    return np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1.0) * 255.0, 0, 255).astype(np.uint8)
+
+
+def draw_points(image_bgr: np.ndarray, points, labels, scale: float = 1.0, colour=(0, 0, 255)) -> None:
+    for (u, v), label in zip(np.asarray(points).reshape(-1, 2) * scale, labels):
+        centre = (int(round(u)), int(round(v)))
+        cv2.circle(image_bgr, centre, 3, colour, -1, cv2.LINE_AA)
+        cv2.putText(image_bgr, label, (centre[0] + 5, centre[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
+                    (0, 255, 0), 1, cv2.LINE_AA)
+
+
+def case_tile(case: case_io.Case, tile: int = 256) -> np.ndarray:
+    panels = []
+    for view in case_io.VIEWS:
+        v = case.views[view]
+        scale = tile / max(v.size)
+        # pixel centres at integers: resizing by `scale` maps u to (u + 0.5) * scale - 0.5
+        img = cv2.resize(window(v.image), (round(v.size[0] * scale), round(v.size[1] * scale)), interpolation=cv2.INTER_AREA)
+        bgr = cv2.cvtColor(np.pad(img, ((0, tile - img.shape[0]), (0, tile - img.shape[1]))), cv2.COLOR_GRAY2BGR)
+        draw_points(bgr, (case.pixels(view) + 0.5) * scale - 0.5, case.labels)
+        cv2.putText(bgr, f"{case.name} {view.upper()}", (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 0), 1, cv2.LINE_AA)
+        panels.append(bgr)
+    return np.hstack(panels)
+
+
+def contact_sheet(root, out_png, cases: int = 8, tile: int = 256, columns: int = 2) -> Path:
+    names = case_io.list_cases(root)[:cases]
+    if not names:
+        raise case_io.DatasetError(f"{root}: no cases to show")
+    tiles = [case_tile(case_io.read_case(Path(root) / name), tile) for name in names]
+    blank = np.zeros_like(tiles[0])
+    tiles += [blank] * (-len(tiles) % columns)
+    rows = [np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)]
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_png), np.vstack(rows))
+    return out_png

@@ -1,0 +1,411 @@
+"""Procedural spine phantoms: CT-like volumes (HU, mm) with the vertebral body
+centroids as ground truth.
+
+Patient frame: x to the patient's left, y posterior, z superior, in mm. Each
+vertebra has a local frame (origin: body centre, ez along the spine, ey
+posterior) in which its parts are drawn: the body as a cortical shell around a
+cancellous core, the posterior elements (pedicles, laminae, articular, spinous
+and transverse processes) as tubes. Around the column: discs, ribs on T1-T12,
+lungs, sacrum and iliac wings below L5, the skull base above C1, soft tissue
+with a fat layer, and air. Variability: patient size, bone density, sagittal
+curves, scoliosis, compression fractures, pedicle screws with rods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from ..levels import LEVELS, VERSE_LABELS
+from .volume import Volume
+
+CHAIN = [name for name in LEVELS if name != "L6"]  # C1..L5, S1: the usual column
+VERSE_NUMBER = {name: number for number, name in VERSE_LABELS.items()}
+VERSE_NUMBER["S1"] = 26  # VerSe's sacrum label
+
+HU_AIR, HU_FAT, HU_SOFT, HU_LUNG, HU_DISC = -1000.0, -90.0, 40.0, -820.0, 90.0
+HU_METAL = 14000.0  # titanium attenuates about 15 times more than water
+
+# Body width (lateral), depth (AP), height and the disc below, in mm, for an
+# average adult, at anchor levels; other levels are interpolated.
+_ANCHORS = {  # level: (width, depth, height, disc)
+    "C1": (14, 10, 10, 4), "C2": (17, 15, 20, 5), "C3": (17, 15, 14, 5), "C7": (22, 17, 15, 5),
+    "T1": (25, 17, 17, 4), "T6": (30, 24, 19, 5), "T12": (40, 30, 24, 7),
+    "L1": (42, 31, 25, 9), "L5": (50, 35, 27, 11), "S1": (48, 33, 25, 0),
+}
+
+
+def level_dimensions(name: str) -> np.ndarray:
+    """(width, depth, height, disc below) of a level, interpolated between anchors."""
+    idx = CHAIN.index(name)
+    keys = [CHAIN.index(k) for k in _ANCHORS]
+    values = np.array(list(_ANCHORS.values()), dtype=np.float64)
+    return np.array([np.interp(idx, keys, values[:, c]) for c in range(4)])
+
+
+@dataclass
+class PhantomSpec:
+    """Everything random about one phantom, drawn by PhantomSpec.sample."""
+    levels: list[str]
+    scale: float = 1.0
+    bone_density: float = 1.0
+    lordosis_mm: float = 20.0
+    kyphosis_mm: float = 30.0
+    lumbar_lordosis_mm: float = 25.0
+    scoliosis_mm: float = 0.0
+    scoliosis_phase: float = 0.0
+    fractures: dict[str, float] = field(default_factory=dict)  # level -> height loss (0..1)
+    implant_levels: list[str] = field(default_factory=list)
+    torso_scale: float = 1.0
+    fat_mm: float = 12.0
+    gas_blobs: int = 0
+    voxel_mm: float = 1.0
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, levels: list[str], voxel_mm: float = 1.0) -> "PhantomSpec":
+        spec = cls(levels=list(levels), voxel_mm=voxel_mm,
+                   scale=rng.uniform(0.85, 1.15), bone_density=rng.uniform(0.7, 1.2),
+                   lordosis_mm=rng.uniform(5, 20), kyphosis_mm=rng.uniform(15, 45),
+                   lumbar_lordosis_mm=rng.uniform(10, 35), torso_scale=rng.uniform(0.85, 1.25),
+                   fat_mm=rng.uniform(5, 30), gas_blobs=int(rng.integers(0, 5)))
+        if rng.random() < 0.2:
+            spec.scoliosis_mm = rng.uniform(10, 40) * rng.choice([-1, 1])
+            spec.scoliosis_phase = rng.uniform(-0.3, 0.3)
+        body_levels = [name for name in levels if name not in ("C1", "C2", "S1")]
+        if body_levels and rng.random() < 0.15:
+            for name in rng.choice(body_levels, size=min(len(body_levels), int(rng.integers(1, 3))), replace=False):
+                spec.fractures[str(name)] = rng.uniform(0.2, 0.5)
+        screwable = [name for name in levels if name[0] in "TL"]
+        if len(screwable) >= 2 and rng.random() < 0.15:
+            n = int(rng.integers(2, min(4, len(screwable)) + 1))
+            start = int(rng.integers(0, len(screwable) - n + 1))
+            spec.implant_levels = screwable[start:start + n]
+        return spec
+
+
+@dataclass
+class Phantom:
+    volume: Volume
+    vertebrae: list[dict]  # {"label": name, "xyz_mm": [x, y, z]}, superior first
+    spec: PhantomSpec
+
+
+@lru_cache(maxsize=32)
+def _ball_offsets(radius_vox: float) -> np.ndarray:
+    r = int(np.ceil(radius_vox))
+    g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1].reshape(3, -1).T
+    return g[(g ** 2).sum(1) <= radius_vox ** 2 + 1e-9]  # (M, 3) as (dk, dj, di)
+
+
+class _Canvas:
+    """Axis-aligned voxel grid in the patient frame being painted."""
+
+    def __init__(self, lo: np.ndarray, hi: np.ndarray, voxel: float):
+        self.voxel = voxel
+        self.origin = lo
+        nx, ny, nz = np.ceil((hi - lo) / voxel).astype(int) + 1
+        self.hu = np.full((nz, ny, nx), HU_AIR, dtype=np.float32)
+        self.labels = np.zeros((nz, ny, nx), dtype=np.uint8)
+
+    def axes(self, lo=None, hi=None):
+        """Index slices and world coordinates (broadcastable X, Y, Z) of the box [lo, hi]."""
+        shape = np.array(self.hu.shape[::-1])
+        a = np.zeros(3, int) if lo is None else np.clip(np.floor((lo - self.origin) / self.voxel), 0, shape).astype(int)
+        b = shape if hi is None else np.clip(np.ceil((hi - self.origin) / self.voxel) + 1, 0, shape).astype(int)
+        sl = (slice(a[2], b[2]), slice(a[1], b[1]), slice(a[0], b[0]))
+        coords = [self.origin[d] + self.voxel * np.arange(a[d], b[d], dtype=np.float32) for d in range(3)]
+        X, Y, Z = coords[0][None, None, :], coords[1][None, :, None], coords[2][:, None, None]
+        return sl, X, Y, Z
+
+    def tube(self, points: np.ndarray, radius: float) -> tuple[np.ndarray, ...]:
+        """Voxel indices (k, j, i) of a tube of `radius` mm along a polyline (N, 3) mm."""
+        points = np.asarray(points, dtype=np.float64)
+        seg = np.diff(points, axis=0)
+        n = np.maximum(np.ceil(np.linalg.norm(seg, axis=1) / (0.5 * self.voxel)).astype(int), 1)
+        dense = np.concatenate([p + seg_i * np.linspace(0, 1, k, endpoint=False)[:, None]
+                                for p, seg_i, k in zip(points[:-1], seg, n)] + [points[-1:]])
+        centres = np.unique(np.round((dense - self.origin) / self.voxel).astype(int)[:, ::-1], axis=0)
+        idx = (centres[:, None, :] + _ball_offsets(round(radius / self.voxel * 2) / 2)[None]).reshape(-1, 3)
+        shape = np.array(self.hu.shape)
+        idx = idx[np.all((idx >= 0) & (idx < shape), axis=1)]
+        return tuple(idx.T)
+
+
+def spine_curve(spec: PhantomSpec):
+    """Centres (L, 3) and local frames (L, 3, 3) (columns ex, ey, ez) of all CHAIN levels."""
+    dims = np.array([level_dimensions(n) for n in CHAIN]) * spec.scale
+    z = np.zeros(len(CHAIN))
+    for i in range(1, len(CHAIN)):
+        z[i] = z[i - 1] - dims[i - 1, 2] / 2 - dims[i - 1, 3] - dims[i, 2] / 2
+    t = np.arange(len(CHAIN), dtype=np.float64)
+    # sagittal profile: cervical and lumbar lordosis (anterior, -y), thoracic kyphosis (+y)
+    y = (-spec.lordosis_mm * np.sin(np.pi * np.clip(t / 7, 0, 1))
+         + spec.kyphosis_mm * np.sin(np.pi * np.clip((t - 7) / 12, 0, 1))
+         - spec.lumbar_lordosis_mm * np.sin(np.pi * np.clip((t - 19) / 5.5, 0, 1)))
+    y[CHAIN.index("S1")] += 10.0 * spec.scale  # sacral promontory sits back
+    # scoliosis: one lateral curve over the thoracolumbar column
+    x = spec.scoliosis_mm * np.sin(np.pi * np.clip((t - 8) / 15 + spec.scoliosis_phase, 0, 1))
+    centres = np.stack([x, y, z], axis=1)
+    tangent = np.gradient(centres, axis=0)
+    ez = -tangent / np.linalg.norm(tangent, axis=1, keepdims=True)  # superior
+    # axial rotation follows the scoliotic offset, as in real curves
+    twist = np.deg2rad(0.4) * x
+    ey0 = np.stack([-np.sin(twist), np.cos(twist), np.zeros_like(twist)], axis=1)
+    ey = ey0 - ez * (ey0 * ez).sum(1, keepdims=True)
+    ey /= np.linalg.norm(ey, axis=1, keepdims=True)
+    ex = np.cross(ey, ez)
+    return centres, np.stack([ex, ey, ez], axis=2), dims
+
+
+def _local(X, Y, Z, c, F):
+    """Local coordinates of world grids in the frame (c, F)."""
+    d = (X - c[0], Y - c[1], Z - c[2])
+    return [d[0] * F[0, a] + d[1] * F[1, a] + d[2] * F[2, a] for a in range(3)]
+
+
+def _torso_outline(spec: PhantomSpec, centres, z):
+    """Half width, front (min y) and back (max y) of the body's outline at heights z."""
+    t = np.interp(z, centres[::-1, 2], np.arange(len(CHAIN))[::-1])  # level index per height
+    half_w = spec.torso_scale * np.interp(t, [0, 6, 9, 14, 19, 25], [55, 65, 145, 150, 155, 175])
+    half_d = spec.torso_scale * np.interp(t, [0, 6, 9, 14, 19, 25], [55, 60, 100, 110, 115, 120])
+    back = np.interp(z, centres[::-1, 2], centres[::-1, 1]) \
+        + np.interp(t, [0, 7, 19, 25], [45, 60, 70, 75]) * spec.scale + spec.fat_mm
+    return half_w, back - 2 * half_d, back
+
+
+def _paint_soft_tissue(canvas: _Canvas, spec: PhantomSpec, centres, rng):
+    sl, X, Y, Z = canvas.axes()
+    half_w, front, back = (a.astype(np.float32)[:, None, None] for a in _torso_outline(spec, centres, Z[:, 0, 0]))
+    half_d = (back - front) / 2
+    r = (X / half_w) ** 2 + ((Y - (back - half_d)) / half_d) ** 2  # (nz, ny, nx), 1 on the skin
+    inner = (1.0 - spec.fat_mm / half_d) ** 2
+    hu = canvas.hu
+    hu[r <= 1.0] = HU_FAT
+    hu[r <= inner] = HU_SOFT
+    # lungs beside the thoracic column
+    zt, zb = centres[CHAIN.index("T1"), 2] + 10, centres[CHAIN.index("T11"), 2]
+    if Z.max() > zb and Z.min() < zt:
+        zc, hz = (zt + zb) / 2, (zt - zb) / 2
+        w = spec.torso_scale * 140.0
+        spine_y = np.interp(zc, centres[::-1, 2], centres[::-1, 1])
+        for side in (-1, 1):
+            c = np.array([side * 0.5 * w, spine_y - 35.0 - 40.0 * spec.torso_scale, zc])
+            ax = np.array([0.4 * w, 80.0 * spec.torso_scale, hz])
+            lsl, lX, lY, lZ = canvas.axes(c - ax, c + ax)
+            lung = ((lX - c[0]) / ax[0]) ** 2 + ((lY - c[1]) / ax[1]) ** 2 + ((lZ - c[2]) / ax[2]) ** 2 <= 1.0
+            hu[lsl][lung & (r[lsl] <= inner[lsl[0]])] = HU_LUNG
+    # bowel gas in the abdomen
+    for _ in range(spec.gas_blobs):
+        level = rng.uniform(CHAIN.index("L1"), CHAIN.index("L5"))
+        c = np.array([rng.uniform(-90, 90), np.interp(level, np.arange(len(CHAIN)), centres[:, 1]) - rng.uniform(40, 90),
+                      np.interp(level, np.arange(len(CHAIN)), centres[:, 2])])
+        ax = rng.uniform(8, 25, size=3)
+        bsl, bX, bY, bZ = canvas.axes(c - ax, c + ax)
+        m = ((bX - c[0]) / ax[0]) ** 2 + ((bY - c[1]) / ax[1]) ** 2 + ((bZ - c[2]) / ax[2]) ** 2 <= 1
+        hu[bsl][m] = -900.0
+
+
+def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rng) -> np.ndarray | None:
+    """Paints one vertebra; returns its body centroid (mm), or None if the body is off the canvas."""
+    W, D, H, _ = dim
+    density = spec.bone_density
+    label = VERSE_NUMBER[name]
+    shell = max(1.0, 0.05 * W)
+    fracture = spec.fractures.get(name, 0.0)
+    reach = 0.6 * max(W, D, H) + 2.0  # the body only: the other parts are tubes
+    sl, X, Y, Z = canvas.axes(c - reach, c + reach)
+    lx, ly, lz = _local(X, Y, Z, c, F)
+    # body: elliptic cylinder with a waist; a compression fracture lowers the
+    # anterior end plate more than the posterior one (a wedge)
+    waist = 1.0 - 0.08 * (1.0 - np.clip(2 * lz / H, -1, 1) ** 2)
+    top = H / 2 - fracture * H * (0.5 - ly / D)
+    ell = (lx / (W / 2 * waist)) ** 2 + (ly / (D / 2 * waist)) ** 2
+    body = (ell <= 1) & (lz >= -H / 2) & (lz <= top)
+    core = (((lx / (W / 2 * waist - shell)) ** 2 + (ly / (D / 2 * waist - shell)) ** 2) <= 1) \
+        & (lz >= -H / 2 + shell) & (lz <= top - shell)
+    hu, labels = canvas.hu[sl], canvas.labels[sl]
+    hu[body] = 1250.0 * density
+    hu[core] = (220.0 + 150.0 * fracture) * density
+    labels[body] = label
+    if not body.any():
+        return None
+    centroid = np.array([np.broadcast_to(a, body.shape)[body].mean() for a in (X, Y, Z)], dtype=np.float64)
+
+    def world(p):
+        return c + np.asarray(p, dtype=np.float64) @ F.T
+
+    def paint(points, radius, value=800.0):
+        idx = canvas.tube(world(points), radius)
+        keep = canvas.labels[idx] != label  # posterior elements never overwrite the body
+        idx = tuple(i[keep] for i in idx)
+        canvas.hu[idx] = value * density
+        canvas.labels[idx] = label
+
+    s = spec.scale
+    if name == "S1":
+        _paint_sacrum(canvas, spec, c, F, dim, world, paint)
+        return centroid
+    if name == "C1":  # the atlas: a ring with lateral masses instead of a body
+        ring = [(22 * s * np.sin(a), D / 2 + 16 * s - 22 * s * np.cos(a), 0) for a in np.linspace(0.5, 2 * np.pi - 0.5, 24)]
+        paint(ring, 3.5 * s)
+        for side in (-1, 1):
+            paint([(side * 17 * s, D / 2 + 4, -6), (side * 17 * s, D / 2 + 4, 6)], 7 * s)
+            paint([(side * 17 * s, D / 2 + 4, 0), (side * 38 * s, D / 2 + 6, 0)], 3 * s)
+        return centroid
+    if name == "C2":  # the dens rises from the body of the axis
+        paint([(0, 0, H / 2), (0, 0, H / 2 + 14 * s)], 5 * s, 1000.0)
+    region = name[0]
+    p_len = {"C": 6, "T": 8, "L": 10}[region] * s
+    l_len = {"C": 10, "T": 12, "L": 14}[region] * s
+    sp_len, sp_drop = {"C": (18, 6), "T": (32, 22), "L": (30, 4)}[region]
+    tp_len = {"C": 8, "T": 22, "L": 30}[region] * s
+    r_ped = max(2.5, 0.12 * W)
+    xp = 0.32 * W
+    y0, y1 = D / 2 - 3, D / 2 + p_len
+    zp = 0.15 * H
+    for side in (-1, 1):
+        paint([(side * xp, y0, zp), (side * xp, y1, zp)], r_ped)  # pedicle
+        for dz in (-0.2 * H, 0.2 * H):  # lamina as two stacked tubes
+            paint([(side * xp, y1, zp + dz), (0, y1 + l_len, dz)], 0.55 * r_ped)
+        paint([(side * xp, y1 + 2, zp + 0.5 * H), (side * xp, y1 + 2, zp - 0.5 * H)], 0.55 * r_ped)  # facets
+        tip = (side * (W / 2 + tp_len), y1 + (6 if region == "T" else -2), zp)
+        paint([(side * xp, y1, zp), tip], max(2.0, 0.09 * W))  # transverse process
+        if region == "T":
+            _paint_rib(canvas, spec, name, world(tip), side)
+    sp = [(0, y1 + l_len, 0), (0, y1 + l_len + sp_len * s, -sp_drop * s)]
+    paint(sp, 3.0 * s)
+    paint([(p[0], p[1], p[2] - 4 * s) for p in sp], 3.0 * s)
+    if name in spec.implant_levels:
+        for side in (-1, 1):  # pedicle screws converge medially into the body
+            head = (side * (xp + 8 * s), y1 + 8 * s, zp)
+            paint([head, (side * 0.08 * W, -0.25 * D, zp)], 3.0 * s, HU_METAL / density)
+    return centroid
+
+
+def _paint_rib(canvas, spec, name, tp_tip, side):
+    level = CHAIN.index(name) - CHAIN.index("T1")  # 0..11
+    a = spec.torso_scale * np.interp(level, [0, 3, 7, 11], [70, 115, 135, 130])
+    b = spec.torso_scale * np.interp(level, [0, 3, 7, 11], [55, 85, 100, 95])
+    x0 = abs(tp_tip[0])
+    phi0 = np.arcsin(np.clip(x0 / a, 0, 0.95))
+    phi1 = np.pi - np.interp(level, [0, 11], [0.7, 1.2])
+    yc = tp_tip[1] + 8 - b * np.cos(phi0)
+    phi = np.linspace(phi0, phi1, 40)
+    drop = np.interp(level, [0, 11], [25, 45])
+    pts = np.stack([tp_tip[0] + side * (a * np.sin(phi) - x0), yc + b * np.cos(phi),
+                    tp_tip[2] - drop * (phi - phi0) / (phi1 - phi0)], axis=1)
+    idx = canvas.tube(np.vstack([tp_tip, pts]), 4.0 * spec.scale)
+    keep = canvas.labels[idx] == 0
+    idx = tuple(i[keep] for i in idx)
+    canvas.hu[idx] = 550.0 * spec.bone_density
+
+
+def _paint_sacrum(canvas, spec, c, F, dim, world, paint):
+    W, D, H, _ = dim
+    s = spec.scale
+    # S2-S5: shrinking segments curving posteriorly (sacral kyphosis)
+    prev = (0.0, 0.0, -H / 2)
+    for k in range(1, 5):
+        centre = (0.0, 6.0 * k * k * s / 4, -H / 2 - 16 * k * s)
+        paint([prev, centre], (0.3 - 0.05 * k) * W, 450.0)
+        prev = centre
+    for side in (-1, 1):
+        paint([(side * W / 3, 5, 0), (side * (W / 2 + 25 * s), 15 * s, -10 * s)], 12 * s, 500.0)  # ala
+        # iliac wing: a thin tilted plate beside the sacrum
+        centre = world((side * (W / 2 + 55 * s), 10 * s, 5 * s))
+        normal = F @ np.array([side * np.cos(0.5), -np.sin(0.5), 0.0])
+        u = F @ np.array([side * np.sin(0.5), np.cos(0.5), 0.0])
+        v = F[:, 2]
+        ext = 90 * s
+        sl, X, Y, Z = canvas.axes(centre - ext, centre + ext)
+        d = (X - centre[0], Y - centre[1], Z - centre[2])
+        dn = d[0] * normal[0] + d[1] * normal[1] + d[2] * normal[2]
+        du = d[0] * u[0] + d[1] * u[1] + d[2] * u[2]
+        dv = d[0] * v[0] + d[1] * v[1] + d[2] * v[2]
+        e = (du / (70 * s)) ** 2 + (dv / (55 * s)) ** 2
+        plate = (e <= 1) & (np.abs(dn) <= 3.0 + 3.0 * (e > 0.85))  # a thicker crest at the rim
+        sub_hu, sub_lab = canvas.hu[sl], canvas.labels[sl]
+        sub_hu[plate & (sub_lab == 0)] = 650.0 * spec.bone_density
+
+
+def _paint_discs(canvas, spec, centres, frames, dims, painted):
+    for i in range(len(CHAIN) - 1):
+        if CHAIN[i] not in painted or CHAIN[i + 1] not in painted:
+            continue
+        upper_bottom = centres[i] - frames[i][:, 2] * dims[i, 2] / 2
+        lower_top = centres[i + 1] + frames[i + 1][:, 2] * dims[i + 1, 2] / 2
+        c = (upper_bottom + lower_top) / 2
+        F = (frames[i] + frames[i + 1]) / 2
+        F, _ = np.linalg.qr(F)
+        F *= np.sign(np.diag(F))
+        h = np.linalg.norm(upper_bottom - lower_top) + 2
+        W, D = (dims[i, :2] + dims[i + 1, :2]) / 2
+        sl, X, Y, Z = canvas.axes(c - W, c + W)
+        lx, ly, lz = _local(X, Y, Z, c, F)
+        disc = ((lx / (W / 2)) ** 2 + (ly / (D / 2)) ** 2 <= 1) & (np.abs(lz) <= h / 2) & (canvas.labels[sl] == 0)
+        canvas.hu[sl][disc] = HU_DISC
+
+
+def _paint_skull(canvas, spec, centres):
+    c1 = centres[0]
+    centre = c1 + np.array([0.0, 5.0, 62.0]) * spec.scale
+    ax = np.array([70.0, 90.0, 70.0]) * spec.scale
+    sl, X, Y, Z = canvas.axes(centre - ax, centre + ax)
+    e = ((X - centre[0]) / ax[0]) ** 2 + ((Y - centre[1]) / ax[1]) ** 2 + ((Z - centre[2]) / ax[2]) ** 2
+    inner = ((X - centre[0]) / (ax[0] - 7)) ** 2 + ((Y - centre[1]) / (ax[1] - 7)) ** 2 + ((Z - centre[2]) / (ax[2] - 7)) ** 2
+    hu = canvas.hu[sl]
+    hu[(e <= 1) & (Z > c1[2] + 10)] = 1300.0 * spec.bone_density
+    hu[(inner <= 1) & (Z > c1[2] + 10)] = 35.0  # brain
+
+
+def make_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
+    """Renders the levels of spec (consecutive names from CHAIN) into a volume
+    that holds them with a margin, and returns the body centroids."""
+    centres, frames, dims = spine_curve(spec)
+    idx = [CHAIN.index(n) for n in spec.levels]
+    if idx != list(range(idx[0], idx[0] + len(idx))):
+        raise ValueError(f"levels must be consecutive in {CHAIN}, got {spec.levels}")
+    top, bottom = centres[idx[0]], centres[idx[-1]]
+    margin_z = 0.5 * (dims[idx[0], 2] + dims[idx[-1], 2]) + 20.0
+    if "C1" in spec.levels:
+        margin_top = 140.0 * spec.scale  # room for the skull base
+    else:
+        margin_top = margin_z
+    lo = np.array([0.0, 0.0, bottom[2] - margin_z])
+    hi = np.array([0.0, 0.0, top[2] + margin_top])
+    half_w, front, back = _torso_outline(spec, centres, np.linspace(lo[2], hi[2], 32))
+    lo[:2] = -half_w.max() - 5, front.min() - 5
+    hi[:2] = half_w.max() + 5, back.max() + 5
+    canvas = _Canvas(lo, hi, spec.voxel_mm)
+    _paint_soft_tissue(canvas, spec, centres, rng)
+    vertebrae = []
+    for i in idx:
+        centroid = _paint_vertebra(canvas, spec, CHAIN[i], centres[i], frames[i], dims[i], rng)
+        if centroid is not None:
+            vertebrae.append({"label": CHAIN[i], "xyz_mm": centroid.tolist()})
+    _paint_discs(canvas, spec, centres, frames, dims, set(spec.levels))
+    if "C1" in spec.levels:
+        _paint_skull(canvas, spec, centres)
+    _paint_rods(canvas, spec, centres, frames, dims)
+    affine = np.diag([spec.voxel_mm] * 3 + [1.0])
+    affine[:3, 3] = canvas.origin
+    return Phantom(Volume(canvas.hu, affine, canvas.labels), vertebrae, spec)
+
+
+def _paint_rods(canvas, spec, centres, frames, dims):
+    if not spec.implant_levels:
+        return
+    for side in (-1, 1):
+        heads = []
+        for name in spec.implant_levels:
+            i = CHAIN.index(name)
+            W, D, H, _ = dims[i]
+            region = name[0]
+            y1 = D / 2 + {"T": 8, "L": 10}[region] * spec.scale
+            local = np.array([side * (0.32 * W + 8 * spec.scale), y1 + 8 * spec.scale + 4, 0.15 * H])
+            heads.append(centres[i] + frames[i] @ local)
+        ext = frames[CHAIN.index(spec.implant_levels[0])][:, 2] * 10
+        pts = np.vstack([heads[0] + ext, np.array(heads), heads[-1] - ext])
+        idx = canvas.tube(pts, 3.0 * spec.scale)
+        canvas.hu[idx] = HU_METAL

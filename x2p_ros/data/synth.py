@@ -1,0 +1,175 @@
+"""BiSpineX-like synthetic data: procedural phantoms rendered to AP/LAT C-arm
+pairs with exact projection matrices, fully determined by a seed.
+
+The reference frame is the C-arm's: origin at the isocentre, z up, the AP
+source anterior of the patient (-y), the LAT source at the patient's right
+(-x). The patient is placed with a random rotation (-15..15 degrees about the
+vertical axis, -5..5 about the other two) and a small translation."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import geometry
+from . import case_io, drr
+from .phantom import CHAIN, PhantomSpec, make_phantom, spine_curve
+
+
+@dataclass
+class SynthConfig:
+    size: int = 512
+    sid_mm: tuple[float, float] = (500.0, 600.0)  # source to isocentre
+    sdd_mm: tuple[float, float] = (950.0, 1050.0)  # source to detector (Arcadis Varic: 968)
+    yaw_deg: float = 15.0  # about the vertical axis
+    tilt_deg: float = 5.0  # about the two other axes
+    shift_mm: float = 10.0
+    photons: tuple[float, float] = (1e4, 2e5)  # per pixel in air, log-uniform
+    scatter: tuple[float, float] = (0.0, 0.15)
+    short_field_share: float = 0.6  # C-arm-like fields of 3-6 vertebrae; the rest 7-24
+
+
+def _rotation(yaw, pitch, roll) -> np.ndarray:
+    cz, sz = np.cos(yaw), np.sin(yaw)
+    cx, sx = np.cos(pitch), np.sin(pitch)
+    cy, sy = np.cos(roll), np.sin(roll)
+    Rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    Rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    Ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    return Rz @ Rx @ Ry
+
+
+def carm_view(name: str, sid: float, sdd: float, fov_mm: float, size: int, principal_offset=(0.0, 0.0)):
+    """(P, detector pixel spacing) of an ideal AP or LAT view whose field covers
+    fov_mm x fov_mm at the isocentre."""
+    source = {"ap": np.array([0.0, -sid, 0.0]), "lat": np.array([-sid, 0.0, 0.0])}[name]
+    R, t = geometry.look_at_pose(source, np.zeros(3), up=(0.0, 0.0, 1.0))
+    spacing = fov_mm * sdd / sid / size
+    K = geometry.intrinsics(sdd / spacing, ((size - 1) / 2 + principal_offset[0], (size - 1) / 2 + principal_offset[1]))
+    return geometry.projection_matrix(K, R, t), spacing
+
+
+def case_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def render_pair(volume, vertebrae: list[dict], centre, fov: float, rng: np.random.Generator,
+                config: SynthConfig = SynthConfig(), device: str = "cpu"):
+    """Places a patient (volume and vertebrae in the patient frame: x left, y
+    posterior, z superior, mm) with a random pose at the isocentre and renders
+    the AP and LAT views. Returns (images, Ps, spacings, vertebrae in the C-arm
+    frame whose centroids project inside both images)."""
+    R = _rotation(*np.deg2rad([rng.uniform(-config.yaw_deg, config.yaw_deg),
+                               rng.uniform(-config.tilt_deg, config.tilt_deg),
+                               rng.uniform(-config.tilt_deg, config.tilt_deg)]))
+    T = np.eye(4)
+    T[:3, :3] = R
+    T[:3, 3] = rng.uniform(-config.shift_mm, config.shift_mm, size=3) - R @ np.asarray(centre, dtype=np.float64)
+    volume = volume.transformed(T)
+    mu = drr.attenuation(torch.as_tensor(volume.hu, device=device, dtype=torch.float32))  # shared by both views
+    xyz = np.array([v["xyz_mm"] for v in vertebrae], dtype=np.float64).reshape(-1, 3) @ R.T + T[:3, 3]
+    images, Ps, spacings = {}, {}, {}
+    inside = np.ones(len(xyz), dtype=bool)
+    margin = 0.02 * config.size
+    for view in case_io.VIEWS:
+        P, spacing = carm_view(view, rng.uniform(*config.sid_mm), rng.uniform(*config.sdd_mm), fov, config.size,
+                               rng.uniform(-5, 5, size=2))
+        photons = float(np.exp(rng.uniform(*np.log(config.photons))))
+        scatter = float(rng.uniform(*config.scatter))
+        line = drr.line_integral(volume, P, (config.size, config.size), device=device, mu=mu)
+        images[view] = drr.radiograph(line, rng, photons=photons, scatter=scatter)
+        Ps[view], spacings[view] = P, spacing
+        uv = geometry.project(P, xyz)
+        inside &= np.all((uv >= margin) & (uv <= config.size - 1 - margin), axis=1)
+    kept = [{"label": v["label"], "xyz_mm": p.tolist()} for v, p, keep in zip(vertebrae, xyz, inside) if keep]
+    return images, Ps, spacings, kept
+
+
+def make_case(seed: int, config: SynthConfig = SynthConfig(), device: str = "cpu"):
+    """Everything of one case from its own seed: (images, Ps, spacings, vertebrae, info)."""
+    rng = np.random.default_rng(seed)
+    if rng.random() < config.short_field_share:
+        n_visible = int(rng.integers(3, 7))
+    else:
+        n_visible = int(rng.integers(7, 25))
+    first = int(rng.integers(0, len(CHAIN) - n_visible + 1))
+    rendered = CHAIN[max(first - 1, 0):min(first + n_visible + 1, len(CHAIN))]
+    spec = PhantomSpec.sample(rng, rendered)
+    curve = spine_curve(spec)[0]
+    centres = curve[first:first + n_visible]
+    gaps = np.linalg.norm(np.diff(curve, axis=0), axis=1)
+    # the field reaches half-way to the next vertebra above and below
+    fov = max(np.ptp(centres[:, 2]) + 1.1 * gaps[max(first - 1, 0):first + n_visible].mean(), 100.0)
+    spec.voxel_mm = float(max(1.0, fov / 400.0))
+    phantom = make_phantom(spec, rng)
+    images, Ps, spacings, vertebrae = render_pair(phantom.volume, phantom.vertebrae, centres.mean(axis=0), fov,
+                                                  rng, config, device)
+    info = {"phantom": {"levels_rendered": rendered, "scoliosis": bool(spec.scoliosis_mm != 0.0),
+                        "fractures": sorted(spec.fractures), "implants": list(spec.implant_levels),
+                        "voxel_mm": spec.voxel_mm},
+            "intensity": {"line_integral_full_scale": drr.LINE_INTEGRAL_FULL_SCALE}}
+    return images, Ps, spacings, vertebrae, info
+
+
+def _generate(job):
+    out, name, seed, config, threads = job
+    torch.set_num_threads(threads)
+    folder = Path(out) / name
+    if (folder / "case.json").is_file():  # done in an earlier, interrupted run
+        meta = json.loads((folder / "case.json").read_text())
+    else:
+        images, Ps, spacings, vertebrae, info = make_case(seed, config)
+        case_io.write_case(folder, images, Ps, spacings, vertebrae, "phantom", seed, info)
+        meta = {"vertebrae": vertebrae, **info}
+    return name, len(meta["vertebrae"]), meta["phantom"]
+
+
+def split_names(names: list[str], seed: int) -> dict[str, list[str]]:
+    """80 % train / 20 % test, 5 % of train for validation (the paper's split)."""
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_test = max(1, round(0.2 * len(names))) if len(names) > 1 else 0
+    n_val = max(1, round(0.05 * (len(names) - n_test))) if len(names) - n_test > 1 else 0
+    test = sorted(names[i] for i in order[:n_test])
+    val = sorted(names[i] for i in order[n_test:n_test + n_val])
+    train = sorted(names[i] for i in order[n_test + n_val:])
+    return {"train": train, "val": val, "test": test}
+
+
+def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig(), workers: int | None = None,
+               progress: bool = True) -> dict:
+    """Generates (or completes) a data set of `cases` cases in `out`; returns its statistics."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = max(1, workers or os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    names = [f"case_{i:05d}" for i in range(cases)]
+    jobs = [(str(out), name, case_seed(seed, i), config, threads) for i, name in enumerate(names)]
+    results = []
+    bar = tqdm(total=cases, desc="synth", unit="case", disable=not progress)
+    if workers == 1:
+        for job in jobs:
+            results.append(_generate(job))
+            bar.update()
+    else:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for result in pool.imap_unordered(_generate, jobs):
+                results.append(result)
+                bar.update()
+    bar.close()
+    case_io.write_splits(out, split_names(names, seed))
+    counts = np.array([n for _, n, _ in results])
+    stats = {"cases": cases, "seed": seed,
+             "vertebrae_per_case": {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())},
+             "share_scoliosis": float(np.mean([p["scoliosis"] for _, _, p in results])),
+             "share_fracture": float(np.mean([bool(p["fractures"]) for _, _, p in results])),
+             "share_implant": float(np.mean([bool(p["implants"]) for _, _, p in results])),
+             "config": asdict(config)}
+    (out / "dataset.json").write_text(json.dumps(stats, indent=1))
+    return stats
