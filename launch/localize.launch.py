@@ -26,7 +26,8 @@ def generate_launch_description():
     localizer = Node(
         package="x2p_ros", executable="x2p_localizer", name="x2p_localizer", namespace=ns, output="screen",
         parameters=[params, {"checkpoint": LaunchConfiguration("checkpoint"), "device": LaunchConfiguration("device")}],
-        arguments=["--ros-args", "--log-level", log])
+        arguments=["--ros-args", "--log-level", log],
+        additional_env={"MALLOC_ARENA_MAX": "2"})  # flat resident memory with several threads (docs/BENCHMARKS.md)
     sim = Node(
         package="x2p_ros", executable="carm_sim", name="carm_sim", namespace=ns, output="screen",
         parameters=[params], arguments=["--ros-args", "--log-level", log],

@@ -95,6 +95,7 @@ def soak(minutes: float, rate_hz: float, size: int, checkpoint: str, out: Path) 
         "rss_mb_after_warmup": float(warm[0]) if warm.size else float("nan"),
         "rss_mb_end": float(samples[-1]) if samples.size else float("nan"),
         "poses_after_restart": len(poses) - poses_before_restart if restarted else 0,
+        "rss_mb_every_30s": [round(float(r), 1) for r in samples[::30]],
     }
     result["rss_growth_pct"] = 100.0 * (result["rss_mb_end"] / result["rss_mb_after_warmup"] - 1.0)
     # a key frame still in the worker at the end is neither published nor failed yet

@@ -11,9 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# The localizer's threads (executor, inference, torch) would each grow a glibc malloc arena;
+# two arenas keep its resident memory flat over hours. The launch file sets the same.
+NODE_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
 def start(module: str, ros_args=(), log=None) -> subprocess.Popen:
     """`python -m module --ros-args ...`, with this checkout importable; output to `log` (a path) or a pipe."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **NODE_ENV,
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = open(log, "w") if log else subprocess.PIPE
     return subprocess.Popen([sys.executable, "-m", module, "--ros-args", *ros_args], stdout=out,
