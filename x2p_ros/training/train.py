@@ -121,22 +121,29 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{sums['total'] / count:.3f}")
-        if rank != 0:
-            continue
-        row = {"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], "loss": sums["total"] / count,
-               "mse": sums.get("mse", 0.0) / count, "dice": sums.get("dice", 0.0) / count, "3d": sums["3d"] / count,
-               **validate(model, val_loader, dev), "seconds": round(time.monotonic() - started, 1)}
-        _append_log(out / "log.csv", row)
-        if row["val_mpe_mm"] < best["val_mpe_mm"]:
-            best = {"val_mpe_mm": row["val_mpe_mm"], "val_pcl10": row["val_pcl10"], "epoch": epoch}
-            checkpoint.save(out / "best.pt", model, meta={"config_name": config, "data": str(data), **best})
-        checkpoint.save(out / "last.pt", model, meta={"config_name": config}, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), epoch=epoch, step=step, best=best)
-        _plot_log(out / "log.csv", out / "loss.png")
-        print(f"epoch {epoch}: loss {row['loss']:.4f} (3d {row['3d']:.4f}) val MPE {row['val_mpe_mm']:.2f} mm "
-              f"PCL@10 {100 * row['val_pcl10']:.1f} %")
-        if time_limit_min is not None and time.monotonic() - started > 60 * time_limit_min:
-            print(f"time limit reached after epoch {epoch}; run the same command again to resume")
+        stop = False
+        if rank == 0:
+            row = {"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], "loss": sums["total"] / count,
+                   "mse": sums.get("mse", 0.0) / count, "dice": sums.get("dice", 0.0) / count,
+                   "3d": sums["3d"] / count, **validate(model, val_loader, dev),
+                   "seconds": round(time.monotonic() - started, 1)}
+            _append_log(out / "log.csv", row)
+            if row["val_mpe_mm"] < best["val_mpe_mm"]:
+                best = {"val_mpe_mm": row["val_mpe_mm"], "val_pcl10": row["val_pcl10"], "epoch": epoch}
+                checkpoint.save(out / "best.pt", model, meta={"config_name": config, "data": str(data), **best})
+            checkpoint.save(out / "last.pt", model, meta={"config_name": config}, optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), epoch=epoch, step=step, best=best)
+            _plot_log(out / "log.csv", out / "loss.png")
+            print(f"epoch {epoch}: loss {row['loss']:.4f} (3d {row['3d']:.4f}) val MPE {row['val_mpe_mm']:.2f} mm "
+                  f"PCL@10 {100 * row['val_pcl10']:.1f} %")
+            stop = time_limit_min is not None and time.monotonic() - started > 60 * time_limit_min
+            if stop:
+                print(f"time limit reached after epoch {epoch}; run the same command again to resume")
+        if world > 1:  # every rank waits for rank 0's validation and checkpoint, and stops with it
+            flag = [stop]
+            dist.broadcast_object_list(flag, src=0)
+            stop = flag[0]
+        if stop:
             break
     if world > 1:
         dist.destroy_process_group()
