@@ -11,7 +11,6 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import PointStamped, PoseArray, TransformStamped  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
-from std_msgs.msg import Header  # noqa: E402
 
 from ros_helpers import Listener, ros_processes  # noqa: E402
 from x2p_ros import geometry  # noqa: E402
@@ -19,16 +18,11 @@ from x2p_ros.data import case_io  # noqa: E402
 from x2p_ros.data.synth import SynthConfig, synthesize  # noqa: E402
 from x2p_ros.model import X2PNet, checkpoint, preset  # noqa: E402
 from x2p_ros.ros import messages  # noqa: E402
+from x2p_ros.ros.messages import header, stamp_seconds  # noqa: E402
 
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 VIEWS = ("ap", "lat")
-
-
-def header(stamp, frame):
-    h = Header(frame_id=frame)
-    h.stamp.sec, h.stamp.nanosec = int(stamp), int(round((stamp % 1) * 1e9)) % 1_000_000_000
-    return h
 
 
 class Rig:
@@ -86,7 +80,7 @@ class Rig:
         return stamp
 
     def pose_stamps(self):
-        return [s.sec + 1e-9 * s.nanosec for s in (p.header.stamp for p in self.listener.received["vertebrae/poses"])]
+        return [stamp_seconds(p.header) for p in self.listener.received["vertebrae/poses"]]
 
     def diagnostics_text(self, since: int = 0):
         text = []
@@ -268,9 +262,9 @@ def test_calibration_change_mid_stream_uses_the_new_one(fresh):
     fresh.pub["lat/pose"].publish(pose)
     fresh.spin(0.3)
     stamp = fresh.send_pair()
-    assert fresh.listener.spin_until(lambda: any(abs(m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec - stamp)
+    assert fresh.listener.spin_until(lambda: any(abs(stamp_seconds(m.header) - stamp)
                                                  < 1e-6 for m in got), 20)
-    msg = next(m for m in got if abs(m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec - stamp) < 1e-6)
+    msg = next(m for m in got if abs(stamp_seconds(m.header) - stamp) < 1e-6)
     for v in msg.vertebrae:  # the reported LAT pixels are the 3D result seen through the NEW calibration
         uv = geometry.project(moved, [[1000 * v.position.x, 1000 * v.position.y, 1000 * v.position.z]])[0]
         np.testing.assert_allclose([v.lat_pixel.x, v.lat_pixel.y], uv, atol=1e-3)

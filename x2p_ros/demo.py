@@ -41,6 +41,7 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
     from . import metrics
     from .msg import VertebraArray
     from .ros.images import image_to_array
+    from .ros.messages import stamp_seconds
     from .ros.recording import McapRecorder
 
     out.mkdir(parents=True, exist_ok=True)
@@ -94,12 +95,11 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
         print(f"no localisation was published; logs: {out}/*.log")
         return 1
     # ground truth of each published pair: the newest truth stamped at or before the pair
-    stamp = lambda h: h.stamp.sec + 1e-9 * h.stamp.nanosec  # noqa: E731
-    truths = [(stamp(m.header), m) for _, m in got["ground_truth/poses"]]
+    truths = [(stamp_seconds(m.header), m) for _, m in got["ground_truth/poses"]]
     errors_all, latencies = [], []
     last_per_case = {}
     for t_recv, va in got["vertebrae"]:
-        truth_msgs = [m for t, m in truths if t <= stamp(va.header)]
+        truth_msgs = [m for t, m in truths if t <= stamp_seconds(va.header)]
         if not truth_msgs:
             continue
         truth = np.array([[p.position.x, p.position.y, p.position.z] for p in truth_msgs[-1].poses]) * 1000.0
@@ -107,7 +107,7 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
         pred = np.array([[v.position.x, v.position.y, v.position.z] for v in va.vertebrae]) * 1000.0
         errors = metrics.match_errors(pred, [v.present for v in va.vertebrae], truth)
         errors_all.append(errors)
-        latencies.append(t_recv * 1e-9 - stamp(va.header))
+        latencies.append(t_recv * 1e-9 - stamp_seconds(va.header))
         last_per_case[case] = (va, errors)
     print(f"\n{len(got['vertebrae'])} key frames localised; the last of each case:")
     print(f"   {'case':<6}{'label':<7}{'present':<9}{'conf':>6}{'3D error mm':>13}")

@@ -38,23 +38,23 @@ class Pairer:
             if old is not None and (view, old.stamp) not in self._paired:
                 self.unpaired += 1
             self.latest[view] = frame
-            if len(self.latest) < 2:
-                return None
-            ap, lat = self.latest["ap"], self.latest["lat"]
-            if abs(ap.stamp - lat.stamp) > self.slop:
-                return None
-            self._paired = {("ap", ap.stamp), ("lat", lat.stamp)}
-            return Pair(max(ap.stamp, lat.stamp), {"ap": ap, "lat": lat})
+            pair = self._pair_of_latest()
+            if pair is not None:
+                self._paired = {(v, f.stamp) for v, f in pair.frames.items()}
+            return pair
 
     def newest_pair(self) -> Pair | None:
         """The newest synchronised pair, if the newest frames make one."""
         with self._lock:
-            if len(self.latest) < 2:
-                return None
-            ap, lat = self.latest["ap"], self.latest["lat"]
-            if abs(ap.stamp - lat.stamp) > self.slop:
-                return None
-            return Pair(max(ap.stamp, lat.stamp), {"ap": ap, "lat": lat})
+            return self._pair_of_latest()
+
+    def _pair_of_latest(self) -> Pair | None:
+        if len(self.latest) < 2:
+            return None
+        ap, lat = self.latest["ap"], self.latest["lat"]
+        if abs(ap.stamp - lat.stamp) > self.slop:
+            return None
+        return Pair(max(ap.stamp, lat.stamp), {"ap": ap, "lat": lat})
 
 
 def thumbnail(image: np.ndarray, size: int = 32) -> np.ndarray:

@@ -13,7 +13,6 @@ import rclpy
 from geometry_msgs.msg import PointStamped, PoseArray, TransformStamped
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
-from std_msgs.msg import Header
 
 from .. import geometry
 from ..data import case_io
@@ -74,11 +73,6 @@ class CarmSim(Node):
     def _now(self):
         return self.get_clock().now().nanoseconds * 1e-9
 
-    def _header(self, stamp: float, frame_id: str) -> Header:
-        h = Header(frame_id=frame_id)
-        h.stamp.sec, h.stamp.nanosec = int(stamp), int(round((stamp - int(stamp)) * 1e9)) % 1_000_000_000
-        return h
-
     def _P(self, view):
         """P of the current frame: the case's view moved by this frame's shift."""
         return geometry.apply_pixel_transform(geometry.crop_transform(*-self.shift[view]), self.case.views[view].P)
@@ -86,20 +80,20 @@ class CarmSim(Node):
     def _publish_calibration(self, stamp):
         for v in VIEWS:
             info, pose = messages.calibration_messages(self._P(v), self.case.views[v].size,
-                                                       self._header(stamp, self.p["reference_frame"]), f"{v}_optical")
+                                                       messages.header(stamp, self.p["reference_frame"]), f"{v}_optical")
             self.pub_info[v].publish(info)
             self.pub_pose[v].publish(pose)
 
     def _publish_case(self, stamp):
         case = self.case
-        header = self._header(stamp, self.p["reference_frame"])
+        header = messages.header(stamp, self.p["reference_frame"])
         labels = levels_below(case.labels[0], len(case.labels)) if case.labels else []
         truth = [Vertebra(i, label, True, 1.0, xyz) for i, (xyz, label) in enumerate(zip(case.xyz_mm, labels))]
         self.pub_truth.publish(messages.pose_array(header, truth))
         if self.p["publish_prompts"] and case.labels:
             for v in VIEWS:
                 u, vv = geometry.project(self._P(v), case.xyz_mm[:1])[0] + self.rng.uniform(-3, 3, size=2)
-                msg = PointStamped(header=self._header(stamp, f"{v}_optical"))
+                msg = PointStamped(header=messages.header(stamp, f"{v}_optical"))
                 msg.point.x, msg.point.y = float(u), float(vv)
                 self.pub_prompt[v].publish(msg)
 
@@ -128,7 +122,7 @@ class CarmSim(Node):
                 image += self.rng.normal(0, self.p["noise"] * 65535, size=image.shape)
             stamp = now + (self.p["lat_delay_s"] if v == "lat" else 0.0)
             out = np.clip(image, 0, 65535).astype(np.uint16)
-            self.pub_image[v].publish(messages.image_message(self._header(stamp, f"{v}_optical"), out))
+            self.pub_image[v].publish(messages.image_message(messages.header(stamp, f"{v}_optical"), out))
         self.frames += 1
 
 

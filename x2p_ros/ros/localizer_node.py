@@ -42,10 +42,6 @@ LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durabi
 RELIABLE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
 
-def _stamp(header) -> float:
-    return header.stamp.sec + 1e-9 * header.stamp.nanosec
-
-
 def _float_range(lo, hi, text):
     return ParameterDescriptor(description=text, floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi)])
 
@@ -293,7 +289,7 @@ class LocalizerNode(LifecycleNode):
         except ImageError as e:
             self._report(source, str(e))
             return
-        stamp = _stamp(msg.header)
+        stamp = messages.stamp_seconds(msg.header)
         max_age = self.get_parameter("max_image_age_s").value
         age = self.get_clock().now().nanoseconds * 1e-9 - stamp
         if max_age > 0 and age > max_age:
@@ -379,9 +375,7 @@ class LocalizerNode(LifecycleNode):
         if not self.active:
             return
         started = time.perf_counter()
-        header = Header(frame_id=self.get_parameter("reference_frame").value)
-        header.stamp.sec = int(pair.stamp)
-        header.stamp.nanosec = int(round((pair.stamp - int(pair.stamp)) * 1e9)) % 1_000_000_000
+        header = messages.header(pair.stamp, self.get_parameter("reference_frame").value)
         self.pub_poses.publish(messages.pose_array(header, vertebrae))
         self.pub_markers.publish(messages.marker_array(header, vertebrae))
         self.pub_vertebrae.publish(messages.vertebra_array(header, vertebrae, job["reference_level"]))

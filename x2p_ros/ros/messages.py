@@ -15,6 +15,18 @@ M_PER_MM = 1e-3
 TEXT_ID, LINE_ID = 1000, 2000  # marker ids: spheres use the vertebra index
 
 
+def header(stamp: float, frame_id: str) -> Header:
+    """A header stamped `stamp` seconds."""
+    h = Header(frame_id=frame_id)
+    h.stamp.sec = int(stamp)
+    h.stamp.nanosec = int(round((stamp - int(stamp)) * 1e9)) % 1_000_000_000
+    return h
+
+
+def stamp_seconds(h: Header) -> float:
+    return h.stamp.sec + 1e-9 * h.stamp.nanosec
+
+
 def _point(xyz_mm) -> Point:
     x, y, z = (float(c) * M_PER_MM for c in xyz_mm)
     return Point(x=x, y=y, z=z)
