@@ -106,6 +106,23 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     assert "total" in capsys.readouterr().out
 
 
+def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_config(small_data, tmp_path, capsys):
+    args = ["train", "--data", str(small_data), "--workers", "0", "--quiet", "--epochs", "1"]
+    assert main(args + ["--config", "tiny", "--out", str(tmp_path / "a")]) == 0
+    start = checkpoint.read(tmp_path / "a" / "best.pt")["model"]
+    # another seed (other initial weights) and a learning rate of zero: the
+    # fine-tuned weights are exactly the ones it started from
+    assert main(args + ["--config", "tiny", "--out", str(tmp_path / "b"), "--lr", "0", "--seed", "1",
+                        "--init", str(tmp_path / "a" / "best.pt")]) == 0
+    tuned = checkpoint.read(tmp_path / "b" / "best.pt")
+    assert tuned["meta"]["init"] == str(tmp_path / "a" / "best.pt")
+    for name, weights in start.items():
+        torch.testing.assert_close(tuned["model"][name], weights)
+    capsys.readouterr()
+    assert main(args + ["--config", "cpu", "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a" / "best.pt")]) == 2
+    assert "trained with another config than 'cpu'" in capsys.readouterr().err
+
+
 def test_data_parallel_training_through_torchrun(small_data, tmp_path):
     import os
     import subprocess

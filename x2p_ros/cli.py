@@ -51,7 +51,7 @@ def _train(args):
     import os
     best = train(args.data, args.config, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  workers=args.workers, device=args.device, seed=args.seed, time_limit_min=args.time_limit,
-                 progress=not args.quiet)
+                 progress=not args.quiet, init=args.init)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 validates and writes
         print(f"best validation: {json.dumps(best)}")
     return 0
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=None, help="minutes; stop after the epoch that passes it")
+    p.add_argument("--init", help="checkpoint of the same config to start from (fine-tune, new schedule)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)
 

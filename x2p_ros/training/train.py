@@ -1,6 +1,8 @@
 """`x2p train`: end-to-end training of X2P-Net (AdamW, weight decay 0.05), one
 process or several through torchrun (DistributedDataParallel). Resumable: every
-epoch writes RUN/last.pt, and a run that finds it continues from there."""
+epoch writes RUN/last.pt, and a run that finds it continues from there. With
+init, training starts from another run's weights (a fine-tune with a new
+schedule)."""
 from __future__ import annotations
 
 import csv
@@ -62,7 +64,7 @@ def validate(model, loader, device) -> dict:
 
 def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int = 2, lr: float = 5e-4,
           workers: int = 2, device: str = "auto", seed: int = 0, time_limit_min: float | None = None,
-          progress: bool = True, **config_overrides) -> dict:
+          progress: bool = True, init: str | None = None, **config_overrides) -> dict:
     rank, world, local_rank = _distributed()
     dev = _device(device, local_rank)
     torch.manual_seed(seed)
@@ -78,6 +80,11 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
     val_loader = DataLoader(val_set, batch_size=batch_size, num_workers=0)
 
     model = X2PNet(cfg).to(dev)
+    if init is not None:  # fine-tuning: another run's weights, a fresh optimizer and schedule
+        state = checkpoint.read(init)
+        if state["config"] != cfg.to_dict():
+            raise checkpoint.CheckpointError(f"{init} was trained with another config than {config!r}")
+        model.load_state_dict(state["model"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     total_steps = max(epochs * len(loader), 1)
     warmup = min(200, total_steps // 10 + 1)
@@ -130,7 +137,8 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
             _append_log(out / "log.csv", row)
             if row["val_mpe_mm"] < best["val_mpe_mm"]:
                 best = {"val_mpe_mm": row["val_mpe_mm"], "val_pcl10": row["val_pcl10"], "epoch": epoch}
-                checkpoint.save(out / "best.pt", model, meta={"config_name": config, "data": str(data), **best})
+                checkpoint.save(out / "best.pt", model, meta={"config_name": config, "data": str(data), "init": init,
+                                                               **best})
             checkpoint.save(out / "last.pt", model, meta={"config_name": config}, optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), epoch=epoch, step=step, best=best)
             _plot_log(out / "log.csv", out / "loss.png")
