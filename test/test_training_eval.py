@@ -32,6 +32,19 @@ def test_match_errors_pairs_by_index_and_counts_absent_predictions_as_misses():
     assert np.isinf(metrics.match_errors(pred[:1], [True], gt)[1:]).all()  # fewer predictions than ground truth
 
 
+def test_report_groups_3d_errors_by_level_and_by_field_kind():
+    from x2p_ros.training.evaluate import field_kind, report
+    short, long = field_kind(4), field_kind(8)
+    assert short != long and field_kind(6) == short and field_kind(7) == long
+    errors = {"3d": np.array([1.0, 3.0, np.inf, 10.0, 30.0]), "ap": [], "lat": [],
+              "levels": ["L1", "L2", "L3", "L1", "L2"], "fields": [short] * 3 + [long] * 2}
+    result = report(errors)
+    assert result["by_field_3d_mm"][short]["mpe"] == 2.0 and result["by_field_3d_mm"][short]["missed"] == 1
+    assert result["by_field_3d_mm"][long]["mpe"] == 20.0 and result["by_field_3d_mm"][long]["pcl@10"] == 0.5
+    levels = result["per_level_mpe_mm"]
+    assert levels["L1"] == 5.5 and levels["L2"] == 16.5 and np.isnan(levels["L3"])  # L3: never found
+
+
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     torch.manual_seed(0)
     model = X2PNet(preset("tiny"))
@@ -182,6 +195,24 @@ def test_long_film_sliding_window_finds_every_vertebra_once():
     np.testing.assert_allclose([f.xyz_mm for f in present], xyz, atol=1e-9)
     assert [f.index for f in present] == list(range(12))
     assert [f.label for f in present][:3] == ["T1", "T2", "T3"]
+
+
+@pytest.mark.parametrize("count, windows", [(7, 2), (4, 2), (3, 1)])
+def test_a_square_view_with_more_than_n_vertebrae_continues_below_the_last_one(count, windows):
+    """N = 4: a full chain in the first window goes on in a second, smaller one from the
+    last vertebra found; a chain that ends inside the first window does not."""
+    from x2p_ros.data.synth import carm_view
+    cfg = preset("tiny", n_vertebrae=4)
+    Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
+    xyz = np.array([[0.0, 0.0, z] for z in np.linspace(40, -40, 7)])[:count]
+    net = OracleNet(xyz, cfg)
+    images = {v: np.random.default_rng(0).random((64, 64)).astype(np.float32) for v in Ps}
+    found = Localizer(net, presence_threshold=0.5).localize(images, Ps, {v: geometry.project(Ps[v], xyz[:1])[0]
+                                                                           for v in Ps})
+    present = [f for f in found if f.present]
+    assert net.calls == windows
+    np.testing.assert_allclose([f.xyz_mm for f in present], xyz, atol=1e-9)
+    assert [f.index for f in present] == list(range(count))
 
 
 @pytest.mark.parametrize("change, message", [

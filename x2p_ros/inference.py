@@ -4,7 +4,10 @@ evaluation and the ROS node all go through Localizer.localize.
 
 Long films: a view taller than it is wide goes through square windows down the
 image; the lowest vertebra found in one window is the prompt of the next, and
-the windows' results are merged without duplicates."""
+the windows' results are merged without duplicates. A view that shows more
+than the model's N vertebrae in one patch goes on the same way: when all N are
+found, a smaller window (the share of the image that training crops cover)
+from just above the last one found gives the next N."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from .model import X2PNet, checkpoint
 
 VIEWS = ("ap", "lat")
 TALL = 1.25  # height / width above which a view is a long film
+CONTINUATION_SIDE = 0.7  # the continuation window's side as a share of the image (training crops: 0.7-1)
 
 
 class InputError(ValueError):
@@ -76,15 +80,19 @@ class Localizer:
         model, _ = checkpoint.load_model(path, device)
         return cls(model, device, presence_threshold, bf16)
 
-    def _boxes(self, images, prompts):
+    def _boxes(self, images, prompts, first: bool):
         boxes = {}
         for view in VIEWS:
             h, w = images[view].shape
+            (px, py) = prompts[view]
             if h > TALL * w:  # long film: a w x w window from just above the prompt
-                y0 = float(np.clip(prompts[view][1] - 0.1 * w, 0, h - w))
-                boxes[view] = (0.0, y0, float(w))
-            else:
+                boxes[view] = (0.0, float(np.clip(py - 0.1 * w, 0, h - w)), float(w))
+            elif first:
                 boxes[view] = preprocess.full_box(w, h)
+            else:  # the chain goes on past N vertebrae: a smaller window from just above the last one
+                side = CONTINUATION_SIDE * min(w, h)
+                boxes[view] = (float(np.clip(px - side / 2, 0, w - side)), float(np.clip(py - 0.1 * side, 0, h - side)),
+                               side)
         return boxes
 
     @torch.no_grad()
@@ -121,7 +129,8 @@ class Localizer:
         first_window = None
         offset = 0
         while True:
-            boxes = self._boxes(images, prompts)
+            first = first_window is None
+            boxes = self._boxes(images, prompts, first)
             xyz, presence, heat = self._run_window(images, Ps, prompts, boxes)
             first_window = first_window or (xyz, presence, heat)
             present = presence > self.threshold
@@ -131,8 +140,10 @@ class Localizer:
                     continue  # the window above found it already
                 found.append(self._vertebra(offset + k, True, presence[k], xyz[k], heat, k, Ps))
             tall = any(images[v].shape[0] > TALL * images[v].shape[1] for v in VIEWS)
-            at_bottom = all(boxes[v][1] + boxes[v][2] >= images[v].shape[0] - 1 for v in VIEWS)
-            if not tall or at_bottom or n_chain < 2:
+            # the first window of a view that fits one patch holds all of it, bottom included
+            at_bottom = all(boxes[v][1] + boxes[v][2] >= images[v].shape[0] - 1 for v in VIEWS) \
+                and (tall or not first)
+            if at_bottom or n_chain < 2 or not (tall or n_chain == len(present)):
                 break
             next_prompts = {v: found[-1].pixels[v] for v in VIEWS}
             if all(next_prompts[v][1] <= prompts[v][1] + 1 for v in VIEWS):

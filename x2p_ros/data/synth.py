@@ -30,7 +30,11 @@ class SynthConfig:
     shift_mm: float = 10.0
     photons: tuple[float, float] = (1e4, 2e5)  # per pixel in air, log-uniform
     scatter: tuple[float, float] = (0.0, 0.15)
-    short_field_share: float = 0.6  # C-arm-like fields of 3-6 vertebrae; the rest 7-24
+    short_field_share: float = 0.6  # C-arm-like fields (image intensifier) of short_field vertebrae
+    short_field: tuple[int, int] = (3, 6)
+    # the rest (flat panels, thoracic and cervical fields): at most the model's
+    # N = 10 per patch (DESIGN.md); longer spines are tall films for the sliding window
+    long_field: tuple[int, int] = (7, 10)
 
 
 def _rotation(yaw, pitch, roll) -> np.ndarray:
@@ -92,10 +96,8 @@ def render_pair(volume, vertebrae: list[dict], centre, fov: float, rng: np.rando
 def make_case(seed: int, config: SynthConfig = SynthConfig(), device: str = "cpu"):
     """Everything of one case from its own seed: (images, Ps, spacings, vertebrae, info)."""
     rng = np.random.default_rng(seed)
-    if rng.random() < config.short_field_share:
-        n_visible = int(rng.integers(3, 7))
-    else:
-        n_visible = int(rng.integers(7, 25))
+    low, high = config.short_field if rng.random() < config.short_field_share else config.long_field
+    n_visible = int(rng.integers(low, high + 1))
     first = int(rng.integers(0, len(CHAIN) - n_visible + 1))
     rendered = CHAIN[max(first - 1, 0):min(first + n_visible + 1, len(CHAIN))]
     spec = PhantomSpec.sample(rng, rendered)

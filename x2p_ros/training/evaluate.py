@@ -16,9 +16,17 @@ from ..data import case_io
 from ..inference import VIEWS, Localizer
 
 
+SHORT_FIELD = 6  # at most this many vertebrae: a C-arm-like field (the data engine's short fields: 3-6)
+
+
+def field_kind(n_vertebrae: int) -> str:
+    return f"short field (3-{SHORT_FIELD})" if n_vertebrae <= SHORT_FIELD else f"long field ({SHORT_FIELD + 1}+)"
+
+
 def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0)) -> dict:
-    """Per-case errors: {'3d': [...], 'ap': [...], 'lat': [...], 'levels': [...]} concatenated over cases."""
-    errors = {"3d": [], "ap": [], "lat": [], "levels": []}
+    """Errors concatenated over cases: {'3d', 'ap', 'lat'} arrays and, per 3D
+    error, its level and its case's field kind ('levels', 'fields')."""
+    errors = {"3d": [], "ap": [], "lat": [], "levels": [], "fields": []}
     for name in names:
         case = case_io.read_case(Path(root) / name)
         if not case.labels:
@@ -35,7 +43,8 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
             if found and found[0].heatmap_pixels:
                 errors[v].append(metrics.match_errors([f.heatmap_pixels[v] for f in found], present, gt_px[v]))
         errors["levels"] += case.labels
-    return {k: (np.concatenate(v) if k != "levels" and v else v) for k, v in errors.items()}
+        errors["fields"] += [field_kind(len(case.labels))] * len(case.labels)
+    return {k: (np.concatenate(v) if k not in ("levels", "fields") and v else v) for k, v in errors.items()}
 
 
 def report(errors: dict) -> dict:
@@ -48,6 +57,10 @@ def report(errors: dict) -> dict:
         levels.setdefault(level, []).append(e)
     out["per_level_mpe_mm"] = {k: metrics.mpe(v) for k, v in levels.items()}
     out["per_level_missed"] = {k: int(np.sum(~np.isfinite(v))) for k, v in levels.items()}
+    fields = {}
+    for kind, e in zip(errors["fields"], errors["3d"]):
+        fields.setdefault(kind, []).append(e)
+    out["by_field_3d_mm"] = {k: metrics.summary(np.array(v)) for k, v in sorted(fields.items(), reverse=True)}
     return out
 
 
