@@ -72,6 +72,12 @@ def test_resumed_generation_keeps_finished_cases(dataset, tmp_path):
     synthesize(root, 6, seed=3, config=SynthConfig(size=192), workers=1, progress=False)
     assert (root / "case_00002" / "ap.png").stat().st_mtime_ns == before
     assert case_io.read_case(root / "case_00004").labels
+    # completing it with another recipe would mix two data sets: refused, nothing touched
+    for seed, config in ((4, SynthConfig(size=192)), (3, SynthConfig(size=192, long_field=(7, 12)))):
+        with pytest.raises(case_io.DatasetError, match="another seed or synthesis config"):
+            synthesize(root, 7, seed=seed, config=config, workers=1, progress=False)
+    assert not (root / "case_00006").exists()
+    assert (root / "case_00002" / "ap.png").stat().st_mtime_ns == before
 
 
 def test_ground_truth_triangulates_back_from_the_projections(dataset):

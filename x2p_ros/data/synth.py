@@ -147,6 +147,12 @@ def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig
     from tqdm import tqdm
 
     out = Path(out)
+    earlier = out / "dataset.json"
+    if earlier.is_file():  # completing an earlier run: only with the same recipe, or the set would mix two
+        made = json.loads(earlier.read_text())
+        if made.get("seed") != seed or made.get("config") != json.loads(json.dumps(asdict(config))):
+            raise case_io.DatasetError(f"{out} was made with another seed or synthesis config; "
+                                       f"use a new folder (or delete this one)")
     out.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
     threads = max(1, (os.cpu_count() or 1) // workers)

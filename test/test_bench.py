@@ -1,0 +1,38 @@
+"""`make bench`'s accuracy, latency and goals sections on two tiny seeded
+models: the rows carry the evaluation's own numbers for both methods and both
+field kinds, and the goals table says what was met."""
+import tempfile
+
+import torch
+
+from x2p_ros import bench
+from x2p_ros.model import X2PNet, checkpoint, preset
+from x2p_ros.training.evaluate import evaluate
+
+
+def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the test split's cache
+    torch.manual_seed(0)
+    ckpts = {}
+    for label, config in (("X2P-Net", preset("tiny")), ("lifting baseline", preset("tiny", lifting=True))):
+        ckpts[label] = checkpoint.save(tmp_path / f"{label}.pt", X2PNet(config), meta={"config_name": "tiny"})
+    lines = bench.bench_models(ckpts, 3, reference_configs={bench.PAPER_CONFIG_LATENCY: "tiny"})
+    report = "\n".join(lines)
+
+    data = bench.test_split(64, 3)
+    assert sorted(p.name for p in data.iterdir() if p.is_dir()) == ["case_00000", "case_00001", "case_00002"]
+    for label, path in ckpts.items():
+        r = evaluate(data, path, split="test", sweep=True)
+        m = r["3d_mm"]
+        assert f"| {label}, all | {100 * m['pcl@10']:.1f} | {100 * m['pcl@20']:.1f} | {m['mpe']:.2f} |" in report
+        assert f"({m['missed']}) |" in report
+        for kind, f in r["by_field_3d_mm"].items():
+            assert f"| {label}, {kind} | {100 * f['pcl@10']:.1f} |" in report
+        assert f"| {label} | {r['prompt_sweep_max_mpe_change_mm']:.3f} |" in report
+    for row in ("X2P-Net (shipped) | 64", "X2P-Net, same architecture | 512", "lifting baseline (shipped) | 64",
+                f"{bench.PAPER_CONFIG_LATENCY} | 64"):
+        assert f"| cpu | {row} |" in report
+    ours = evaluate(data, ckpts["X2P-Net"], split="test")["3d_mm"]
+    met = "yes" if ours["mpe"] <= 3.0 else "no"
+    assert f"| 3D MPE at most 3.0 mm | {ours['mpe']:.2f} mm | {met} |" in report
+    assert "| at most 20 ms and 1.5 GB per 512 x 512 pair on " in report
