@@ -1,8 +1,9 @@
-"""Copies a run's best checkpoint to x2p_ros/models/default.pt and records its
-provenance beside it (default.json): config, training data and seed, validation
-metrics, the commit it was trained at, the machine.
+"""Copies a run's best checkpoint to x2p_ros/models/NAME.pt (default.pt: the
+package's model; baseline.pt: the lifting baseline for `make bench`) and
+records its provenance beside it (NAME.json): config, training data and seed,
+the run it was fine-tuned from, validation metrics, the commit, the machine.
 
-  python tools/ship_model.py runs/default-cpu data/bispinex-256-s1000"""
+  python tools/ship_model.py runs/default-cpu data/bispinex-256-s1000 [default|baseline]"""
 import csv
 import json
 import platform
@@ -15,10 +16,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from x2p_ros.model import checkpoint  # noqa: E402
-from x2p_ros.models import default_checkpoint  # noqa: E402
+from x2p_ros.models import baseline_checkpoint, default_checkpoint  # noqa: E402
+
+TARGETS = {"default": default_checkpoint, "baseline": baseline_checkpoint}
 
 
-def main(run: str, data: str) -> int:
+def main(run: str, data: str, name: str = "default") -> int:
+    if name not in TARGETS:
+        raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
     run, data = Path(run), Path(data)
     payload = checkpoint.read(run / "best.pt")
     model, meta = checkpoint.load_model(run / "best.pt")
@@ -29,16 +34,18 @@ def main(run: str, data: str) -> int:
         "config": meta.get("config_name"), "config_values": payload["config"],
         "training_data": {"generator": "x2p data synth", "cases": dataset["cases"], "seed": dataset["seed"],
                           "size": dataset["config"]["size"], "folder": data.name,
-                          "vertebrae_per_case": dataset["vertebrae_per_case"]},
-        "training": {"epochs_run": len(log), "best_epoch": meta.get("epoch"), "optimizer": "AdamW wd 0.05",
+                          "vertebrae_per_case": dataset["vertebrae_per_case"], "synth_config": dataset["config"]},
+        "training": {"epochs_run": len(log), "best_epoch": meta.get("epoch"), "fine_tuned_from": meta.get("init"),
+                     "optimizer": "AdamW wd 0.05",
                      "seconds": float(log[-1]["seconds"]) if log else None, "device": "cpu",
                      "machine": f"{platform.machine()}, torch {torch.__version__}"},
         "validation": {"mpe_mm": meta.get("val_mpe_mm"), "pcl10": meta.get("val_pcl10")},
         "commit": commit,
     }
-    target = default_checkpoint()
+    target = TARGETS[name]()
     checkpoint.save(target, model, meta={"config_name": meta.get("config_name"),
-                                         "note": f"trained on the CPU, {len(log)} epochs, commit {commit[:10]}",
+                                         "note": f"trained on the CPU, {len(log)} epochs (best: epoch "
+                                                 f"{meta.get('epoch')}), commit {commit[:10]}",
                                          **record["validation"]})
     target.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(f"shipped {target} ({target.stat().st_size / 1e6:.1f} MB): {json.dumps(record['validation'])}")
