@@ -10,7 +10,7 @@ from x2p_ros import metrics
 from x2p_ros.data import case_io
 from x2p_ros.data.synth import SynthConfig, synthesize
 from x2p_ros.inference import VIEWS, Localizer
-from x2p_ros.models import default_checkpoint
+from x2p_ros.models import baseline_checkpoint, default_checkpoint
 
 
 def carm_like_seed(tmp_path, size, first=3000):
@@ -24,9 +24,14 @@ def carm_like_seed(tmp_path, size, first=3000):
     raise AssertionError("no C-arm-like case in 20 seeds")
 
 
-def test_the_shipped_model_has_its_provenance_beside_it():
-    meta = json.loads(default_checkpoint().with_suffix(".json").read_text())
+@pytest.mark.parametrize("path, lifting", [(default_checkpoint(), False), (baseline_checkpoint(), True)])
+def test_the_shipped_models_load_and_have_their_provenance_beside_them(path, lifting):
+    meta = json.loads(path.with_suffix(".json").read_text())
     assert {"config", "training_data", "validation", "commit"} <= set(meta)
+    localizer = Localizer.from_checkpoint(path)
+    assert localizer.config.to_dict() == {**meta["config_values"], "volume_shape": tuple(meta["config_values"]
+                                                                                        ["volume_shape"])}
+    assert localizer.config.lifting is lifting  # default.pt is X2P-Net, baseline.pt the lifting baseline
 
 
 def test_the_shipped_model_localises_a_fresh_case_within_10mm(tmp_path):
