@@ -29,13 +29,18 @@ def main(run: str, data: str, name: str = "default") -> int:
     model, meta = checkpoint.load_model(run / "best.pt")
     dataset = json.loads((data / "dataset.json").read_text())
     log = list(csv.DictReader((run / "log.csv").open()))
+    init = meta.get("init")  # a fine-tune: count the epochs of the run it started from
+    init_log = Path(init).parent / "log.csv" if init else None
+    prior = len(list(csv.DictReader(init_log.open()))) if init_log and init_log.is_file() else 0
+    epochs = f"{prior} + {len(log)} epochs (fine-tuned from {init})" if init else f"{len(log)} epochs"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     record = {
         "config": meta.get("config_name"), "config_values": payload["config"],
         "training_data": {"generator": "x2p data synth", "cases": dataset["cases"], "seed": dataset["seed"],
                           "size": dataset["config"]["size"], "folder": data.name,
                           "vertebrae_per_case": dataset["vertebrae_per_case"], "synth_config": dataset["config"]},
-        "training": {"epochs_run": len(log), "best_epoch": meta.get("epoch"), "fine_tuned_from": meta.get("init"),
+        "training": {"epochs_run": len(log), "best_epoch": meta.get("epoch"), "fine_tuned_from": init,
+                     "epochs_before_fine_tune": prior,
                      "optimizer": "AdamW wd 0.05",
                      "seconds": float(log[-1]["seconds"]) if log else None, "device": "cpu",
                      "machine": f"{platform.machine()}, torch {torch.__version__}"},
@@ -44,8 +49,8 @@ def main(run: str, data: str, name: str = "default") -> int:
     }
     target = TARGETS[name]()
     checkpoint.save(target, model, meta={"config_name": meta.get("config_name"),
-                                         "note": f"trained on the CPU, {len(log)} epochs (best: epoch "
-                                                 f"{meta.get('epoch')}), commit {commit[:10]}",
+                                         "note": f"trained on the CPU, {epochs}, best at epoch "
+                                                 f"{meta.get('epoch')}, commit {commit[:10]}",
                                          **record["validation"]})
     target.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(f"shipped {target} ({target.stat().st_size / 1e6:.1f} MB): {json.dumps(record['validation'])}")
