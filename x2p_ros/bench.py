@@ -92,9 +92,21 @@ def bench_latency(config: dict, device: str, repeats: int = 10) -> tuple[float, 
                 torch.cuda.synchronize()
             if i >= 2:
                 times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else resident_peak_mb()
     return float(np.median(times)), peak
+
+
+def resident_peak_mb() -> float:
+    """This process's resident peak. Linux's VmHWM belongs to the address space, so
+    it starts afresh in a spawned process; ru_maxrss would carry the parent's
+    peak over fork and exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def latency_in_fresh_process(config: dict, device: str) -> tuple[float, float]:
