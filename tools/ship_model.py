@@ -25,7 +25,6 @@ def main(run: str, data: str, name: str = "default") -> int:
     if name not in TARGETS:
         raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
     run, data = Path(run), Path(data)
-    payload = checkpoint.read(run / "best.pt")
     model, meta = checkpoint.load_model(run / "best.pt")
     dataset = json.loads((data / "dataset.json").read_text())
     log = list(csv.DictReader((run / "log.csv").open()))
@@ -35,7 +34,7 @@ def main(run: str, data: str, name: str = "default") -> int:
     epochs = f"{prior} + {len(log)} epochs (fine-tuned from {init})" if init else f"{len(log)} epochs"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     record = {
-        "config": meta.get("config_name"), "config_values": payload["config"],
+        "config": meta.get("config_name"), "config_values": model.config.to_dict(),
         "training_data": {"generator": "x2p data synth", "cases": dataset["cases"], "seed": dataset["seed"],
                           "size": dataset["config"]["size"], "folder": data.name,
                           "vertebrae_per_case": dataset["vertebrae_per_case"], "synth_config": dataset["config"]},

@@ -30,7 +30,9 @@ from .data.synth import SynthConfig, make_case, synthesize
 from .model import preset
 from .model.summary import example_inputs, model_summary
 
-PAPER = {"params": 3.24e6, "gmacs": 130.8, "pcl10": 96.9, "pcl20": 98.8, "mpe": 2.99, "auc": 0.9923}
+# the paper's BiSpineX figures at 512 x 512: PCL@10, PCL@20, MPE mm, AUC, 2D MPE LAT / AP px
+PAPER_ROWS = {"X2P-Net (paper, BiSpineX, 512 px)": (96.9, 98.8, 2.99, 0.9923, "5.84 / 6.14"),
+              "SCN-Net + triangulation (paper's lifting baseline, 512 px)": (90.5, 92.6, 8.94, 0.9274, "3.78 / 4.96")}
 TEST_SEED = 777  # the held-out test split: never used for training (training seeds: 1000 and up)
 
 
@@ -234,7 +236,8 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
               f"(`x2p data synth --cases {test_cases} --size {'/'.join(map(str, sizes))} --seed {TEST_SEED}`), "
               "evaluated with `x2p evaluate --split test --sweep` and the ground-truth top-most vertebra as the "
               "prompt. MPE is over the vertebrae found; a vertebra not found counts as a miss in PCL and AUC. "
-              "Short fields (3-6 vertebrae) are C-arm-like; long fields show 7-10.", "",
+              "Short fields ({}-{} vertebrae) are C-arm-like; long fields show {}-{}.".format(
+                  *SynthConfig.short_field, *SynthConfig.long_field), "",
               "| method | PCL@10mm | PCL@20mm | MPE mm | AUC | 2D MPE LAT / AP px | vertebrae (missed) |",
               "|---|---|---|---|---|---|---|"]
     for label, r in results.items():
@@ -242,10 +245,7 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
         lines.append(_metric_row(f"{label}, all", r["3d_mm"], two_d))
         for kind, m in r["by_field_3d_mm"].items():
             lines.append(_metric_row(f"{label}, {kind}", m))
-    lines.append(f"| X2P-Net (paper, BiSpineX, 512 px) | {PAPER['pcl10']} | {PAPER['pcl20']} | {PAPER['mpe']} | "
-                 f"{PAPER['auc']} | 5.84 / 6.14 | |")
-    lines.append("| SCN-Net + triangulation (paper's lifting baseline, 512 px) | 90.5 | 92.6 | 8.94 | 0.9274 | "
-                 "3.78 / 4.96 | |")
+    lines += [f"| {label} | {' | '.join(map(str, row))} | |" for label, row in PAPER_ROWS.items()]
     lines += ["", "2D errors are the heatmap peaks' in the input image's pixels (256 x 256 here, 512 x 512 in the "
               "paper).", "", "Prompt displaced by up to 20 px along x and 10 px along y (at 512 px; scaled to the "
               "input size): largest change of the 3D MPE over the displacements (paper: under 0.06 mm).", "",
@@ -277,7 +277,7 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
 
 
 def goals_section(results: dict, latency: dict) -> list[str]:
-    (ours, r), (base, b) = list(results.items())[:2]
+    r, b = list(results.values())[:2]  # X2P-Net, the baseline
     m, mb = r["3d_mm"], b["3d_mm"]
     cpu = latency.get(("cpu", PAPER_CONFIG_LATENCY))
     lines = ["## The goals (issue 5)", "", "| goal | measured | met |", "|---|---|---|",
@@ -288,7 +288,7 @@ def goals_section(results: dict, latency: dict) -> list[str]:
              f"{'yes' if m['mpe'] < mb['mpe'] else 'no'} |",
              f"| prompt displacement changes the MPE by under 0.2 mm | {r['prompt_sweep_max_mpe_change_mm']:.2f} mm | "
              f"{'yes' if r['prompt_sweep_max_mpe_change_mm'] < 0.2 else 'no'} |",
-             f"| at most 1.5 s per 512 x 512 pair on this CPU (`paper` config) | "
+             "| at most 1.5 s per 512 x 512 pair on this CPU (`paper` config) | "
              + (f"{cpu[0]:.2f} s | {'yes' if cpu[0] <= 1.5 else 'no'} |" if cpu else "not measured | - |")]
     gpu = latency.get(("cuda", PAPER_CONFIG_LATENCY))
     if gpu:

@@ -128,6 +128,7 @@ class Localizer:
         found: list[Vertebra] = []
         first_window = None
         offset = 0
+        tall = any(images[v].shape[0] > TALL * images[v].shape[1] for v in VIEWS)
         while True:
             first = first_window is None
             boxes = self._boxes(images, prompts, first)
@@ -139,11 +140,12 @@ class Localizer:
                 if offset + k < len(found):
                     continue  # the window above found it already
                 found.append(self._vertebra(offset + k, True, presence[k], xyz[k], heat, k, Ps))
-            tall = any(images[v].shape[0] > TALL * images[v].shape[1] for v in VIEWS)
-            # the first window of a view that fits one patch holds all of it, bottom included
-            at_bottom = all(boxes[v][1] + boxes[v][2] >= images[v].shape[0] - 1 for v in VIEWS) \
-                and (tall or not first)
-            if at_bottom or n_chain < 2 or not (tall or n_chain == len(present)):
+            at_bottom = all(boxes[v][1] + boxes[v][2] >= images[v].shape[0] - 1 for v in VIEWS)
+            # a long film goes on down to its bottom; a view that fits one patch goes on
+            # only past a full chain of N, from the whole view (which reaches its bottom) into
+            # smaller windows until one reaches the bottom
+            go_on = not at_bottom if tall else n_chain == len(present) and (first or not at_bottom)
+            if not go_on or n_chain < 2:
                 break
             next_prompts = {v: found[-1].pixels[v] for v in VIEWS}
             if all(next_prompts[v][1] <= prompts[v][1] + 1 for v in VIEWS):

@@ -13,14 +13,16 @@ import numpy as np
 
 from .. import metrics
 from ..data import case_io
+from ..data.synth import SynthConfig
 from ..inference import VIEWS, Localizer
 
 
-SHORT_FIELD = 6  # at most this many vertebrae: a C-arm-like field (the data engine's short fields: 3-6)
+SHORT_FIELD = SynthConfig.short_field  # vertebrae in a C-arm-like field of the data engine
 
 
 def field_kind(n_vertebrae: int) -> str:
-    return f"short field (3-{SHORT_FIELD})" if n_vertebrae <= SHORT_FIELD else f"long field ({SHORT_FIELD + 1}+)"
+    low, high = SHORT_FIELD
+    return f"short field ({low}-{high})" if n_vertebrae <= high else f"long field ({high + 1}+)"
 
 
 def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0)) -> dict:

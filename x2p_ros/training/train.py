@@ -81,10 +81,7 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
 
     model = X2PNet(cfg).to(dev)
     if init is not None:  # fine-tuning: another run's weights, a fresh optimizer and schedule
-        state = checkpoint.read(init)
-        if state["config"] != cfg.to_dict():
-            raise checkpoint.CheckpointError(f"{init} was trained with another config than {config!r}")
-        model.load_state_dict(state["model"])
+        _load_weights(model, init, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     total_steps = max(epochs * len(loader), 1)
     warmup = min(200, total_steps // 10 + 1)
@@ -92,10 +89,7 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0))))
     start_epoch, step, best = 0, 0, {"val_mpe_mm": float("inf")}
     if (out / "last.pt").is_file():  # resume
-        state = checkpoint.read(out / "last.pt")
-        if state["config"] != cfg.to_dict():
-            raise checkpoint.CheckpointError(f"{out / 'last.pt'} was trained with another config; use a new --out")
-        model.load_state_dict(state["model"])
+        state = _load_weights(model, out / "last.pt", config)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
@@ -156,6 +150,16 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
     if world > 1:
         dist.destroy_process_group()
     return best
+
+
+def _load_weights(model, path, config_name: str) -> dict:
+    """Loads a checkpoint's weights into model, refusing one of another config; returns the checkpoint."""
+    state = checkpoint.read(path)
+    if state["config"] != model.config.to_dict():
+        raise checkpoint.CheckpointError(f"{path} was trained with another config than {config_name!r}; "
+                                         f"use a new --out or another checkpoint")
+    model.load_state_dict(state["model"])
+    return state
 
 
 def _append_log(path: Path, row: dict):
