@@ -10,6 +10,11 @@ downwards, and volume_width of that laterally and in depth.
 Pixel convention (DESIGN.md section 1) in grid_sample with align_corners=False:
 pixel centre u of a W-wide image is at x = (2u + 1) / W - 1 at every feature
 resolution; x always pairs with W and y with H.
+
+The geometry (frame, voxel centres, projections, sampling, soft-argmax) runs in
+float32 even under bf16 autocast: millimetre coordinates of a few hundred and
+pixel coordinates of a few hundred lose whole millimetres and pixels in bf16's
+8-bit mantissa, and a 1 mm step projected in bf16 can round to no step at all.
 """
 from __future__ import annotations
 
@@ -20,15 +25,22 @@ from torch import nn
 from .. import geometry
 
 TOP_MARGIN = 0.1  # share of the vertical extent kept above the prompt
+HEIGHT_RANGE_MM = (10.0, 3000.0)  # the vertical extent stays finite and positive whatever the geometry
 
 
 def volume_frame(P, image_hw, anchor, width: float):
-    """Axes (B, 3, 3) as columns e_x, e_y, e_z, and extents (B, 3) in mm along them."""
+    """Axes (B, 3, 3) as columns e_x, e_y, e_z, and extents (B, 3) in mm along them.
+
+    Each view's "up" (the direction of -v at the detector) is flipped to agree
+    with the AP view's before they are averaged, so that a view shown upside
+    down (a rotated or flipped C-arm image) cannot cancel the other one; the
+    average then always has a part orthogonal to the AP ray of at least 1/2."""
     M = P[..., :3]  # (B, V, 3, 3)
     sign = torch.sign(torch.linalg.det(M))[..., None]
     basis = torch.eye(3, dtype=P.dtype, device=P.device)
-    up = -torch.linalg.solve(M, basis[1].expand(M.shape[:-1]))[..., :] * sign  # (B, V, 3): d(ray)/d(-v)
-    up = F.normalize(F.normalize(up, dim=-1).mean(1), dim=-1)  # (B, 3)
+    ups = F.normalize(-torch.linalg.solve(M, basis[1].expand(M.shape[:-1])) * sign, dim=-1)  # (B, V, 3)
+    agree = torch.where((ups * ups[:, :1]).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(ups.dtype)  # (B, V, 1)
+    up = F.normalize((ups * agree).mean(1), dim=-1)  # (B, 3)
     centre_ray = torch.linalg.solve(M[:, 0], basis[2].expand(M.shape[0], 3)) * sign[:, 0]  # AP view direction
     e_y = F.normalize(centre_ray - (centre_ray * up).sum(-1, keepdim=True) * up, dim=-1)
     e_x = torch.cross(e_y, up, dim=-1)
@@ -37,7 +49,8 @@ def volume_frame(P, image_hw, anchor, width: float):
     ends = torch.stack([anchor, anchor + up], dim=1)[:, None].expand(-1, P.shape[1], -1, -1)  # (B, V, 2, 3)
     uv, _ = geometry.project_torch(P, ends)
     px_per_mm = (uv[:, :, 1] - uv[:, :, 0]).norm(dim=-1).mean(1)  # (B,)
-    height = image_hw[0] / px_per_mm
+    # an anchor at a source projects to infinity: the largest extent then, never NaN
+    height = torch.nan_to_num(image_hw[0] / px_per_mm, nan=HEIGHT_RANGE_MM[1]).clamp(*HEIGHT_RANGE_MM)
     extents = torch.stack([width * height, width * height, height], dim=-1)
     return axes, extents
 
@@ -95,12 +108,15 @@ class Fusion3D(nn.Module):
         B, V = features.shape[:2]
         f = self.reduce(features.flatten(0, 1))  # (B*V, c, h, w)
         f = f.reshape(B, V, *f.shape[1:])
-        axes, extents = volume_frame(P, image_hw, anchor, self.width)
-        points = voxel_centres(anchor, axes, extents, self.volume_shape)  # (B, D, Hy, Wx, 3)
-        volume = unproject(f, P, points, image_hw).mean(1)  # (B, c, D, Hy, Wx): views averaged
+        with torch.autocast(f.device.type, enabled=False):  # geometry in float32 (see the module's note)
+            P, anchor = P.float(), anchor.float()
+            axes, extents = volume_frame(P, image_hw, anchor, self.width)
+            points = voxel_centres(anchor, axes, extents, self.volume_shape)  # (B, D, Hy, Wx, 3)
+            volume = unproject(f.float(), P, points, image_hw).mean(1)  # (B, c, D, Hy, Wx): views averaged
         x = self.enc(volume)
         x = self.dec(torch.cat([self.up(self.down(x)), x], dim=1))
         logits = self.head(x)  # (B, N, D, Hy, Wx)
-        prob = logits.flatten(2).float().softmax(-1)  # (B, N, X)
-        xyz = prob @ points.reshape(B, -1, 3).to(prob.dtype)  # soft-argmax (B, N, 3)
+        with torch.autocast(logits.device.type, enabled=False):
+            prob = logits.flatten(2).float().softmax(-1)  # (B, N, X)
+            xyz = prob @ points.reshape(B, -1, 3)  # soft-argmax (B, N, 3)
         return logits, xyz

@@ -53,20 +53,24 @@ class PromptFE(nn.Module):
         tokens = f.flatten(2).transpose(1, 2) + pos  # (B, h*w, d)
         # Prompt features f_p: the tokens under the square mask M_p, gathered at
         # fixed size with grid_sample; cells outside the image are padding.
+        # The prompt stays float32 under autocast: bf16 holds pixels of a 512 image to 2 px.
+        prompt = prompt.float()
         n = max(2 * self.radius // 8, 1)
-        offsets = (torch.arange(n, device=f.device, dtype=f.dtype) - (n - 1) / 2) * 8  # px
+        offsets = (torch.arange(n, device=f.device, dtype=torch.float32) - (n - 1) / 2) * 8  # px
         gy, gx = torch.meshgrid(offsets, offsets, indexing="ij")
         u = prompt[:, 0, None, None] + gx  # (B, n, n) px
         v = prompt[:, 1, None, None] + gy
         grid = torch.stack([(2 * u + 1) / W - 1, (2 * v + 1) / H - 1], dim=-1)  # pixel centres, align_corners=False
-        f_p = F.grid_sample(f + pos.T.reshape(1, d, h, w), grid, align_corners=False)  # (B, d, n, n)
+        f_p = F.grid_sample(f + pos.T.reshape(1, d, h, w), grid.to(f.dtype), align_corners=False)  # (B, d, n, n)
         f_p = f_p.flatten(2).transpose(1, 2)  # (B, n*n, d)
         outside = ((grid.abs() > 1).any(-1)).flatten(1)  # (B, n*n)
-        outside[:, (n * n) // 2] = False  # the prompt cell itself always counts
+        # the cell at (or, for even n, just below and right of) the prompt always counts, so
+        # that no attention row is left without a key (a softmax over nothing is NaN)
+        outside[:, (n // 2) * n + n // 2] = False
         for layer in self.layers:
             tokens = layer(tokens, f_p, key_padding_mask=outside)
         f_e = tokens.transpose(1, 2).reshape(B, d, h, w)
         # f_m = f_e * [M_d > 0] + M_d, M_d = |y - y0| normalised by the image height
-        rows = (torch.arange(h, device=f.device, dtype=f.dtype) + 0.5) * (H / h) - 0.5  # row centres in px
+        rows = (torch.arange(h, device=f.device, dtype=torch.float32) + 0.5) * (H / h) - 0.5  # row centres in px
         m_d = ((rows[None, :] - prompt[:, 1:2]).abs() / H)[:, None, :, None].expand(B, 1, h, w)
-        return f_e * (m_d > 0.5 * 8 / H) + m_d
+        return f_e * (m_d > 0.5 * 8 / H) + m_d.to(f_e.dtype)

@@ -97,7 +97,7 @@ class X2PNet(nn.Module):
         cfg = self.config
         B, V, _, H, W = images.shape
         low, high = self.vfe(images.flatten(0, 1))  # (B*V, 8c, H/8, W/8), (B*V, c_hi, H/s, W/s)
-        f_m = self.fe(low, prompt.flatten(0, 1).to(low.dtype), (H, W))  # (B*V, d, H/8, W/8)
+        f_m = self.fe(low, prompt.flatten(0, 1).float(), (H, W))  # (B*V, d, H/8, W/8)
         if cfg.lifting:
             features = torch.cat([high, F.interpolate(f_m, size=high.shape[-2:], mode="bilinear",
                                                       align_corners=False)], dim=1)

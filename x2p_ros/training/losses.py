@@ -26,12 +26,19 @@ def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma_px: float):
 
 
 def x2p_losses(out: dict, batch: dict, sigma_px: float, scale_mm: float) -> dict:
-    """Each term and their sum ('total')."""
-    present = batch["present"].float()  # (B, N)
+    """Each term and their sum ('total').
+
+    The targets of absent vertebrae are zeroed before use: whatever a data set
+    holds there (NaN for a vertebra behind a source, say) would survive a
+    multiplication by 0 as NaN, in the loss and in its gradient."""
+    present_mask = batch["present"].bool()  # (B, N)
+    present = present_mask.float()
+    xyz_true = torch.where(present_mask[..., None], batch["xyz"], 0.0)  # (B, N, 3)
+    pixels_true = torch.where(present_mask[:, None, :, None], batch["pixels"], 0.0)  # (B, V, N, 2)
     terms = {}
     if "heatmaps" in out:
         maps = out["heatmaps"].float()
-        target = gaussian_heatmaps(batch["pixels"], present, maps.shape[-1], batch["images"].shape[-2:], sigma_px)
+        target = gaussian_heatmaps(pixels_true, present, maps.shape[-1], batch["images"].shape[-2:], sigma_px)
         # the few cells under a vertebra weigh as much as the many around it, or the
         # maps learn "nothing anywhere" first and the peaks come slowly
         weight = 1.0 + POSITIVE_WEIGHT * target
@@ -40,7 +47,7 @@ def x2p_losses(out: dict, batch: dict, sigma_px: float, scale_mm: float) -> dict
         inter = (prob * target).sum((-1, -2))
         dice = 1 - (2 * inter + 1.0) / (prob.sum((-1, -2)) + target.sum((-1, -2)) + 1.0)  # (B, V, N)
         terms["dice"] = dice.mean()
-    err2 = (((out["xyz"].float() - batch["xyz"]) / scale_mm) ** 2).sum(-1)  # (B, N)
+    err2 = (((out["xyz"].float() - xyz_true) / scale_mm) ** 2).sum(-1)  # (B, N)
     terms["3d"] = (err2 * present).sum() / present.sum().clamp_min(1.0)
     terms["total"] = sum(terms.values())
     return terms
