@@ -369,8 +369,19 @@ def test_cuda_without_a_gpu_falls_back_to_the_cpu(tmp_path):
         listener.close()
 
 
-def test_out_of_memory_during_inference_is_reported_and_the_node_recovers(tmp_path):
-    """Fault injection in-process: the model runs out of memory once."""
+def _out_of_memory(out):
+    import torch
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def _not_finite(out):
+    out["xyz"] = out["xyz"] * float("nan")
+    return out
+
+
+@pytest.mark.parametrize("fault, text", [(_out_of_memory, "out of memory"), (_not_finite, "are not finite")])
+def test_a_failed_inference_is_reported_and_the_node_recovers(tmp_path, fault, text):
+    """Fault injection in-process: the model runs out of memory, or returns NaN, once."""
     import torch
     from rclpy.parameter import Parameter
 
@@ -387,14 +398,15 @@ def test_out_of_memory_during_inference_is_reported_and_the_node_recovers(tmp_pa
     try:
         node.trigger_configure()
         node.trigger_activate()
-        real, calls = node.localizer.localize, []
+        real, calls = node.localizer.model.forward, []
 
-        def runs_out_once(*args, **kwargs):
+        def fails_once(*args, **kwargs):
             calls.append(1)
-            if len(calls) == 1:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return real(*args, **kwargs)
-        node.localizer.localize = runs_out_once
+            out = real(*args, **kwargs)
+            return fault(out) if len(calls) == 1 else out
+        node.localizer.model.forward = fails_once
+        published = []
+        node.pub_poses.publish = published.append
         for v in VIEWS:
             info, pose = messages.calibration_messages(case.views[v].P, case.views[v].size, header(time.time(), "carm"),
                                                        f"{v}_optical")
@@ -413,7 +425,9 @@ def test_out_of_memory_during_inference_is_reported_and_the_node_recovers(tmp_pa
             while node.counts["failed"] + node.counts["published"] < k + 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
         assert node.counts["failed"] == 1 and node.counts["published"] == 1  # failed once, then recovered
-        assert "inference failed" in node.problem and "out of memory" in node.problem
+        assert "inference failed" in node.problem and text in node.problem
+        assert len(published) == 1 and all(np.isfinite([p.position.x, p.position.y, p.position.z]).all()
+                                           for p in published[0].poses)
         values = {kv.key: kv.value for kv in node.diagnostic_status().values}
         assert values["failed"] == "1" and values["input inference"] == "ok"
     finally:

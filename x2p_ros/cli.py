@@ -51,7 +51,7 @@ def _train(args):
     import os
     best = train(args.data, args.config, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  workers=args.workers, device=args.device, seed=args.seed, time_limit_min=args.time_limit,
-                 progress=not args.quiet, init=args.init)
+                 progress=not args.quiet, init=args.init, max_bad_steps=args.max_bad_steps)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 validates and writes
         print(f"best validation: {json.dumps(best)}")
     return 0
@@ -61,6 +61,8 @@ def _evaluate(args):
     from .training.evaluate import evaluate
     result = evaluate(args.data, args.checkpoint, split=args.split, out=args.out, device=args.device,
                       sweep=args.sweep, limit=args.limit)
+    for failed in result["failed_cases"]:
+        print(f"x2p: error: case {failed['case']}: {failed['error']} (counted as missed)", file=sys.stderr)
     m = result["3d_mm"]
     print(f"3D: PCL@10 {100 * m['pcl@10']:.1f} %  PCL@20 {100 * m['pcl@20']:.1f} %  MPE {m['mpe']:.2f} mm  "
           f"AUC {m['auc']:.4f}  ({m['n']} vertebrae, {m['missed']} missed)")
@@ -158,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=None, help="minutes; stop after the epoch that passes it")
     p.add_argument("--init", help="checkpoint of the same config to start from (fine-tune, new schedule)")
+    p.add_argument("--max-bad-steps", type=int, default=20,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)
 
@@ -198,9 +202,10 @@ def main(argv=None) -> int:
     from .data.case_io import DatasetError
     from .geometry import CalibrationError
     from .model.checkpoint import CheckpointError
+    from .training.train import TrainingError
     try:
         return args.run(args)
-    except (DatasetError, CalibrationError, CheckpointError, InputError) as e:
+    except (DatasetError, CalibrationError, CheckpointError, InputError, TrainingError) as e:
         print(f"x2p: error: {e}", file=sys.stderr)
         return 2
 

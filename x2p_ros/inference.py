@@ -28,6 +28,10 @@ class InputError(ValueError):
     """Input that cannot give a trustworthy localisation."""
 
 
+class ModelOutputError(RuntimeError):
+    """The model returned NaN or Inf: the frame failed, and no pose may come of it."""
+
+
 @dataclass
 class Vertebra:
     index: int  # 0: the prompted vertebra, i: the i-th below it
@@ -107,13 +111,20 @@ class Localizer:
         t = lambda a: torch.as_tensor(np.stack(a)[None], dtype=torch.float32, device=self.device)  # noqa: E731
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(t(tiles)[:, :, None], t(Pw), t(pw))
-        xyz = out["xyz"][0].double().cpu().numpy()
-        presence = out["presence"][0].float().cpu().numpy()
+        outputs = {"3D positions": out["xyz"][0].double().cpu().numpy(),
+                   "presence": out["presence"][0].float().cpu().numpy()}
+        if "pixels" in out:
+            outputs["heatmap peaks"] = out["pixels"][0].double().cpu().numpy()
+        bad = [name for name, value in outputs.items() if not np.all(np.isfinite(value))]
+        if bad:
+            raise ModelOutputError(f"the model's {' and '.join(bad)} are not finite (NaN or Inf) for this pair; "
+                                   f"no pose is given for it")
         heat = {}
         if "pixels" in out:
             for k, view in enumerate(VIEWS):  # window pixels -> input pixels
                 inv = np.linalg.inv(A[view])
-                heat[view] = geometry.transform_pixels(inv, out["pixels"][0, k].double().cpu().numpy())
+                heat[view] = geometry.transform_pixels(inv, outputs["heatmap peaks"][k])
+        xyz, presence = outputs["3D positions"], outputs["presence"]
         return xyz, presence, heat
 
     @staticmethod

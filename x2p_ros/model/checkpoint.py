@@ -22,12 +22,18 @@ class CheckpointError(ValueError):
 
 
 def save(path, model: X2PNet, meta: dict | None = None, **training_state) -> Path:
-    """Writes atomically (a half-written file never replaces a good one)."""
+    """Writes atomically (a half-written file never replaces a good one), and
+    never weights that hold NaN or Inf."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{path}: not written: the weights hold NaN or Inf ({', '.join(broken[:5])}"
+                              f"{', ...' if len(broken) > 5 else ''})")
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
-               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta or {}}
+               "model": weights, "meta": meta or {}}
     payload.update(training_state)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)

@@ -83,6 +83,7 @@ class BiplanarDataset(Dataset):
             "present": torch.from_numpy(present),  # (N,)
             "pixels": torch.from_numpy(pixels.astype(np.float32)),  # (V, N, 2)
             "first": first,  # index of the prompted vertebra in the case's list
+            "name": self.names[i],  # the case folder, named when its batch goes wrong
         }
 
 

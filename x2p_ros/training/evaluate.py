@@ -14,7 +14,7 @@ import numpy as np
 from .. import metrics
 from ..data import case_io
 from ..data.synth import SynthConfig
-from ..inference import VIEWS, Localizer
+from ..inference import VIEWS, Localizer, ModelOutputError
 
 
 SHORT_FIELD = SynthConfig.short_field  # vertebrae in a C-arm-like field of the data engine
@@ -27,8 +27,11 @@ def field_kind(n_vertebrae: int) -> str:
 
 def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0)) -> dict:
     """Errors concatenated over cases: {'3d', 'ap', 'lat'} arrays and, per 3D
-    error, its level and its case's field kind ('levels', 'fields')."""
-    errors = {"3d": [], "ap": [], "lat": [], "levels": [], "fields": []}
+    error, its level and its case's field kind ('levels', 'fields'). A case
+    whose model output is not finite is a failed frame: every vertebra of it a
+    miss, and its name and the reason in 'failed'."""
+    errors = {"3d": [], "ap": [], "lat": [], "levels": [], "fields": [], "failed": []}
+    has_heatmaps = localizer.config.use_sce or localizer.config.lifting
     for name in names:
         case = case_io.read_case(Path(root) / name)
         if not case.labels:
@@ -37,16 +40,22 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
         # displacements are given for 512 x 512 images (the paper's) and scaled to this one
         prompts = {v: gt_px[v][0] + np.asarray(prompt_offset_px) * case.views[v].size[0] / 512.0 for v in VIEWS}
         prompts = {v: np.clip(p, 0, np.array(case.views[v].size) - 1) for v, p in prompts.items()}
-        found = localizer.localize({v: case.views[v].image for v in VIEWS}, {v: case.views[v].P for v in VIEWS},
-                                   prompts)
+        errors["levels"] += case.labels
+        errors["fields"] += [field_kind(len(case.labels))] * len(case.labels)
+        try:
+            found = localizer.localize({v: case.views[v].image for v in VIEWS}, {v: case.views[v].P for v in VIEWS},
+                                       prompts)
+        except ModelOutputError as e:
+            errors["failed"].append({"case": name, "error": str(e)})
+            for key in ("3d",) + (VIEWS if has_heatmaps else ()):
+                errors[key].append(np.full(len(case.labels), np.inf))
+            continue
         present = [f.present for f in found]
         errors["3d"].append(metrics.match_errors([f.xyz_mm for f in found], present, case.xyz_mm))
         for v in VIEWS:
             if found and found[0].heatmap_pixels:
                 errors[v].append(metrics.match_errors([f.heatmap_pixels[v] for f in found], present, gt_px[v]))
-        errors["levels"] += case.labels
-        errors["fields"] += [field_kind(len(case.labels))] * len(case.labels)
-    return {k: (np.concatenate(v) if k not in ("levels", "fields") and v else v) for k, v in errors.items()}
+    return {k: (np.concatenate(v) if k not in ("levels", "fields", "failed") and v else v) for k, v in errors.items()}
 
 
 def report(errors: dict) -> dict:
@@ -122,7 +131,7 @@ def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=
     names = case_io.read_split(data, split)[:limit]
     errors = evaluate_cases(localizer, data, names)
     result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
-              **report(errors)}
+              **report(errors), "failed_cases": errors["failed"]}
     if sweep:
         table = {}
         for axis, values in (("x", (-20, -10, 10, 20)), ("y", (-10, -5, 5, 10))):

@@ -2,7 +2,13 @@
 process or several through torchrun (DistributedDataParallel). Resumable: every
 epoch writes RUN/last.pt, and a run that finds it continues from there. With
 init, training starts from another run's weights (a fine-tune with a new
-schedule)."""
+schedule).
+
+One bad batch cannot destroy a run: a step whose loss or gradient is not
+finite makes no update (optimizer and schedule stay where they were), is
+logged with the batch's cases and counted in the epoch's log; max_bad_steps of
+them in a row stop the run. Checkpoints are only written with finite weights,
+best.pt only from a finite validation."""
 from __future__ import annotations
 
 import csv
@@ -21,7 +27,11 @@ from ..model import X2PNet, checkpoint, preset
 from .data import BiplanarDataset
 from .losses import x2p_losses
 
-LOG_FIELDS = ["epoch", "step", "lr", "loss", "mse", "dice", "3d", "val_mpe_mm", "val_pcl10", "seconds"]
+LOG_FIELDS = ["epoch", "step", "lr", "loss", "mse", "dice", "3d", "skipped", "val_mpe_mm", "val_pcl10", "seconds"]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: its batches keep giving non-finite losses or gradients."""
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -58,13 +68,16 @@ def validate(model, loader, device) -> dict:
         errors.append(err[batch["present"]].cpu())
     model.train()
     e = torch.cat(errors).numpy() if errors else np.zeros(0)
+    # a non-finite output makes the MPE NaN: such a model is never the best one
     return {"val_mpe_mm": float(e.mean()) if e.size else float("nan"),
             "val_pcl10": float((e <= 10).mean()) if e.size else float("nan")}
 
 
 def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int = 2, lr: float = 5e-4,
           workers: int = 2, device: str = "auto", seed: int = 0, time_limit_min: float | None = None,
-          progress: bool = True, init: str | None = None, **config_overrides) -> dict:
+          progress: bool = True, init: str | None = None, max_bad_steps: int = 20, **config_overrides) -> dict:
+    if max_bad_steps < 1:
+        raise TrainingError(f"max_bad_steps must be at least 1, got {max_bad_steps}")
     rank, world, local_rank = _distributed()
     dev = _device(device, local_rank)
     torch.manual_seed(seed)
@@ -99,13 +112,14 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
         out.mkdir(parents=True, exist_ok=True)
         print(f"training {config} on {dev} from epoch {start_epoch}: {len(train_set)} train / {len(val_set)} val cases")
     started = time.monotonic()
+    bad_in_row = 0
     from tqdm import tqdm
 
     for epoch in range(start_epoch, epochs):
         train_set.set_epoch(epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        sums, count = {}, 0
+        sums, count, skipped = {}, 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
         for batch in bar:
             batch = to_device(batch, dev)
@@ -113,8 +127,21 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
                 out_ = net(batch["images"], batch["P"], batch["prompt"])
             losses = x2p_losses(out_, batch, cfg.heatmap_sigma_px, cfg.loss_3d_scale_mm)
             optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            losses["total"].backward()  # every rank, always: DDP's gradient all-reduce waits for all
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if not _finite_everywhere(losses["total"].detach(), grad_norm, world, dev):
+                skipped += 1
+                bad_in_row += 1
+                tqdm.write(f"warning: epoch {epoch} step {step}: non-finite loss or gradient (loss "
+                           f"{float(losses['total']):.4g}, gradient norm {float(grad_norm):.4g}); update skipped; "
+                           f"cases in the batch{f' of rank {rank}' if world > 1 else ''}: {', '.join(batch['name'])}")
+                optimizer.zero_grad(set_to_none=True)
+                if bad_in_row >= max_bad_steps:
+                    raise TrainingError(f"{bad_in_row} steps in a row had a non-finite loss or gradient "
+                                        f"(max_bad_steps = {max_bad_steps}): check the cases named above; "
+                                        f"{out / 'last.pt'} holds the last finite weights")
+                continue
+            bad_in_row = 0
             optimizer.step()
             scheduler.step()
             step += 1
@@ -124,12 +151,13 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
             bar.set_postfix(loss=f"{sums['total'] / count:.3f}")
         stop = False
         if rank == 0:
-            row = {"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], "loss": sums["total"] / count,
-                   "mse": sums.get("mse", 0.0) / count, "dice": sums.get("dice", 0.0) / count,
-                   "3d": sums["3d"] / count, **validate(model, val_loader, dev),
-                   "seconds": round(time.monotonic() - started, 1)}
+            mean = {k: v / count for k, v in sums.items()} if count else {}
+            row = {"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
+                   "loss": mean.get("total", float("nan")), "mse": mean.get("mse", 0.0),
+                   "dice": mean.get("dice", 0.0), "3d": mean.get("3d", float("nan")), "skipped": skipped,
+                   **validate(model, val_loader, dev), "seconds": round(time.monotonic() - started, 1)}
             _append_log(out / "log.csv", row)
-            if row["val_mpe_mm"] < best["val_mpe_mm"]:
+            if math.isfinite(row["val_mpe_mm"]) and row["val_mpe_mm"] < best["val_mpe_mm"]:
                 best = {"val_mpe_mm": row["val_mpe_mm"], "val_pcl10": row["val_pcl10"], "epoch": epoch}
                 checkpoint.save(out / "best.pt", model, meta={"config_name": config, "data": str(data), "init": init,
                                                                **best})
@@ -137,7 +165,7 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
                             scheduler=scheduler.state_dict(), epoch=epoch, step=step, best=best)
             _plot_log(out / "log.csv", out / "loss.png")
             print(f"epoch {epoch}: loss {row['loss']:.4f} (3d {row['3d']:.4f}) val MPE {row['val_mpe_mm']:.2f} mm "
-                  f"PCL@10 {100 * row['val_pcl10']:.1f} %")
+                  f"PCL@10 {100 * row['val_pcl10']:.1f} %" + (f"; {skipped} step(s) skipped" if skipped else ""))
             stop = time_limit_min is not None and time.monotonic() - started > 60 * time_limit_min
             if stop:
                 print(f"time limit reached after epoch {epoch}; run the same command again to resume")
@@ -152,6 +180,17 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
     return best
 
 
+def _finite_everywhere(loss, grad_norm, world: int, device) -> bool:
+    """True when the loss and the gradient are finite on every rank (all ranks
+    must agree to skip a step, or their weights would part)."""
+    ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    if world > 1:
+        flag = ok.to(device=device, dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
+    return bool(ok)
+
+
 def _load_weights(model, path, config_name: str) -> dict:
     """Loads a checkpoint's weights into model, refusing one of another config; returns the checkpoint."""
     state = checkpoint.read(path)
@@ -163,6 +202,11 @@ def _load_weights(model, path, config_name: str) -> dict:
 
 
 def _append_log(path: Path, row: dict):
+    if path.is_file() and path.open().readline().strip().split(",") != LOG_FIELDS:
+        earlier = list(csv.DictReader(path.open()))  # a run resumed from an older version: the new columns
+        path.unlink()
+        for r in earlier:
+            _append_log(path, r)
     new = not path.is_file()
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
@@ -179,9 +223,11 @@ def _plot_log(csv_path: Path, png_path: Path):
     rows = list(csv.DictReader(csv_path.open()))
     epochs = [int(r["epoch"]) for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key in ("loss", "mse", "dice", "3d"):
-        a.plot(epochs, [float(r[key]) for r in rows], label=key)
-    a.set_yscale("log")
+    losses = {key: [float(r[key]) for r in rows] for key in ("loss", "mse", "dice", "3d")}
+    for key, values in losses.items():
+        a.plot(epochs, values, label=key)
+    if any(v > 0 for values in losses.values() for v in values):  # epochs whose every step was skipped are NaN
+        a.set_yscale("log")
     a.set_xlabel("epoch")
     a.legend()
     b.plot(epochs, [float(r["val_mpe_mm"]) for r in rows], "o-")
