@@ -2,11 +2,12 @@
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+
+from launch import LaunchDescription
 
 
 def generate_launch_description():
@@ -22,7 +23,8 @@ def generate_launch_description():
         DeclareLaunchArgument("rviz", default_value="false", description="start rviz2 with config/x2p.rviz"),
         DeclareLaunchArgument("log_level", default_value="info", description="ROS log level"),
     ]
-    ns, params, log = LaunchConfiguration("namespace"), LaunchConfiguration("params_file"), LaunchConfiguration("log_level")
+    ns, params = LaunchConfiguration("namespace"), LaunchConfiguration("params_file")
+    log = LaunchConfiguration("log_level")
     localizer = Node(
         package="x2p_ros", executable="x2p_localizer", name="x2p_localizer", namespace=ns, output="screen",
         parameters=[params, {"checkpoint": LaunchConfiguration("checkpoint"), "device": LaunchConfiguration("device")}],

@@ -2,9 +2,9 @@
 test_interfaces.py from another process."""
 import rclpy
 from geometry_msgs.msg import Point
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
 from x2p_ros.msg import Vertebra, VertebraArray
+from x2p_ros.ros.qos import LATCHED
 
 
 def known_message() -> VertebraArray:
@@ -23,8 +23,7 @@ def known_message() -> VertebraArray:
 def main():
     rclpy.init()
     node = rclpy.create_node("vertebra_array_publisher")
-    qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-    pub = node.create_publisher(VertebraArray, "vertebrae", qos)
+    pub = node.create_publisher(VertebraArray, "vertebrae", LATCHED)
     msg = known_message()
     node.create_timer(0.2, lambda: pub.publish(msg))
     try:

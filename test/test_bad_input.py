@@ -9,20 +9,17 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import PointStamped, PoseArray, TransformStamped  # noqa: E402
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from ros_helpers import Listener, ros_processes  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
-from ros_helpers import Listener, ros_processes  # noqa: E402
 from x2p_ros import geometry  # noqa: E402
 from x2p_ros.data import case_io  # noqa: E402
 from x2p_ros.data.synth import SynthConfig, synthesize  # noqa: E402
+from x2p_ros.geometry import VIEWS  # noqa: E402
 from x2p_ros.model import X2PNet, checkpoint, preset  # noqa: E402
 from x2p_ros.ros import messages  # noqa: E402
 from x2p_ros.ros.messages import header, stamp_seconds  # noqa: E402
-
-RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-VIEWS = ("ap", "lat")
+from x2p_ros.ros.qos import LATCHED, RELIABLE  # noqa: E402
 
 
 class Rig:
@@ -30,7 +27,8 @@ class Rig:
 
     def __init__(self, case):
         self.case = case
-        self.listener = Listener([("vertebrae/poses", PoseArray, RELIABLE), ("/diagnostics", DiagnosticArray, RELIABLE)],
+        self.listener = Listener([("vertebrae/poses", PoseArray, RELIABLE),
+                                  ("/diagnostics", DiagnosticArray, RELIABLE)],
                                  name="bad_input_rig")
         node = self.listener.node
         self.pub = {}
@@ -66,7 +64,8 @@ class Rig:
 
     def image(self, view, stamp, array=None, encoding=None):
         if array is None:  # the case's image with fresh noise: every pair differs
-            array = self.case.views[view].image.astype(np.float32) + self.rng.normal(0, 300, self.case.views[view].image.shape)
+            image = self.case.views[view].image
+            array = image.astype(np.float32) + self.rng.normal(0, 300, image.shape)
             array = np.clip(array, 0, 65535).astype(np.uint16)
         msg = messages.image_message(header(stamp, f"{view}_optical"), array)
         if encoding:
@@ -326,7 +325,8 @@ def test_bad_checkpoint_at_start_keeps_the_node_alive(tmp_path, content, text):
             def said():
                 return any(text in s.message for d in listener.received["/diagnostics"] for s in d.status
                            if s.name.startswith("x2p_localizer"))
-            assert listener.spin_until(said, 30), [s.message for d in listener.received["/diagnostics"] for s in d.status]
+            assert listener.spin_until(said, 30), \
+                [s.message for d in listener.received["/diagnostics"] for s in d.status]
             assert procs[0].poll() is None
     finally:
         listener.close()
@@ -343,7 +343,8 @@ def test_checkpoint_that_would_run_code_is_refused_at_start(tmp_path):
     try:
         with ros_processes(["x2p_ros.ros.localizer_node", "--ros-args", "-p", f"checkpoint:={tmp_path / 'evil.pt'}",
                             "-r", "__node:=x2p_evil"]) as procs:
-            assert listener.spin_until(lambda: any("could run code" in s.message for d in listener.received["/diagnostics"]
+            diagnostics = listener.received["/diagnostics"]
+            assert listener.spin_until(lambda: any("could run code" in s.message for d in diagnostics
                                                    for s in d.status), 30)
             assert procs[0].poll() is None
     finally:

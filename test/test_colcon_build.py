@@ -18,12 +18,14 @@ def test_colcon_build_installs_messages_and_sources(tmp_path):
     result = subprocess.run([str(ROOT / "tools/colcon_build.sh"), str(venv), str(tmp_path)],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    site = tmp_path / "install/x2p_ros/lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    python = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = tmp_path / "install/x2p_ros/lib" / python / "site-packages"
     share = tmp_path / "install/x2p_ros/share/x2p_ros"
     assert (share / "package.xml").is_file()
     assert (share / "msg/VertebraArray.msg").is_file()
     env = dict(os.environ, PYTHONPATH=str(site),
-               LD_LIBRARY_PATH=os.pathsep.join([str(tmp_path / "install/x2p_ros/lib"), os.environ.get("LD_LIBRARY_PATH", "")]))
+               LD_LIBRARY_PATH=os.pathsep.join([str(tmp_path / "install/x2p_ros/lib"),
+                                                os.environ.get("LD_LIBRARY_PATH", "")]))
     probe = ("import x2p_ros.geometry as g, x2p_ros.msg as m; "
              "print(g.__file__); print(type(m.VertebraArray()).__module__)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)

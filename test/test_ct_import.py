@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from x2p_ros.data import case_io
-from x2p_ros.data.ct_import import (RAS_TO_LPS, TOTALSEG_LABELS, import_ct, read_mask_centroids,
-                                    read_verse_centroids)
+from x2p_ros.data.ct_import import RAS_TO_LPS, TOTALSEG_LABELS, import_ct, read_mask_centroids, read_verse_centroids
 from x2p_ros.data.phantom import VERSE_NUMBER, PhantomSpec, make_phantom
 from x2p_ros.data.synth import SynthConfig
 

@@ -8,8 +8,9 @@ import torch
 
 from x2p_ros import geometry
 from x2p_ros.data import case_io, drr
-from x2p_ros.data.synth import SynthConfig, carm_view, make_case, synthesize
+from x2p_ros.data.synth import SynthConfig, make_case, synthesize
 from x2p_ros.data.volume import Volume
+from x2p_ros.geometry import carm_view
 
 SMALL = SynthConfig(size=160)
 

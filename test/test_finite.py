@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from x2p_ros import geometry
 from x2p_ros.cli import main
-from x2p_ros.data.synth import carm_view
+from x2p_ros.geometry import carm_view
 from x2p_ros.inference import Localizer, ModelOutputError
 from x2p_ros.model import X2PNet, checkpoint, preset
 from x2p_ros.training.losses import x2p_losses
@@ -69,7 +69,8 @@ def non_finite(name, batch, bf16):
     losses["total"].backward()
     bad = [k for k, v in out.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
     bad += [f"loss {k}" for k, v in losses.items() if not torch.isfinite(v)]
-    bad += [f"gradient {k}" for k, p in net.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    bad += [f"gradient {k}" for k, p in net.named_parameters()
+            if p.grad is not None and not torch.isfinite(p.grad).all()]
     return bad
 
 

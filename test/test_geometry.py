@@ -92,7 +92,7 @@ def test_ros_round_trip_metres_to_mm(views):
     for P in views:
         k9, t_m, q = g.projection_to_ros(P)
         K, R, t_mm = g.decompose_projection(P)
-        np.testing.assert_allclose(t_m * 1000.0, t_mm, atol=1e-9)
+        np.testing.assert_allclose(t_m * g.MM_PER_M, t_mm, atol=1e-9)
         np.testing.assert_allclose(np.linalg.norm(q), 1.0, atol=1e-12)
         np.testing.assert_allclose(g.projection_from_ros(k9, t_m, q), P, atol=1e-7)
 
@@ -150,3 +150,18 @@ def test_points_behind_the_source_and_parallel_rays_are_refused(views):
     uv = g.project(P, [[0.0, 0.0, 0.0]])
     with pytest.raises(g.CalibrationError, match="parallel"):
         g.triangulate(np.stack([P, P]), np.stack([uv, uv]))
+
+
+def test_pixel_convention_helpers_against_hand_computed_values():
+    # an 8-pixel axis: its edges -0.5 and 7.5 are grid_sample's -1 and 1, pixel 0 is at -7/8
+    assert g.pixel_to_grid(-0.5, 8) == -1.0 and g.pixel_to_grid(7.5, 8) == 1.0
+    assert g.pixel_to_grid(0.0, 8) == -0.875 and g.pixel_to_grid(3.5, 8) == 0.0
+    # 2 cells over 8 pixels: cell 0's centre covers pixels 0-3, so it sits at pixel 1.5
+    assert g.cell_to_pixel(0.0, 2, 8) == 1.5 and g.cell_to_pixel(1.0, 2, 8) == 5.5
+    assert g.cell_to_pixel(-0.5, 2, 8) == -0.5  # the edges coincide
+    u = np.linspace(-0.5, 7.5, 17)
+    np.testing.assert_allclose(g.cell_to_pixel(g.pixel_to_cell(u, 8, 2), 2, 8), u)
+    uv = np.array([[-0.5, 0.0], [-0.6, 0.0], [9.5, 5.5], [9.5, 5.6], [3.0, 3.0]])
+    assert g.inside_image(uv, (10, 6)).tolist() == [True, False, True, False, True]
+    assert g.inside_image(uv, (10, 6), margin=1.0).tolist() == [False, False, False, False, True]
+    assert g.inside_image([2.0, 2.0], (10, 6))  # one point

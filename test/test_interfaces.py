@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 rclpy = pytest.importorskip("rclpy")
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 
 from x2p_ros.msg import VertebraArray  # noqa: E402
+from x2p_ros.ros.qos import LATCHED  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -27,9 +27,7 @@ def test_vertebra_array_crosses_processes_intact():
     received = []
     try:
         node = rclpy.create_node("vertebra_array_listener", context=context)
-        qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        node.create_subscription(VertebraArray, "vertebrae", received.append, qos)
+        node.create_subscription(VertebraArray, "vertebrae", received.append, LATCHED)
         executor = rclpy.executors.SingleThreadedExecutor(context=context)
         executor.add_node(node)
         deadline = time.monotonic() + 30.0

@@ -7,16 +7,17 @@ import unittest
 
 import pytest
 
-launch_testing = pytest.importorskip(
+pytest.importorskip(
     "launch_testing", reason="launch_testing is not importable here (ROS 2 from PyPI wheels has no launch); "
                              "this test runs on a ROS 2 machine with `colcon test --packages-select x2p_ros`")
-import launch  # noqa: E402
 import launch_testing.actions  # noqa: E402
 import rclpy  # noqa: E402
 from ament_index_python.packages import get_package_share_directory  # noqa: E402
 from geometry_msgs.msg import PoseArray  # noqa: E402
 from launch.actions import IncludeLaunchDescription  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
+
+import launch  # noqa: E402
 
 
 @pytest.mark.launch_test

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from x2p_ros import geometry
-from x2p_ros.data.synth import carm_view
+from x2p_ros.geometry import carm_view
 from x2p_ros.model import X2PNet, preset
 from x2p_ros.model.brickformer import SCE, BrickLayer, brick_token_indices
 from x2p_ros.model.fusion import unproject, volume_frame, voxel_centres
@@ -134,8 +134,8 @@ def test_unprojection_samples_each_voxel_at_its_projection_on_non_square_images(
     W, H, stride = 96, 64, 2
     P = _views(W, H)
     # features: the pixel coordinates of each feature cell's centre (a ramp: bilinear sampling is exact)
-    u = (torch.arange(W // stride, dtype=torch.float64) + 0.5) * stride - 0.5
-    v = (torch.arange(H // stride, dtype=torch.float64) + 0.5) * stride - 0.5
+    u = geometry.cell_to_pixel(torch.arange(W // stride, dtype=torch.float64), W // stride, W)
+    v = geometry.cell_to_pixel(torch.arange(H // stride, dtype=torch.float64), H // stride, H)
     ramp = torch.stack(torch.meshgrid(v, u, indexing="ij")[::-1])  # (2, h, w): channel 0 = u, 1 = v
     features = ramp[None, None].expand(1, 2, 2, H // stride, W // stride).contiguous()
     anchor = torch.tensor([[2.0, -3.0, 10.0]], dtype=torch.float64)

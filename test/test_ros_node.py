@@ -8,17 +8,14 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import PoseArray  # noqa: E402
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from ros_helpers import Listener, ros_processes  # noqa: E402
 from std_srvs.srv import SetBool, Trigger  # noqa: E402
 from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 
-from ros_helpers import Listener, ros_processes  # noqa: E402
 from x2p_ros.levels import levels_below  # noqa: E402
 from x2p_ros.model import X2PNet, checkpoint, preset  # noqa: E402
 from x2p_ros.msg import VertebraArray  # noqa: E402
-
-RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+from x2p_ros.ros.qos import LATCHED, RELIABLE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from x2p_ros import metrics
+from x2p_ros import geometry, metrics
 from x2p_ros.data import case_io
 from x2p_ros.data.synth import SynthConfig, synthesize
-from x2p_ros.inference import VIEWS, Localizer
+from x2p_ros.geometry import VIEWS
+from x2p_ros.inference import Localizer
 from x2p_ros.models import baseline_checkpoint, default_checkpoint
 
 
@@ -50,15 +51,13 @@ def test_the_shipped_model_localises_a_fresh_case_within_10mm(tmp_path):
 def test_the_shipped_model_through_the_node_within_10mm(tmp_path):
     pytest.importorskip("rclpy")
     from geometry_msgs.msg import PoseArray
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-
     from ros_helpers import Listener, ros_processes
+
     from x2p_ros.msg import VertebraArray
-    reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    from x2p_ros.ros.qos import LATCHED, RELIABLE
     size = Localizer.from_checkpoint(default_checkpoint()).config.image_size
     seed, _ = carm_like_seed(tmp_path, size)
-    listener = Listener([("vertebrae", VertebraArray, reliable), ("ground_truth/poses", PoseArray, latched)])
+    listener = Listener([("vertebrae", VertebraArray, RELIABLE), ("ground_truth/poses", PoseArray, LATCHED)])
     r = listener.received
     try:
         # small motion makes every pair a key frame: results keep coming while the listener connects
@@ -73,6 +72,6 @@ def test_the_shipped_model_through_the_node_within_10mm(tmp_path):
     va = r["vertebrae"][0]
     assert va.header.frame_id == "carm"
     pred = np.array([[v.position.x, v.position.y, v.position.z] for v in va.vertebrae])
-    errors_mm = 1000.0 * metrics.match_errors(pred, [v.present for v in va.vertebrae], truth)
+    errors_mm = geometry.MM_PER_M * metrics.match_errors(pred, [v.present for v in va.vertebrae], truth)
     detected = errors_mm[np.isfinite(errors_mm)]
     assert len(detected) >= 2 and detected.mean() < 10.0, f"3D errors {np.round(errors_mm, 1)} mm"

@@ -132,7 +132,8 @@ def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_config(sm
     for name, weights in start.items():
         torch.testing.assert_close(tuned["model"][name], weights)
     capsys.readouterr()
-    assert main(args + ["--config", "cpu", "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a" / "best.pt")]) == 2
+    init = ["--init", str(tmp_path / "a" / "best.pt")]
+    assert main(args + ["--config", "cpu", "--out", str(tmp_path / "c")] + init) == 2
     assert "trained with another config than 'cpu'" in capsys.readouterr().err
 
 
@@ -177,7 +178,7 @@ class OracleNet(nn.Module):
 
 
 def test_long_film_sliding_window_finds_every_vertebra_once():
-    from x2p_ros.data.synth import carm_view
+    from x2p_ros.geometry import carm_view
     cfg = preset("tiny", n_vertebrae=4)
     W, H = 64, 256  # a film four windows tall
     Ps = {}
@@ -201,7 +202,7 @@ def test_long_film_sliding_window_finds_every_vertebra_once():
 def test_a_square_view_with_more_than_n_vertebrae_continues_below_the_last_one(count, windows):
     """N = 4: a full chain in the first window goes on in a second, smaller one from the
     last vertebra found; a chain that ends inside the first window does not."""
-    from x2p_ros.data.synth import carm_view
+    from x2p_ros.geometry import carm_view
     cfg = preset("tiny", n_vertebrae=4)
     Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
     xyz = np.array([[0.0, 0.0, z] for z in np.linspace(40, -40, 7)])[:count]
@@ -225,7 +226,7 @@ def test_a_square_view_with_more_than_n_vertebrae_continues_below_the_last_one(c
     (lambda i, P, p: P.pop("lat"), "all needed"),
 ])
 def test_bad_localisation_input_is_refused_with_a_reason(change, message):
-    from x2p_ros.data.synth import carm_view
+    from x2p_ros.geometry import carm_view
     model = X2PNet(preset("tiny"))
     images = {v: np.random.default_rng(1).random((64, 64)) for v in ("ap", "lat")}
     Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}

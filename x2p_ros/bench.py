@@ -262,8 +262,8 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
     for label, cfg in configs.items():
         rows.append((f"{label} (shipped)", cfg))
         if cfg.image_size != 512:
-            rows.append((f"{label}, same architecture", replace(cfg, image_size=512,
-                                                               prompt_radius=cfg.prompt_radius * 512 // cfg.image_size)))
+            at_512 = replace(cfg, image_size=512, prompt_radius=cfg.prompt_radius * 512 // cfg.image_size)
+            rows.append((f"{label}, same architecture", at_512))
     rows += [(label, preset(name)) for label, name in reference_configs.items()]
     latency = {}
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
@@ -271,7 +271,8 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
             seconds, peak = latency_in_fresh_process(cfg.to_dict(), device)
             latency[(device, label)] = (seconds, peak, cfg.image_size)
             what = "GPU allocator peak" if device == "cuda" else "process resident peak"
-            lines.append(f"| {device} | {label} | {cfg.image_size} | {1000 * seconds:.0f} ms | {peak:.0f} MB ({what}) |")
+            lines.append(f"| {device} | {label} | {cfg.image_size} | {1000 * seconds:.0f} ms | "
+                         f"{peak:.0f} MB ({what}) |")
     lines += ["", *goals_section(results, latency), ""]
     return lines
 

@@ -47,8 +47,9 @@ def _data_check(args):
 
 
 def _train(args):
-    from .training.train import train
     import os
+
+    from .training.train import train
     best = train(args.data, args.config, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  workers=args.workers, device=args.device, seed=args.seed, time_limit_min=args.time_limit,
                  progress=not args.quiet, init=args.init, max_bad_steps=args.max_bad_steps)
@@ -115,7 +116,8 @@ def _localize(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="x2p", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    data = commands.add_parser("data", help="make and inspect data sets").add_subparsers(dest="data_command", required=True)
+    data = commands.add_parser("data", help="make and inspect data sets").add_subparsers(dest="data_command",
+                                                                                         required=True)
 
     p = data.add_parser("synth", help="render synthetic biplanar radiographs of spine phantoms")
     p.add_argument("--out", required=True, help="data set folder (an interrupted run resumes)")

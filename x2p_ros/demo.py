@@ -34,24 +34,23 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import PoseArray
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
     from visualization_msgs.msg import MarkerArray
 
     from . import metrics
+    from .geometry import MM_PER_M
     from .msg import VertebraArray
     from .ros.images import image_to_array
     from .ros.messages import stamp_seconds
+    from .ros.qos import LATCHED, SENSOR_DATA, reliable
     from .ros.recording import McapRecorder
 
     out.mkdir(parents=True, exist_ok=True)
-    reliable = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
-    latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-    best_effort = QoSProfile(depth=2, reliability=ReliabilityPolicy.BEST_EFFORT)
-    types = {"vertebrae/poses": (PoseArray, reliable), "vertebrae/markers": (MarkerArray, reliable),
-             "vertebrae": (VertebraArray, reliable), "ground_truth/poses": (PoseArray, latched),
-             "/diagnostics": (DiagnosticArray, reliable), "ap/overlay": (Image, best_effort),
-             "lat/overlay": (Image, best_effort)}
+    results = reliable(depth=20)  # a whole demo's results, none dropped
+    types = {"vertebrae/poses": (PoseArray, results), "vertebrae/markers": (MarkerArray, results),
+             "vertebrae": (VertebraArray, results), "ground_truth/poses": (PoseArray, LATCHED),
+             "/diagnostics": (DiagnosticArray, results), "ap/overlay": (Image, SENSOR_DATA),
+             "lat/overlay": (Image, SENSOR_DATA)}
     period = seconds / cases
     sim_params = {"cases": cases, "case_period_s": period, "noise": 0.002}
     localizer_params = {"checkpoint": checkpoint} if checkpoint else {}
@@ -102,9 +101,9 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
         truth_msgs = [m for t, m in truths if t <= stamp_seconds(va.header)]
         if not truth_msgs:
             continue
-        truth = np.array([[p.position.x, p.position.y, p.position.z] for p in truth_msgs[-1].poses]) * 1000.0
+        truth = np.array([[p.position.x, p.position.y, p.position.z] for p in truth_msgs[-1].poses]) * MM_PER_M
         case = len(truth_msgs) - 1
-        pred = np.array([[v.position.x, v.position.y, v.position.z] for v in va.vertebrae]) * 1000.0
+        pred = np.array([[v.position.x, v.position.y, v.position.z] for v in va.vertebrae]) * MM_PER_M
         errors = metrics.match_errors(pred, [v.present for v in va.vertebrae], truth)
         errors_all.append(errors)
         latencies.append(t_recv * 1e-9 - stamp_seconds(va.header))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 MM_PER_M = 1000.0
+VIEWS = ("ap", "lat")  # the two calibrated views, in this order everywhere
 
 
 class CalibrationError(ValueError):
@@ -170,7 +171,8 @@ def triangulate(P_views, pixels_views):
     P_views = np.asarray(P_views, dtype=np.float64)
     uv = np.asarray(pixels_views, dtype=np.float64)
     if P_views.ndim != 3 or P_views.shape[0] < 2 or uv.shape[0] != P_views.shape[0] or uv.shape[-1] != 2:
-        raise CalibrationError(f"triangulate needs (V>=2, 3, 4) P and (V, N, 2) pixels, got {P_views.shape}, {uv.shape}")
+        raise CalibrationError(f"triangulate needs (V>=2, 3, 4) P and (V, N, 2) pixels, "
+                               f"got {P_views.shape}, {uv.shape}")
     if not np.all(np.isfinite(uv)):
         raise CalibrationError("pixels contain NaN or Inf")
     A = np.zeros((uv.shape[1], 3, 3))
@@ -186,6 +188,37 @@ def triangulate(P_views, pixels_views):
     X = np.linalg.solve(A, b[:, :, None])[:, :, 0]
     residual = np.stack([np.linalg.norm(project(P, X) - p, axis=1) for P, p in zip(P_views, uv)])
     return X, residual
+
+
+# The pixel convention at work: every conversion between pixels, heatmap or
+# feature cells and grid_sample coordinates goes through these four (numpy
+# arrays, torch tensors or numbers alike).
+
+def pixel_to_grid(u, size):
+    """grid_sample's coordinate (align_corners=False) of pixel coordinate u on
+    an axis of `size` pixels: the image's edges -0.5 and size - 0.5 go to -1
+    and 1. An x coordinate pairs with the width, y with the height."""
+    return (2 * u + 1) / size - 1
+
+
+def cell_to_pixel(c, cells: int, size):
+    """Pixel coordinate of cell coordinate c on a grid of `cells` cells over
+    `size` pixels (centres on integers on both: the edges coincide)."""
+    return (c + 0.5) * size / cells - 0.5
+
+
+def pixel_to_cell(u, size, cells: int):
+    """The inverse of cell_to_pixel."""
+    return (u + 0.5) * cells / size - 0.5
+
+
+def inside_image(uv, size, margin: float = 0.0) -> np.ndarray:
+    """True where pixels (..., 2) lie in a (W, H) image, at least `margin`
+    pixels inside its edges (the edges are at -0.5 and W - 0.5)."""
+    uv = np.asarray(uv, dtype=np.float64)
+    w, h = size
+    return ((uv[..., 0] >= -0.5 + margin) & (uv[..., 0] <= w - 0.5 - margin)
+            & (uv[..., 1] >= -0.5 + margin) & (uv[..., 1] <= h - 0.5 - margin))
 
 
 # Image crops and resizes act on pixels by an affine map A: uv' = A uv, so K' = A K and P' = A P.
@@ -230,6 +263,17 @@ def look_at_pose(source, target, up=(0.0, 0.0, 1.0)):
     y /= np.linalg.norm(y)
     x = np.cross(y, z)
     return np.stack([x, y, z], axis=1), source
+
+
+def carm_view(name: str, sid: float, sdd: float, fov_mm: float, size: int, principal_offset=(0.0, 0.0)):
+    """(P, detector pixel spacing) of an ideal AP or LAT view of a square
+    `size`-pixel detector whose field covers fov_mm x fov_mm at the isocentre
+    (the origin); z is up in both images, AP looks along +y, LAT along +x."""
+    source = {"ap": np.array([0.0, -sid, 0.0]), "lat": np.array([-sid, 0.0, 0.0])}[name]
+    R, t = look_at_pose(source, np.zeros(3), up=(0.0, 0.0, 1.0))
+    spacing = fov_mm * sdd / sid / size
+    K = intrinsics(sdd / spacing, ((size - 1) / 2 + principal_offset[0], (size - 1) / 2 + principal_offset[1]))
+    return projection_matrix(K, R, t), spacing
 
 
 # ROS boundary: CameraInfo K (row-major 9) and TransformStamped (metres, xyzw) <-> P (mm).

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from . import geometry, preprocess
+from .geometry import VIEWS
 from .levels import levels_below
 from .model import X2PNet, checkpoint
 
-VIEWS = ("ap", "lat")
 TALL = 1.25  # height / width above which a view is a long film
 CONTINUATION_SIDE = 0.7  # the continuation window's side as a share of the image (training crops: 0.7-1)
 
@@ -65,7 +65,7 @@ def check_inputs(images: dict, Ps: dict, prompts: dict) -> tuple[dict, dict, dic
         h, w = image.shape
         if prompt.shape != (2,) or not np.all(np.isfinite(prompt)):
             raise InputError(f"{view}: prompt must be two finite numbers (u, v), got {prompts[view]!r}")
-        if not (-0.5 <= prompt[0] <= w - 0.5 and -0.5 <= prompt[1] <= h - 0.5):
+        if not geometry.inside_image(prompt, (w, h)):
             raise InputError(f"{view}: prompt ({prompt[0]:.1f}, {prompt[1]:.1f}) lies outside the {w} x {h} image")
         out_images[view], out_P[view], out_prompts[view] = image, P, prompt
     return out_images, out_P, out_prompts
@@ -80,7 +80,7 @@ class Localizer:
         self.threshold = model.config.presence_threshold if presence_threshold is None else presence_threshold
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", presence_threshold=None, bf16=False) -> "Localizer":
+    def from_checkpoint(cls, path, device="cpu", presence_threshold=None, bf16=False) -> Localizer:
         model, _ = checkpoint.load_model(path, device)
         return cls(model, device, presence_threshold, bf16)
 

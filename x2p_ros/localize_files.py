@@ -13,7 +13,8 @@ import yaml
 
 from . import geometry
 from .data import case_io
-from .inference import VIEWS, InputError, Localizer
+from .geometry import VIEWS
+from .inference import InputError, Localizer
 from .overlay import draw_overlay
 
 

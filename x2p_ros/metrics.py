@@ -43,5 +43,6 @@ def auc(errors, low: float = 10.0, high: float = 50.0) -> float:
 def summary(errors, thresholds=(10.0, 20.0), auc_range=(10.0, 50.0)) -> dict:
     errors = np.asarray(errors, dtype=np.float64)
     out = {f"pcl@{t:g}": pcl(errors, t) for t in thresholds}
-    out.update(mpe=mpe(errors), auc=auc(errors, *auc_range), n=int(errors.size), missed=int(np.sum(~np.isfinite(errors))))
+    out.update(mpe=mpe(errors), auc=auc(errors, *auc_range), n=int(errors.size),
+               missed=int(np.sum(~np.isfinite(errors))))
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .data.contact_sheet import window
+from .preprocess import to_display_8bit
 
 PREDICTION, GROUND_TRUTH, PROMPT = (0, 200, 255), (0, 255, 0), (255, 0, 255)
 
@@ -13,7 +13,7 @@ PREDICTION, GROUND_TRUTH, PROMPT = (0, 200, 255), (0, 255, 0), (255, 0, 255)
 def draw_overlay(image: np.ndarray, prompt=None, vertebrae=(), view: str = "ap", ground_truth=None) -> np.ndarray:
     """image: 2D radiograph (any dtype); vertebrae: inference.Vertebra list (present
     ones are drawn at their projection in `view`); ground_truth: optional (M, 2) px."""
-    bgr = cv2.cvtColor(window(image), cv2.COLOR_GRAY2BGR)
+    bgr = cv2.cvtColor(to_display_8bit(image), cv2.COLOR_GRAY2BGR)
     scale = max(image.shape) / 512.0
     thick = max(1, round(scale))
     if ground_truth is not None:

@@ -17,6 +17,13 @@ def normalize(image: np.ndarray) -> np.ndarray:
     return ((image - lo) / max(float(hi - lo), 1e-6) * 2.0 - 1.0).clip(-1.5, 1.5)
 
 
+def to_display_8bit(image: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
+    """uint8 image for display (overlays, contact sheets) of a radiograph of any
+    dtype, windowed between two percentiles."""
+    lo, hi = np.percentile(image, [low, high])
+    return np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1.0) * 255.0, 0, 255).astype(np.uint8)
+
+
 def window(image: np.ndarray, P, box, size: int):
     """The square box (x0, y0, side) of an image resampled to size x size, and
     its P. Parts of the box outside the image are filled with the image's edge."""

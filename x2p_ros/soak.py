@@ -33,7 +33,8 @@ def soak(minutes: float, rate_hz: float, size: int, checkpoint: str, out: Path) 
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import PoseArray
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    from .ros.qos import reliable
 
     out.mkdir(parents=True, exist_ok=True)
     sim_args = ["-p", f"rate_hz:={rate_hz}", "-p", f"size:={size}", "-p", "cases:=1", "-p", "motion_px:=1.0",
@@ -44,7 +45,7 @@ def soak(minutes: float, rate_hz: float, size: int, checkpoint: str, out: Path) 
     sim = processes.start("x2p_ros.ros.carm_sim", sim_args, out / "soak_sim_1.log")
     rclpy.init()
     node = rclpy.create_node("x2p_soak_monitor")
-    qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    qos = reliable(depth=50)  # ten minutes of poses, none dropped
     poses, diags = [], []
     node.create_subscription(PoseArray, "vertebrae/poses", lambda m: poses.append(time.monotonic()), qos)
     node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, qos)

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 
 from .. import geometry
+from ..geometry import VIEWS
 
-VIEWS = ("ap", "lat")
 SPLITS = ("train", "val", "test")
 
 
@@ -208,8 +208,7 @@ def check_dataset(root, edge_margin_px: float = 0.0) -> tuple[list[str], dict]:
                 problems.append(f"{name}: {view}: {e}")
                 continue
             w, h = v.size
-            outside = (uv[:, 0] < -0.5 + edge_margin_px) | (uv[:, 0] > w - 0.5 - edge_margin_px) \
-                | (uv[:, 1] < -0.5 + edge_margin_px) | (uv[:, 1] > h - 0.5 - edge_margin_px)
+            outside = ~geometry.inside_image(uv, v.size, edge_margin_px)
             for i in np.flatnonzero(outside):
                 problems.append(f"{name}: {view}: vertebra {case.labels[i]} projects outside the image at "
                                 f"({uv[i, 0]:.1f}, {uv[i, 1]:.1f})")

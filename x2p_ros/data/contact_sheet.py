@@ -6,13 +6,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .. import geometry
+from ..geometry import VIEWS
+from ..preprocess import to_display_8bit
 from . import case_io
-
-
-def window(image: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
-    """8-bit display of a 16-bit radiograph, windowed between two percentiles."""
-    lo, hi = np.percentile(image, [low, high])
-    return np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1.0) * 255.0, 0, 255).astype(np.uint8)
 
 
 def draw_points(image_bgr: np.ndarray, points, labels, scale: float = 1.0, colour=(0, 0, 255)) -> None:
@@ -25,14 +22,16 @@ def draw_points(image_bgr: np.ndarray, points, labels, scale: float = 1.0, colou
 
 def case_tile(case: case_io.Case, tile: int = 256) -> np.ndarray:
     panels = []
-    for view in case_io.VIEWS:
+    for view in VIEWS:
         v = case.views[view]
         scale = tile / max(v.size)
-        # pixel centres at integers: resizing by `scale` maps u to (u + 0.5) * scale - 0.5
-        img = cv2.resize(window(v.image), (round(v.size[0] * scale), round(v.size[1] * scale)), interpolation=cv2.INTER_AREA)
+        shown = (round(v.size[0] * scale), round(v.size[1] * scale))
+        img = cv2.resize(to_display_8bit(v.image), shown, interpolation=cv2.INTER_AREA)
         bgr = cv2.cvtColor(np.pad(img, ((0, tile - img.shape[0]), (0, tile - img.shape[1]))), cv2.COLOR_GRAY2BGR)
-        draw_points(bgr, (case.pixels(view) + 0.5) * scale - 0.5, case.labels)
-        cv2.putText(bgr, f"{case.name} {view.upper()}", (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 0), 1, cv2.LINE_AA)
+        draw_points(bgr, geometry.transform_pixels(geometry.resize_transform(v.size, shown), case.pixels(view)),
+                    case.labels)
+        cv2.putText(bgr, f"{case.name} {view.upper()}", (4, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 0), 1,
+                    cv2.LINE_AA)
         panels.append(bgr)
     return np.hstack(panels)
 

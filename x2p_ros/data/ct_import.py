@@ -27,7 +27,8 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 # TotalSegmentator (v2, task "total") numbers the vertebrae from S1 = 26 up to C1 = 50.
 TOTALSEG_LABELS = {26 + i: name for i, name in enumerate(
-    ["S1"] + [f"L{i}" for i in range(5, 0, -1)] + [f"T{i}" for i in range(12, 0, -1)] + [f"C{i}" for i in range(7, 0, -1)])}
+    ["S1"] + [f"L{i}" for i in range(5, 0, -1)] + [f"T{i}" for i in range(12, 0, -1)]
+    + [f"C{i}" for i in range(7, 0, -1)])}
 MASK_STYLES = {"verse": VERSE_LABELS, "totalseg": TOTALSEG_LABELS}
 
 # VerSe challenge files state their axes in a "direction" entry; files that
@@ -151,7 +152,8 @@ def read_mask_centroids(path, style: str = "verse") -> list[dict]:
         if ijk is None:
             continue
         ijk = ijk + [s.start for s in pad]
-        vertebrae.append({"label": names[int(value)], "xyz_mm": (RAS_TO_LPS @ image.affine @ np.append(ijk, 1.0))[:3].tolist()})
+        xyz = (RAS_TO_LPS @ image.affine @ np.append(ijk, 1.0))[:3]
+        vertebrae.append({"label": names[int(value)], "xyz_mm": xyz.tolist()})
     if not vertebrae:
         raise case_io.DatasetError(f"{path}: no vertebra labels of style {style!r} found")
     return sorted(vertebrae, key=lambda v: level_order(v["label"]))

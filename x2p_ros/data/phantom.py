@@ -198,7 +198,8 @@ def _paint_soft_tissue(canvas: _Canvas, spec: PhantomSpec, centres, rng):
     # bowel gas in the abdomen
     for _ in range(spec.gas_blobs):
         level = rng.uniform(CHAIN.index("L1"), CHAIN.index("L5"))
-        c = np.array([rng.uniform(-90, 90), np.interp(level, np.arange(len(CHAIN)), centres[:, 1]) - rng.uniform(40, 90),
+        c = np.array([rng.uniform(-90, 90),
+                      np.interp(level, np.arange(len(CHAIN)), centres[:, 1]) - rng.uniform(40, 90),
                       np.interp(level, np.arange(len(CHAIN)), centres[:, 2])])
         ax = rng.uniform(8, 25, size=3)
         bsl, bX, bY, bZ = canvas.axes(c - ax, c + ax)
@@ -247,7 +248,8 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
         _paint_sacrum(canvas, spec, c, F, dim, world, paint)
         return centroid
     if name == "C1":  # the atlas: a ring with lateral masses instead of a body
-        ring = [(22 * s * np.sin(a), D / 2 + 16 * s - 22 * s * np.cos(a), 0) for a in np.linspace(0.5, 2 * np.pi - 0.5, 24)]
+        ring = [(22 * s * np.sin(a), D / 2 + 16 * s - 22 * s * np.cos(a), 0)
+                for a in np.linspace(0.5, 2 * np.pi - 0.5, 24)]
         paint(ring, 3.5 * s)
         for side in (-1, 1):
             paint([(side * 17 * s, D / 2 + 4, -6), (side * 17 * s, D / 2 + 4, 6)], 7 * s)
@@ -353,7 +355,8 @@ def _paint_skull(canvas, spec, centres):
     ax = np.array([70.0, 90.0, 70.0]) * spec.scale
     sl, X, Y, Z = canvas.axes(centre - ax, centre + ax)
     e = ((X - centre[0]) / ax[0]) ** 2 + ((Y - centre[1]) / ax[1]) ** 2 + ((Z - centre[2]) / ax[2]) ** 2
-    inner = ((X - centre[0]) / (ax[0] - 7)) ** 2 + ((Y - centre[1]) / (ax[1] - 7)) ** 2 + ((Z - centre[2]) / (ax[2] - 7)) ** 2
+    inner = (((X - centre[0]) / (ax[0] - 7)) ** 2 + ((Y - centre[1]) / (ax[1] - 7)) ** 2
+             + ((Z - centre[2]) / (ax[2] - 7)) ** 2)
     hu = canvas.hu[sl]
     hu[(e <= 1) & (Z > c1[2] + 10)] = 1300.0 * spec.bone_density
     hu[(inner <= 1) & (Z > c1[2] + 10)] = 35.0  # brain

@@ -47,16 +47,6 @@ def _rotation(yaw, pitch, roll) -> np.ndarray:
     return Rz @ Rx @ Ry
 
 
-def carm_view(name: str, sid: float, sdd: float, fov_mm: float, size: int, principal_offset=(0.0, 0.0)):
-    """(P, detector pixel spacing) of an ideal AP or LAT view whose field covers
-    fov_mm x fov_mm at the isocentre."""
-    source = {"ap": np.array([0.0, -sid, 0.0]), "lat": np.array([-sid, 0.0, 0.0])}[name]
-    R, t = geometry.look_at_pose(source, np.zeros(3), up=(0.0, 0.0, 1.0))
-    spacing = fov_mm * sdd / sid / size
-    K = geometry.intrinsics(sdd / spacing, ((size - 1) / 2 + principal_offset[0], (size - 1) / 2 + principal_offset[1]))
-    return geometry.projection_matrix(K, R, t), spacing
-
-
 def case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
@@ -79,16 +69,16 @@ def render_pair(volume, vertebrae: list[dict], centre, fov: float, rng: np.rando
     images, Ps, spacings = {}, {}, {}
     inside = np.ones(len(xyz), dtype=bool)
     margin = 0.02 * config.size
-    for view in case_io.VIEWS:
-        P, spacing = carm_view(view, rng.uniform(*config.sid_mm), rng.uniform(*config.sdd_mm), fov, config.size,
-                               rng.uniform(-5, 5, size=2))
+    for view in geometry.VIEWS:
+        P, spacing = geometry.carm_view(view, rng.uniform(*config.sid_mm), rng.uniform(*config.sdd_mm), fov,
+                                        config.size, rng.uniform(-5, 5, size=2))
         photons = float(np.exp(rng.uniform(*np.log(config.photons))))
         scatter = float(rng.uniform(*config.scatter))
         line = drr.line_integral(volume, P, (config.size, config.size), device=device, mu=mu)
         images[view] = drr.radiograph(line, rng, photons=photons, scatter=scatter)
         Ps[view], spacings[view] = P, spacing
         uv = geometry.project(P, xyz)
-        inside &= np.all((uv >= margin) & (uv <= config.size - 1 - margin), axis=1)
+        inside &= geometry.inside_image(uv, (config.size, config.size), margin + 0.5)  # margin from the edge pixels
     kept = [{"label": v["label"], "xyz_mm": p.tolist()} for v, p, keep in zip(vertebrae, xyz, inside) if keep]
     return images, Ps, spacings, kept
 
@@ -174,7 +164,8 @@ def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig
     case_io.write_splits(out, split_names(names, seed))
     counts = np.array([n for _, n, _ in results])
     stats = {"cases": cases, "seed": seed,
-             "vertebrae_per_case": {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())},
+             "vertebrae_per_case": {"min": int(counts.min()), "median": float(np.median(counts)),
+                                    "max": int(counts.max())},
              "share_scoliosis": float(np.mean([p["scoliosis"] for _, _, p in results])),
              "share_fracture": float(np.mean([bool(p["fractures"]) for _, _, p in results])),
              "share_implant": float(np.mean([bool(p["implants"]) for _, _, p in results])),

@@ -62,7 +62,7 @@ class X2PConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "X2PConfig":
+    def from_dict(cls, d: dict) -> X2PConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -78,7 +78,7 @@ def unproject(features, P, points, image_hw):
     H, W = image_hw
     pts = points.reshape(B, 1, -1, 3).expand(B, V, -1, 3)
     uv, depth = geometry.project_torch(P, pts)  # (B, V, X, 2)
-    grid = torch.stack([(2 * uv[..., 0] + 1) / W - 1, (2 * uv[..., 1] + 1) / H - 1], dim=-1)
+    grid = torch.stack([geometry.pixel_to_grid(uv[..., 0], W), geometry.pixel_to_grid(uv[..., 1], H)], dim=-1)
     grid = torch.where((depth > 0)[..., None], grid, torch.full_like(grid, 2.0))  # behind: outside
     sampled = F.grid_sample(features.reshape(B * V, C, h, w), grid.reshape(B * V, 1, -1, 2).to(features.dtype),
                             align_corners=False)  # (B*V, C, 1, X)

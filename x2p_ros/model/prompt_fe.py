@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import geometry
+
 
 def sine_positions(h: int, w: int, dim: int, device=None) -> torch.Tensor:
     """2D sine position encoding (DETR style), (h*w, dim), positions in [0, 1]."""
@@ -60,7 +62,7 @@ class PromptFE(nn.Module):
         gy, gx = torch.meshgrid(offsets, offsets, indexing="ij")
         u = prompt[:, 0, None, None] + gx  # (B, n, n) px
         v = prompt[:, 1, None, None] + gy
-        grid = torch.stack([(2 * u + 1) / W - 1, (2 * v + 1) / H - 1], dim=-1)  # pixel centres, align_corners=False
+        grid = torch.stack([geometry.pixel_to_grid(u, W), geometry.pixel_to_grid(v, H)], dim=-1)
         f_p = F.grid_sample(f + pos.T.reshape(1, d, h, w), grid.to(f.dtype), align_corners=False)  # (B, d, n, n)
         f_p = f_p.flatten(2).transpose(1, 2)  # (B, n*n, d)
         outside = ((grid.abs() > 1).any(-1)).flatten(1)  # (B, n*n)
@@ -71,6 +73,6 @@ class PromptFE(nn.Module):
             tokens = layer(tokens, f_p, key_padding_mask=outside)
         f_e = tokens.transpose(1, 2).reshape(B, d, h, w)
         # f_m = f_e * [M_d > 0] + M_d, M_d = |y - y0| normalised by the image height
-        rows = (torch.arange(h, device=f.device, dtype=torch.float32) + 0.5) * (H / h) - 0.5  # row centres in px
+        rows = geometry.cell_to_pixel(torch.arange(h, device=f.device, dtype=torch.float32), h, H)  # row centres, px
         m_d = ((rows[None, :] - prompt[:, 1:2]).abs() / H)[:, None, :, None].expand(B, 1, h, w)
         return f_e * (m_d > 0.5 * 8 / H) + m_d.to(f_e.dtype)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..data.synth import carm_view
+from ..geometry import carm_view
 from .config import X2PConfig
 from .x2pnet import X2PNet
 

@@ -8,9 +8,10 @@ from torch import nn
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    groups = min(8, c_out // 2)
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.GroupNorm(min(8, c_out // 2), c_out), nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.GroupNorm(min(8, c_out // 2), c_out), nn.ReLU(inplace=True))
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.GroupNorm(groups, c_out), nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.GroupNorm(groups, c_out), nn.ReLU(inplace=True))
 
 
 class SpatialPyramidPooling(nn.Module):

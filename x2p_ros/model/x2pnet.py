@@ -36,7 +36,7 @@ def heatmap_peaks(heatmaps, image_hw):
     total = wgt.sum((-1, -2)).clamp_min(1e-9)
     cy = (wgt * rows[:, None]).sum((-1, -2)) / total
     cx = (wgt * rows[None, :]).sum((-1, -2)) / total
-    return torch.stack([(cx + 0.5) * W / S - 0.5, (cy + 0.5) * H / S - 0.5], dim=-1)
+    return torch.stack([geometry.cell_to_pixel(cx, S, W), geometry.cell_to_pixel(cy, S, H)], dim=-1)
 
 
 def soft_argmax_2d(logits, image_hw):
@@ -44,8 +44,8 @@ def soft_argmax_2d(logits, image_hw):
     h, w = logits.shape[-2:]
     H, W = image_hw
     prob = logits.flatten(-2).float().softmax(-1).reshape(logits.shape)
-    u = (torch.arange(w, device=logits.device, dtype=prob.dtype) + 0.5) * W / w - 0.5
-    v = (torch.arange(h, device=logits.device, dtype=prob.dtype) + 0.5) * H / h - 0.5
+    u = geometry.cell_to_pixel(torch.arange(w, device=logits.device, dtype=prob.dtype), w, W)
+    v = geometry.cell_to_pixel(torch.arange(h, device=logits.device, dtype=prob.dtype), h, H)
     return torch.stack([(prob.sum(-2) * u).sum(-1), (prob.sum(-1) * v).sum(-1)], dim=-1)
 
 

@@ -17,10 +17,11 @@ from sensor_msgs.msg import CameraInfo, Image
 from .. import geometry
 from ..data import case_io
 from ..data.synth import SynthConfig, synthesize
-from ..inference import VIEWS, Vertebra
+from ..geometry import VIEWS
+from ..inference import Vertebra
 from ..levels import levels_below
 from . import messages
-from .localizer_node import LATCHED_QOS, RELIABLE_QOS
+from .qos import LATCHED, RELIABLE
 
 PARAMETERS = {
     "data": "",  # a data set or case folder; empty: render `cases` phantoms with `seed`
@@ -47,11 +48,11 @@ class CarmSim(Node):
         self.p = p
         self.rng = np.random.default_rng(p["seed"])
         self.cases = self._load_cases(p)
-        self.pub_image = {v: self.create_publisher(Image, f"{v}/image", RELIABLE_QOS) for v in VIEWS}
-        self.pub_info = {v: self.create_publisher(CameraInfo, f"{v}/camera_info", LATCHED_QOS) for v in VIEWS}
-        self.pub_pose = {v: self.create_publisher(TransformStamped, f"{v}/pose", LATCHED_QOS) for v in VIEWS}
-        self.pub_prompt = {v: self.create_publisher(PointStamped, f"{v}/prompt", LATCHED_QOS) for v in VIEWS}
-        self.pub_truth = self.create_publisher(PoseArray, "ground_truth/poses", LATCHED_QOS)
+        self.pub_image = {v: self.create_publisher(Image, f"{v}/image", RELIABLE) for v in VIEWS}
+        self.pub_info = {v: self.create_publisher(CameraInfo, f"{v}/camera_info", LATCHED) for v in VIEWS}
+        self.pub_pose = {v: self.create_publisher(TransformStamped, f"{v}/pose", LATCHED) for v in VIEWS}
+        self.pub_prompt = {v: self.create_publisher(PointStamped, f"{v}/prompt", LATCHED) for v in VIEWS}
+        self.pub_truth = self.create_publisher(PoseArray, "ground_truth/poses", LATCHED)
         self.case_index, self.case_started, self.shift = -1, 0.0, {v: np.zeros(2) for v in VIEWS}
         self.frames = 0
         self.create_timer(1.0 / p["rate_hz"], self._tick)
@@ -79,8 +80,8 @@ class CarmSim(Node):
 
     def _publish_calibration(self, stamp):
         for v in VIEWS:
-            info, pose = messages.calibration_messages(self._P(v), self.case.views[v].size,
-                                                       messages.header(stamp, self.p["reference_frame"]), f"{v}_optical")
+            header = messages.header(stamp, self.p["reference_frame"])
+            info, pose = messages.calibration_messages(self._P(v), self.case.views[v].size, header, f"{v}_optical")
             self.pub_info[v].publish(info)
             self.pub_pose[v].publish(pose)
 

@@ -19,14 +19,14 @@ from geometry_msgs.msg import Point, PointStamped, PoseArray, TransformStamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import TransitionCallbackReturn
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 from std_srvs.srv import SetBool, Trigger
 from visualization_msgs.msg import MarkerArray
 
 from .. import geometry
-from ..inference import VIEWS, InputError, Localizer
+from ..geometry import VIEWS
+from ..inference import InputError, Localizer
 from ..levels import level_order
 from ..model import checkpoint
 from ..models import default_checkpoint
@@ -36,10 +36,7 @@ from ..pairing import Frame, KeyframeGate, Pairer
 from ..worker import InferenceWorker
 from . import messages
 from .images import ImageError, image_to_array
-
-SENSOR_QOS = QoSProfile(depth=2, reliability=ReliabilityPolicy.BEST_EFFORT, history=HistoryPolicy.KEEP_LAST)
-LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-RELIABLE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+from .qos import LATCHED, RELIABLE, SENSOR_DATA
 
 
 def _float_range(lo, hi, text):
@@ -93,18 +90,18 @@ class LocalizerNode(LifecycleNode):
                                  self.get_parameter("keyframe_change_threshold").value)
         self.worker = InferenceWorker(self._infer, self._done)
 
-        self.pub_poses = self.create_publisher(PoseArray, "vertebrae/poses", RELIABLE_QOS)
-        self.pub_markers = self.create_publisher(MarkerArray, "vertebrae/markers", RELIABLE_QOS)
-        self.pub_vertebrae = self.create_publisher(VertebraArray, "vertebrae", RELIABLE_QOS)
-        self.pub_overlay = {v: self.create_publisher(Image, f"{v}/overlay", SENSOR_QOS) for v in VIEWS}
-        self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", RELIABLE_QOS)
+        self.pub_poses = self.create_publisher(PoseArray, "vertebrae/poses", RELIABLE)
+        self.pub_markers = self.create_publisher(MarkerArray, "vertebrae/markers", RELIABLE)
+        self.pub_vertebrae = self.create_publisher(VertebraArray, "vertebrae", RELIABLE)
+        self.pub_overlay = {v: self.create_publisher(Image, f"{v}/overlay", SENSOR_DATA) for v in VIEWS}
+        self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", RELIABLE)
         for v in VIEWS:
-            self.create_subscription(Image, f"{v}/image", lambda m, v=v: self._on_image(v, m), SENSOR_QOS)
-            self.create_subscription(CameraInfo, f"{v}/camera_info", lambda m, v=v: self._on_info(v, m), LATCHED_QOS)
-            self.create_subscription(TransformStamped, f"{v}/pose", lambda m, v=v: self._on_pose(v, m), LATCHED_QOS)
-            self.create_subscription(PointStamped, f"{v}/prompt", lambda m, v=v: self._on_prompt(v, m), LATCHED_QOS)
+            self.create_subscription(Image, f"{v}/image", lambda m, v=v: self._on_image(v, m), SENSOR_DATA)
+            self.create_subscription(CameraInfo, f"{v}/camera_info", lambda m, v=v: self._on_info(v, m), LATCHED)
+            self.create_subscription(TransformStamped, f"{v}/pose", lambda m, v=v: self._on_pose(v, m), LATCHED)
+            self.create_subscription(PointStamped, f"{v}/prompt", lambda m, v=v: self._on_prompt(v, m), LATCHED)
             self.create_subscription(Point, f"{v}/overlay_mouse_left", lambda m, v=v: self._on_click(v, m),
-                                     RELIABLE_QOS)
+                                     RELIABLE)
         self.create_service(Trigger, "localize", self._srv_localize)
         self.create_service(SetBool, "enable", self._srv_enable)
         self.create_timer(1.0, self._publish_diagnostics)
@@ -267,7 +264,7 @@ class LocalizerNode(LifecycleNode):
             self._drop_prompt(view)
             return
         size = self.calib[view].get("size")
-        if size is not None and not (-0.5 <= uv[0] <= size[0] - 0.5 and -0.5 <= uv[1] <= size[1] - 0.5):
+        if size is not None and not geometry.inside_image(uv, size):
             self._report(f"{view}/prompt", f"prompt ({uv[0]:.1f}, {uv[1]:.1f}) lies outside the "
                                            f"{size[0]} x {size[1]} image")
             self._drop_prompt(view)

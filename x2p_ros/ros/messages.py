@@ -11,7 +11,6 @@ from .. import geometry
 from ..msg import Vertebra, VertebraArray
 from .images import array_to_fields
 
-M_PER_MM = 1e-3
 TEXT_ID, LINE_ID = 1000, 2000  # marker ids: spheres use the vertebra index
 
 
@@ -28,7 +27,7 @@ def stamp_seconds(h: Header) -> float:
 
 
 def _point(xyz_mm) -> Point:
-    x, y, z = (float(c) * M_PER_MM for c in xyz_mm)
+    x, y, z = (float(c) / geometry.MM_PER_M for c in xyz_mm)
     return Point(x=x, y=y, z=z)
 
 
@@ -66,19 +65,19 @@ def marker_array(header: Header, vertebrae, sphere_mm: float = 12.0) -> MarkerAr
                         color=colour)
         sphere.pose.position = _point(v.xyz_mm)
         sphere.pose.orientation.w = 1.0
-        sphere.scale.x = sphere.scale.y = sphere.scale.z = sphere_mm * M_PER_MM
+        sphere.scale.x = sphere.scale.y = sphere.scale.z = sphere_mm / geometry.MM_PER_M
         text = Marker(header=header, ns="vertebrae", id=TEXT_ID + int(v.index), type=Marker.TEXT_VIEW_FACING,
                       action=Marker.ADD, text=v.label, color=ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0))
         text.pose.position = _point(v.xyz_mm)
-        text.pose.position.x += 2.0 * sphere_mm * M_PER_MM
+        text.pose.position.x += 2.0 * sphere_mm / geometry.MM_PER_M
         text.pose.orientation.w = 1.0
-        text.scale.z = sphere_mm * M_PER_MM
+        text.scale.z = sphere_mm / geometry.MM_PER_M
         msg.markers += [sphere, text]
     if len(present) >= 2:
         line = Marker(header=header, ns="vertebrae", id=LINE_ID, type=Marker.LINE_STRIP, action=Marker.ADD,
                       color=colour, points=[_point(v.xyz_mm) for v in present])
         line.pose.orientation.w = 1.0
-        line.scale.x = 0.2 * sphere_mm * M_PER_MM
+        line.scale.x = 0.2 * sphere_mm / geometry.MM_PER_M
         msg.markers.append(line)
     return msg
 
@@ -94,7 +93,7 @@ def calibration_messages(P, size, header: Header, child_frame: str) -> tuple[Cam
     info_header = Header(stamp=header.stamp, frame_id=child_frame)
     info = CameraInfo(header=info_header, width=int(w), height=int(h), distortion_model="plumb_bob", d=[0.0] * 5,
                       k=[float(x) for x in k9], r=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
-                      p=[float(x) for x in (k9[0], k9[1], k9[2], 0.0, k9[3], k9[4], k9[5], 0.0, k9[6], k9[7], k9[8], 0.0)])
+                      p=[float(x) for x in (*k9[0:3], 0.0, *k9[3:6], 0.0, *k9[6:9], 0.0)])
     pose = TransformStamped(header=header, child_frame_id=child_frame)
     tr, r = pose.transform.translation, pose.transform.rotation
     tr.x, tr.y, tr.z = (float(c) for c in t)

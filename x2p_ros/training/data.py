@@ -38,7 +38,7 @@ class BiplanarDataset(Dataset):
         case = case_io.read_case(self.root / self.names[i])
         images, Ps = [], []
         inside = np.ones(len(case.labels), dtype=bool)
-        for view in case_io.VIEWS:
+        for view in geometry.VIEWS:
             v = case.views[view]
             x0, y0, side = preprocess.full_box(*v.size)
             if rng is not None:  # random crop: 70-100 % of the side, anywhere inside
@@ -53,8 +53,8 @@ class BiplanarDataset(Dataset):
             Ps.append(P)
             if len(case.labels):
                 uv = geometry.project(P, case.xyz_mm)
-                margin = 0.02 * self.size
-                inside &= np.all((uv >= margin) & (uv <= self.size - 1 - margin), axis=1)
+                margin = 0.02 * self.size + 0.5  # from the edge, 2 % of the side from the edge pixels' centres
+                inside &= geometry.inside_image(uv, (self.size, self.size), margin)
         # the vertebrae visible in both views, from the top-most one down, without gaps
         first = int(np.argmax(inside)) if inside.any() else len(inside)
         last = first

@@ -14,8 +14,8 @@ import numpy as np
 from .. import metrics
 from ..data import case_io
 from ..data.synth import SynthConfig
-from ..inference import VIEWS, Localizer, ModelOutputError
-
+from ..geometry import VIEWS
+from ..inference import Localizer, ModelOutputError
 
 SHORT_FIELD = SynthConfig.short_field  # vertebrae in a C-arm-like field of the data engine
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import geometry
+
 POSITIVE_WEIGHT = 20.0
 
 
@@ -16,8 +18,8 @@ def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma_px: float):
     H, W = image_hw
     S = size
     cells = torch.arange(S, device=pixels.device, dtype=torch.float32)
-    cx = (pixels[..., 0] + 0.5) * S / W - 0.5  # (B, V, N): pixel centre -> heatmap cell
-    cy = (pixels[..., 1] + 0.5) * S / H - 0.5
+    cx = geometry.pixel_to_cell(pixels[..., 0], W, S)  # (B, V, N) heatmap cells
+    cy = geometry.pixel_to_cell(pixels[..., 1], H, S)
     sigma = sigma_px * S / W
     g = torch.exp(-((cells[None, :] - cx[..., None, None]) ** 2 + (cells[:, None] - cy[..., None, None]) ** 2)
                   / (2 * sigma ** 2))
