@@ -6,7 +6,7 @@ import tempfile
 import torch
 
 from x2p_ros import bench
-from x2p_ros.model import X2PNet, checkpoint, preset
+from x2p_ros.model import build_model, checkpoint, preset
 from x2p_ros.training.evaluate import evaluate
 
 
@@ -15,7 +15,7 @@ def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path
     torch.manual_seed(0)
     ckpts = {}
     for label, config in (("X2P-Net", preset("tiny")), ("lifting baseline", preset("tiny", lifting=True))):
-        ckpts[label] = checkpoint.save(tmp_path / f"{label}.pt", X2PNet(config), meta={"config_name": "tiny"})
+        ckpts[label] = checkpoint.save(tmp_path / f"{label}.pt", build_model(config), meta={"config_name": "tiny"})
     lines = bench.bench_models(ckpts, 3, reference_configs={bench.PAPER_CONFIG_LATENCY: "tiny"})
     report = "\n".join(lines)
 

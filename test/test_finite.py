@@ -14,7 +14,7 @@ from x2p_ros import geometry
 from x2p_ros.cli import main
 from x2p_ros.geometry import carm_view
 from x2p_ros.inference import Localizer, ModelOutputError
-from x2p_ros.model import X2PNet, checkpoint, preset
+from x2p_ros.model import X2PNet, build_model, checkpoint, preset
 from x2p_ros.training.losses import x2p_losses
 
 S = 64  # the tiny config's input size
@@ -25,7 +25,7 @@ MODELS = {}
 def model(name):
     if name not in MODELS:
         torch.manual_seed(0)
-        MODELS[name] = X2PNet(CONFIGS[name])
+        MODELS[name] = build_model(CONFIGS[name])
     return MODELS[name]
 
 

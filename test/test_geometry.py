@@ -1,4 +1,4 @@
-"""Geometry round trips and rejection of bad calibration (DESIGN.md section 1)."""
+"""Geometry round trips and rejection of bad calibration (docs/design.md, section 1)."""
 import numpy as np
 import pytest
 

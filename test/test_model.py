@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from x2p_ros import geometry
 from x2p_ros.geometry import carm_view
-from x2p_ros.model import X2PNet, preset
+from x2p_ros.model import X2PNet, build_model, preset
 from x2p_ros.model.brickformer import SCE, BrickLayer, brick_token_indices
 from x2p_ros.model.fusion import unproject, volume_frame, voxel_centres
 from x2p_ros.model.prompt_fe import PromptFE
@@ -201,11 +201,11 @@ def test_training_a_few_cases_drives_their_3d_error_below_2mm(tmp_path):
 def test_lifting_baseline_triangulates_its_2d_points():
     torch.manual_seed(0)
     cfg = preset("tiny", lifting=True)
-    model = X2PNet(cfg)
+    model = build_model(cfg)
     images, P, prompt = example_inputs(cfg, batch=2)
     out = model(images, P, prompt)
     assert out["heatmaps"].shape == (2, 2, 4, 32, 32) and out["xyz"].shape == (2, 4, 3)
-    assert model.sce is None and model.fusion is None
+    assert not hasattr(model, "sce") and not hasattr(model, "fusion")  # no SCE, no 3D fusion
     # the 3D points are the triangulation of the 2D points it reports
     uv, _ = geometry.project_torch(P.double(), out["xyz"].double()[:, None].expand(-1, 2, -1, -1))
     rays_meet = geometry.triangulate_torch(P.double(), uv)
@@ -215,8 +215,20 @@ def test_lifting_baseline_triangulates_its_2d_points():
 
 
 def test_soft_argmax_2d_finds_a_peak_at_its_pixel_on_non_square_maps():
-    from x2p_ros.model.x2pnet import soft_argmax_2d
+    from x2p_ros.model.heatmaps import soft_argmax_2d
     logits = torch.full((1, 16, 24), -50.0)
     logits[0, 5, 17] = 50.0  # map cell (row 5, col 17) of a 48 x 32 image at stride 2
     uv = soft_argmax_2d(logits, (32, 48))[0]
     torch.testing.assert_close(uv, torch.tensor([17 * 2 + 0.5, 5 * 2 + 0.5]))
+
+
+def test_build_model_gives_each_method_over_the_same_encoder():
+    from x2p_ros.model import LiftingBaseline
+    from x2p_ros.model.encoder import BiplanarEncoder
+    x2p, lifting = build_model(preset("tiny")), build_model(preset("tiny", lifting=True))
+    assert type(x2p) is X2PNet and type(lifting) is LiftingBaseline
+    assert isinstance(x2p, BiplanarEncoder) and isinstance(lifting, BiplanarEncoder)
+    shared = {k for k in x2p.state_dict() if k.startswith(("vfe.", "fe."))}
+    assert shared and shared == {k for k in lifting.state_dict() if k.startswith(("vfe.", "fe."))}
+    with pytest.raises(ValueError, match="build_model"):
+        X2PNet(preset("tiny", lifting=True))

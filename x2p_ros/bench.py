@@ -77,9 +77,9 @@ def bench_synth(cases: int, size: int) -> list[str]:
 def bench_latency(config: dict, device: str, repeats: int = 10) -> tuple[float, float]:
     """Median seconds per pair after warm-up, and peak memory in MB (GPU: allocator
     peak; CPU: the resident peak of the fresh process that measures it)."""
-    from .model import X2PNet
+    from .model import build_model
     from .model.config import X2PConfig
-    model = X2PNet(X2PConfig.from_dict(config)).to(device).eval()
+    model = build_model(X2PConfig.from_dict(config)).to(device).eval()
     images, P, prompt = (t.to(device) for t in example_inputs(model.config))
     times = []
     if device == "cuda":

@@ -1,4 +1,4 @@
-"""C-arm geometry with one convention (DESIGN.md section 1).
+"""C-arm geometry with one convention (docs/design.md, section 1).
 
 - 3D in millimetres in the reference frame; 2D in pixels, u to the right, v
   down, the centre of the top-left pixel at (0, 0).

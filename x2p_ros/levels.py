@@ -1,4 +1,4 @@
-"""Vertebral level names, superior to inferior (DESIGN.md section 1), and the
+"""Vertebral level names, superior to inferior (docs/design.md, section 1), and the
 label numbers of the VerSe data set."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The data set format (DESIGN.md section 3): one folder per case with ap.png,
+"""The data set format (docs/design.md, section 3): one folder per case with ap.png,
 lat.png (16-bit, bone bright) and case.json; splits in train/val/test.txt.
 
 Reading validates everything and raises DatasetError naming the file and what

@@ -1,5 +1,5 @@
 """Digitally reconstructed radiographs of a CT-like volume for a calibrated
-cone-beam view (DESIGN.md section 1 conventions), in PyTorch (CPU or CUDA).
+cone-beam view (docs/design.md, section 1 conventions), in PyTorch (CPU or CUDA).
 
 The volume is cut into slices across the axis most parallel to the central
 ray. Along a pixel's ray the in-slice coordinates are affine in the slice

@@ -33,7 +33,7 @@ class SynthConfig:
     short_field_share: float = 0.6  # C-arm-like fields (image intensifier) of short_field vertebrae
     short_field: tuple[int, int] = (3, 6)
     # the rest (flat panels, thoracic and cervical fields): at most the model's
-    # N = 10 per patch (DESIGN.md); longer spines are tall films for the sliding window
+    # N = 10 per patch (docs/design.md, section 2); longer spines are tall films for the sliding window
     long_field: tuple[int, int] = (7, 10)
 
 

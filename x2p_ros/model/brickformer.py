@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .prompt_fe import sine_positions
+from .position_encoding import sine_positions
 
 
 def brick_token_indices(cells: torch.Tensor, w: int, s: int) -> torch.Tensor:
@@ -52,31 +52,44 @@ class BrickLayer(nn.Module):
     def forward(self, e, f_m, pos):
         """e: (B, N, Q, d) embeddings; f_m: (B, d, h, w); pos: (h*w, d). Returns e."""
         B, N, Q, d = e.shape
-        h, w = f_m.shape[-2:]
         q = self.norm_q(e)
         tokens = self.norm_kv(f_m.flatten(2).transpose(1, 2) + pos)  # (B, h*w, d)
-        bias = None
-        if self.mode == "brick":
-            s = self.s
-            pooled = F.max_pool2d(f_m, s)  # (B, d, h/s, w/s)
-            pooled_pos = F.avg_pool2d(pos.T.reshape(1, d, h, w), s)
-            bricks = self.norm_kv((pooled + pooled_pos).flatten(2).transpose(1, 2))  # (B, P, d)
-            logits1 = self._split(self.q1(q)) @ self._split(self.k1(bricks)[:, None]).transpose(-1, -2)
-            attn1 = (logits1 / (d / self.heads) ** 0.5).softmax(-1)  # (B, N, heads, Q, P)
-            cells = attn1.mean(dim=(2, 3)).topk(self.k, dim=-1).indices  # (B, N, k)
-            index = brick_token_indices(cells, w, s).reshape(B, N, -1)  # (B, N, k*s*s)
-            keys = torch.gather(tokens[:, None].expand(B, N, h * w, d), 2, index[..., None].expand(-1, -1, -1, d))
-            # log Attn1 of each gathered token's brick, per head and query: (B, N, heads, Q, k*s*s)
-            brick_attn = torch.gather(attn1, -1, cells[:, :, None, None, :].expand(-1, -1, self.heads, Q, -1))
-            bias = brick_attn.clamp_min(1e-6).log().repeat_interleave(s * s, dim=-1)
-        elif self.mode == "sparse":
-            keys = tokens.reshape(B, h, w, d)[:, ::self.s, ::self.s].reshape(B, 1, -1, d).expand(B, N, -1, d)
-        else:  # vanilla: every token
-            keys = tokens[:, None].expand(B, N, h * w, d)
+        select = {"brick": self._brick_keys, "sparse": self._sparse_keys, "vanilla": self._all_keys}[self.mode]
+        keys, bias = select(q, tokens, f_m, pos)  # (B, N, T, d), additive logits (B, N, heads, Q, T) or None
         out = F.scaled_dot_product_attention(self._split(self.q2(q)), self._split(self.k2(keys)),
                                              self._split(self.v2(keys)), attn_mask=bias)  # (B, N, heads, Q, d/h)
         e = e + self.out(out.transpose(2, 3).reshape(B, N, Q, d))
         return e + self.ff(self.norm_ff(e))
+
+    def _brick_keys(self, q, tokens, f_m, pos):
+        """Attn1 over the pooled bricks, then the tokens under each embedding's
+        top-k bricks, with log Attn1 of a token's brick as its logit bias."""
+        B, N, Q, d = q.shape
+        h, w = f_m.shape[-2:]
+        s = self.s
+        pooled = F.max_pool2d(f_m, s)  # (B, d, h/s, w/s)
+        pooled_pos = F.avg_pool2d(pos.T.reshape(1, d, h, w), s)
+        bricks = self.norm_kv((pooled + pooled_pos).flatten(2).transpose(1, 2))  # (B, P, d)
+        logits1 = self._split(self.q1(q)) @ self._split(self.k1(bricks)[:, None]).transpose(-1, -2)
+        attn1 = (logits1 / (d / self.heads) ** 0.5).softmax(-1)  # (B, N, heads, Q, P)
+        cells = attn1.mean(dim=(2, 3)).topk(self.k, dim=-1).indices  # (B, N, k)
+        index = brick_token_indices(cells, w, s).reshape(B, N, -1)  # (B, N, k*s*s)
+        keys = torch.gather(tokens[:, None].expand(B, N, h * w, d), 2, index[..., None].expand(-1, -1, -1, d))
+        # log Attn1 of each gathered token's brick, per head and query: (B, N, heads, Q, k*s*s)
+        brick_attn = torch.gather(attn1, -1, cells[:, :, None, None, :].expand(-1, -1, self.heads, Q, -1))
+        return keys, brick_attn.clamp_min(1e-6).log().repeat_interleave(s * s, dim=-1)
+
+    def _sparse_keys(self, q, tokens, f_m, pos):
+        """A fixed strided subset of the tokens (every s-th row and column)."""
+        B, N = q.shape[:2]
+        h, w = f_m.shape[-2:]
+        keys = tokens.reshape(B, h, w, -1)[:, ::self.s, ::self.s].reshape(B, 1, -1, tokens.shape[-1])
+        return keys.expand(B, N, -1, -1), None
+
+    def _all_keys(self, q, tokens, f_m, pos):
+        """Vanilla attention: every token."""
+        B, N = q.shape[:2]
+        return tokens[:, None].expand(B, N, -1, -1), None
 
 
 class SCE(nn.Module):

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from . import build_model
 from .config import X2PConfig
+from .lifting import LiftingBaseline
 from .x2pnet import X2PNet
 
 FORMAT = "x2p_ros.checkpoint"
@@ -21,7 +23,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing, corrupt, unsafe or mismatched."""
 
 
-def save(path, model: X2PNet, meta: dict | None = None, **training_state) -> Path:
+def save(path, model: X2PNet | LiftingBaseline, meta: dict | None = None, **training_state) -> Path:
     """Writes atomically (a half-written file never replaces a good one), and
     never weights that hold NaN or Inf."""
     path = Path(path)
@@ -66,14 +68,14 @@ def read(path) -> dict:
     return payload
 
 
-def load_model(path, device="cpu") -> tuple[X2PNet, dict]:
+def load_model(path, device="cpu") -> tuple[X2PNet | LiftingBaseline, dict]:
     """The model in eval mode and the checkpoint's meta data."""
     payload = read(path)
     try:
         config = X2PConfig.from_dict(payload["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its config does not fit this x2p_ros: {e}") from None
-    model = X2PNet(config)
+    model = build_model(config)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:

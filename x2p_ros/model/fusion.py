@@ -7,7 +7,7 @@ the AP viewing direction made orthogonal to it, e_x = e_y x e_z. It spans the
 vertical field of view at the prompt's depth, from a little above the prompt
 downwards, and volume_width of that laterally and in depth.
 
-Pixel convention (DESIGN.md section 1) in grid_sample with align_corners=False:
+Pixel convention (docs/design.md, section 1) in grid_sample with align_corners=False:
 pixel centre u of a W-wide image is at x = (2u + 1) / W - 1 at every feature
 resolution; x always pairs with W and y with H.
 

@@ -6,8 +6,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..geometry import carm_view
+from . import build_model
 from .config import X2PConfig
-from .x2pnet import X2PNet
 
 UNITS = ("vfe", "fe", "sce", "fusion", "lifting")
 
@@ -23,7 +23,7 @@ def example_inputs(config: X2PConfig, batch: int = 1):
 
 
 def model_summary(config: X2PConfig) -> dict:
-    model = X2PNet(config).eval()
+    model = build_model(config).eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(*example_inputs(config))
@@ -33,7 +33,7 @@ def model_summary(config: X2PConfig) -> dict:
         module = getattr(model, unit, None)
         if module is None:
             continue
-        key = f"X2PNet.{unit}"
+        key = f"{type(model).__name__}.{unit}"
         rows[unit] = {"params": sum(p.numel() for p in module.parameters()),
                       "gmacs": sum(flops.get(key, {}).values()) / 2e9}
     total_flops = sum(flops.get("Global", {}).values())

@@ -1,4 +1,4 @@
-"""The x2p_localizer node (DESIGN.md section 4): a thin lifecycle adapter around
+"""The x2p_localizer node (docs/design.md, section 4): a thin lifecycle adapter around
 pairing, key frames, the inference worker and Localizer.
 
 Every input is checked where it enters; a bad one gives a log line and a

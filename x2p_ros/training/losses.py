@@ -1,4 +1,4 @@
-"""Losses (DESIGN.md section 2.5): per view MSE + Dice between predicted and
+"""Losses (docs/design.md, section 2): per view MSE + Dice between predicted and
 Gaussian ground-truth heatmaps, plus the mean squared 3D error over the
 vertebrae present."""
 from __future__ import annotations

@@ -15,6 +15,7 @@ import csv
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data import case_io
-from ..model import X2PNet, checkpoint, preset
+from ..model import X2PConfig, build_model, checkpoint, preset
 from .data import BiplanarDataset
 from .losses import x2p_losses
 
@@ -73,9 +74,36 @@ def validate(model, loader, device) -> dict:
             "val_pcl10": float((e <= 10).mean()) if e.size else float("nan")}
 
 
-def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int = 2, lr: float = 5e-4,
-          workers: int = 2, device: str = "auto", seed: int = 0, time_limit_min: float | None = None,
-          progress: bool = True, init: str | None = None, max_bad_steps: int = 20, **config_overrides) -> dict:
+@dataclass
+class Run:
+    """One training run: made by setup(), advanced an epoch at a time by train_one_epoch()."""
+    config_name: str
+    config: X2PConfig
+    data: str
+    out: Path
+    init: str | None
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_set: BiplanarDataset
+    sampler: DistributedSampler | None
+    loader: DataLoader
+    val_loader: DataLoader
+    max_bad_steps: int
+    progress: bool
+    start_epoch: int = 0
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"val_mpe_mm": float("inf")})
+    bad_in_row: int = 0  # steps skipped in a row, across epochs
+
+
+def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: float, workers: int, device: str,
+          seed: int, init: str | None, max_bad_steps: int, progress: bool, **config_overrides) -> Run:
+    """Data, model, optimizer and schedule of a run; continues RUN/last.pt when there is one."""
     if max_bad_steps < 1:
         raise TrainingError(f"max_bad_steps must be at least 1, got {max_bad_steps}")
     rank, world, local_rank = _distributed()
@@ -92,7 +120,7 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
                         generator=torch.Generator().manual_seed(seed))
     val_loader = DataLoader(val_set, batch_size=batch_size, num_workers=0)
 
-    model = X2PNet(cfg).to(dev)
+    model = build_model(cfg).to(dev)
     if init is not None:  # fine-tuning: another run's weights, a fresh optimizer and schedule
         _load_weights(model, init, config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -100,84 +128,110 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
     warmup = min(200, total_steps // 10 + 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0))))
-    start_epoch, step, best = 0, 0, {"val_mpe_mm": float("inf")}
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if dev.type == "cuda" else None) \
+        if world > 1 else model
+    run = Run(config, cfg, data, out, init, rank, world, dev, model, net, optimizer, scheduler, train_set, sampler,
+              loader, val_loader, max_bad_steps, progress)
     if (out / "last.pt").is_file():  # resume
         state = _load_weights(model, out / "last.pt", config)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if dev.type == "cuda" else None) \
-        if world > 1 else model
+        run.start_epoch, run.step, run.best = state["epoch"] + 1, state["step"], state["best"]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"training {config} on {dev} from epoch {start_epoch}: {len(train_set)} train / {len(val_set)} val cases")
-    started = time.monotonic()
-    bad_in_row = 0
+        print(f"training {config} on {dev} from epoch {run.start_epoch}: {len(train_set)} train / "
+              f"{len(val_set)} val cases")
+    return run
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict:
+    """One pass over the training data: the mean of each loss term over the
+    steps that updated the weights, and how many steps were skipped."""
     from tqdm import tqdm
 
-    for epoch in range(start_epoch, epochs):
-        train_set.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        sums, count, skipped = {}, 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
-        for batch in bar:
-            batch = to_device(batch, dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                out_ = net(batch["images"], batch["P"], batch["prompt"])
-            losses = x2p_losses(out_, batch, cfg.heatmap_sigma_px, cfg.loss_3d_scale_mm)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()  # every rank, always: DDP's gradient all-reduce waits for all
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            if not _finite_everywhere(losses["total"].detach(), grad_norm, world, dev):
-                skipped += 1
-                bad_in_row += 1
-                tqdm.write(f"warning: epoch {epoch} step {step}: non-finite loss or gradient (loss "
-                           f"{float(losses['total']):.4g}, gradient norm {float(grad_norm):.4g}); update skipped; "
-                           f"cases in the batch{f' of rank {rank}' if world > 1 else ''}: {', '.join(batch['name'])}")
-                optimizer.zero_grad(set_to_none=True)
-                if bad_in_row >= max_bad_steps:
-                    raise TrainingError(f"{bad_in_row} steps in a row had a non-finite loss or gradient "
-                                        f"(max_bad_steps = {max_bad_steps}): check the cases named above; "
-                                        f"{out / 'last.pt'} holds the last finite weights")
-                continue
-            bad_in_row = 0
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            count += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{sums['total'] / count:.3f}")
+    run.train_set.set_epoch(epoch)
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    cfg = run.config
+    sums, count, skipped = {}, 0, 0
+    bar = tqdm(run.loader, desc=f"epoch {epoch}", disable=not run.progress or run.rank != 0, leave=False)
+    for batch in bar:
+        batch = to_device(batch, run.device)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+            out = run.net(batch["images"], batch["P"], batch["prompt"])
+        losses = x2p_losses(out, batch, cfg.heatmap_sigma_px, cfg.loss_3d_scale_mm)
+        run.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()  # every rank, always: DDP's gradient all-reduce waits for all
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+        if not _finite_everywhere(losses["total"].detach(), grad_norm, run.world, run.device):
+            skipped += 1
+            run.bad_in_row += 1
+            rank = f" of rank {run.rank}" if run.world > 1 else ""
+            tqdm.write(f"warning: epoch {epoch} step {run.step}: non-finite loss or gradient (loss "
+                       f"{float(losses['total']):.4g}, gradient norm {float(grad_norm):.4g}); update skipped; "
+                       f"cases in the batch{rank}: {', '.join(batch['name'])}")
+            run.optimizer.zero_grad(set_to_none=True)
+            if run.bad_in_row >= run.max_bad_steps:
+                raise TrainingError(f"{run.bad_in_row} steps in a row had a non-finite loss or gradient "
+                                    f"(max_bad_steps = {run.max_bad_steps}): check the cases named above; "
+                                    f"{run.out / 'last.pt'} holds the last finite weights")
+            continue
+        run.bad_in_row = 0
+        run.optimizer.step()
+        run.scheduler.step()
+        run.step += 1
+        count += 1
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        bar.set_postfix(loss=f"{sums['total'] / count:.3f}")
+    return {"losses": {k: v / count for k, v in sums.items()} if count else {}, "skipped": skipped}
+
+
+def end_epoch(run: Run, epoch: int, stats: dict, seconds: float):
+    """Rank 0: validation, the log row and plot, best.pt (from a finite validation) and last.pt."""
+    mean = stats["losses"]
+    row = {"epoch": epoch, "step": run.step, "lr": run.scheduler.get_last_lr()[0],
+           "loss": mean.get("total", float("nan")), "mse": mean.get("mse", 0.0), "dice": mean.get("dice", 0.0),
+           "3d": mean.get("3d", float("nan")), "skipped": stats["skipped"],
+           **validate(run.model, run.val_loader, run.device), "seconds": round(seconds, 1)}
+    _append_log(run.out / "log.csv", row)
+    if math.isfinite(row["val_mpe_mm"]) and row["val_mpe_mm"] < run.best["val_mpe_mm"]:
+        run.best = {"val_mpe_mm": row["val_mpe_mm"], "val_pcl10": row["val_pcl10"], "epoch": epoch}
+        checkpoint.save(run.out / "best.pt", run.model, meta={"config_name": run.config_name, "data": str(run.data),
+                                                              "init": run.init, **run.best})
+    checkpoint.save(run.out / "last.pt", run.model, meta={"config_name": run.config_name},
+                    optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), epoch=epoch,
+                    step=run.step, best=run.best)
+    _plot_log(run.out / "log.csv", run.out / "loss.png")
+    print(f"epoch {epoch}: loss {row['loss']:.4f} (3d {row['3d']:.4f}) val MPE {row['val_mpe_mm']:.2f} mm "
+          f"PCL@10 {100 * row['val_pcl10']:.1f} %" + (f"; {stats['skipped']} step(s) skipped" if stats["skipped"]
+                                                      else ""))
+
+
+def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int = 2, lr: float = 5e-4,
+          workers: int = 2, device: str = "auto", seed: int = 0, time_limit_min: float | None = None,
+          progress: bool = True, init: str | None = None, max_bad_steps: int = 20, **config_overrides) -> dict:
+    """Trains (or resumes) a run; returns its best validation."""
+    run = setup(data, config, out, epochs, batch_size, lr, workers, device, seed, init, max_bad_steps, progress,
+                **config_overrides)
+    started = time.monotonic()
+    for epoch in range(run.start_epoch, epochs):
+        stats = train_one_epoch(run, epoch)
         stop = False
-        if rank == 0:
-            mean = {k: v / count for k, v in sums.items()} if count else {}
-            row = {"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
-                   "loss": mean.get("total", float("nan")), "mse": mean.get("mse", 0.0),
-                   "dice": mean.get("dice", 0.0), "3d": mean.get("3d", float("nan")), "skipped": skipped,
-                   **validate(model, val_loader, dev), "seconds": round(time.monotonic() - started, 1)}
-            _append_log(out / "log.csv", row)
-            if math.isfinite(row["val_mpe_mm"]) and row["val_mpe_mm"] < best["val_mpe_mm"]:
-                best = {"val_mpe_mm": row["val_mpe_mm"], "val_pcl10": row["val_pcl10"], "epoch": epoch}
-                checkpoint.save(out / "best.pt", model, meta={"config_name": config, "data": str(data), "init": init,
-                                                               **best})
-            checkpoint.save(out / "last.pt", model, meta={"config_name": config}, optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), epoch=epoch, step=step, best=best)
-            _plot_log(out / "log.csv", out / "loss.png")
-            print(f"epoch {epoch}: loss {row['loss']:.4f} (3d {row['3d']:.4f}) val MPE {row['val_mpe_mm']:.2f} mm "
-                  f"PCL@10 {100 * row['val_pcl10']:.1f} %" + (f"; {skipped} step(s) skipped" if skipped else ""))
+        if run.rank == 0:
+            end_epoch(run, epoch, stats, time.monotonic() - started)
             stop = time_limit_min is not None and time.monotonic() - started > 60 * time_limit_min
             if stop:
                 print(f"time limit reached after epoch {epoch}; run the same command again to resume")
-        if world > 1:  # every rank waits for rank 0's validation and checkpoint, and stops with it
+        if run.world > 1:  # every rank waits for rank 0's validation and checkpoint, and stops with it
             flag = [stop]
             dist.broadcast_object_list(flag, src=0)
             stop = flag[0]
         if stop:
             break
-    if world > 1:
+    if run.world > 1:
         dist.destroy_process_group()
-    return best
+    return run.best
 
 
 def _finite_everywhere(loss, grad_norm, world: int, device) -> bool:
