@@ -43,6 +43,25 @@ def pose_array(header: Header, vertebrae) -> PoseArray:
     return msg
 
 
+def vertebra_frame(label: str) -> str:
+    """The tf frame of a vertebra: vertebra_T12, or vertebra_V0 without a known level."""
+    return f"vertebra_{label}"
+
+
+def vertebra_transforms(header: Header, vertebrae) -> list[TransformStamped]:
+    """One transform per present vertebra from header.frame_id (the reference
+    frame) to its frame, with the pose array's position and orientation."""
+    present = [v for v in vertebrae if v.present]
+    transforms = []
+    for v, pose in zip(present, pose_array(header, present).poses):
+        t = TransformStamped(header=header, child_frame_id=vertebra_frame(v.label))
+        t.transform.translation.x, t.transform.translation.y, t.transform.translation.z = \
+            pose.position.x, pose.position.y, pose.position.z
+        t.transform.rotation = pose.orientation
+        transforms.append(t)
+    return transforms
+
+
 def vertebra_array(header: Header, vertebrae, reference_level: str) -> VertebraArray:
     msg = VertebraArray(header=header, reference_level=reference_level)
     for v in vertebrae:
