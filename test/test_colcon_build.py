@@ -1,5 +1,7 @@
-"""The ROS user's build path: colcon builds the package, and the install holds
-the generated messages next to the Python sources."""
+"""The ROS user's build path: colcon builds the package, the install holds
+the generated messages next to the Python sources, and `colcon test` runs the
+suite (here a selection of it, through PYTEST_ADDOPTS)."""
+import re
 import os
 import shutil
 import subprocess
@@ -13,11 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(shutil.which("colcon", path=str(Path(sys.executable).parent)) is None,
                     reason="colcon is not installed in this environment")
-def test_colcon_build_installs_messages_and_sources(tmp_path):
+def test_colcon_build_installs_messages_and_sources_and_colcon_test_runs_the_suite(tmp_path):
     venv = Path(sys.prefix)
-    result = subprocess.run([str(ROOT / "tools/colcon_build.sh"), str(venv), str(tmp_path)],
-                            capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, PYTEST_ADDOPTS="-k 'pixel_convention_helpers or a_complete_pair_is_a_job'")
+    result = subprocess.run([str(ROOT / "tools/colcon_build.sh"), str(venv), str(tmp_path), "--test"],
+                            capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 passed" in result.stdout, result.stdout[-3000:]
+    summary = re.search(r"Summary: (\d+) tests, (\d+) errors, (\d+) failures", result.stdout)
+    assert summary and int(summary[1]) >= 2 and summary[2] == summary[3] == "0", result.stdout[-2000:]
     python = f"python{sys.version_info.major}.{sys.version_info.minor}"
     site = tmp_path / "install/x2p_ros/lib" / python / "site-packages"
     share = tmp_path / "install/x2p_ros/share/x2p_ros"

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import rclpy
 from geometry_msgs.msg import PointStamped, PoseArray, TransformStamped
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
 
@@ -23,28 +25,48 @@ from ..levels import levels_below
 from . import messages
 from .qos import LATCHED, RELIABLE
 
-PARAMETERS = {
-    "data": "",  # a data set or case folder; empty: render `cases` phantoms with `seed`
-    "cases": 2, "seed": 7, "size": 256,
-    "case_period_s": 0.0,  # switch to the next case every so often (0: stay on the first)
-    "rate_hz": 5.0,
-    "noise": 0.0,  # Gaussian noise, share of the image range
-    "motion_px": 0.0,  # random shift of the view every few frames, pixels (the calibration follows it)
-    "lat_delay_s": 0.0,  # stamp LAT this much later than AP (to test synchronisation)
-    "reference_frame": "carm",
-    "publish_prompts": True,
+
+def _range(lo, hi, text, integer=False):
+    if integer:
+        return ParameterDescriptor(description=text, integer_range=[IntegerRange(from_value=lo, to_value=hi)])
+    return ParameterDescriptor(description=text, floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi)])
+
+
+PARAMETERS = {  # name: (default, descriptor); a value out of range stops the node with the reason
+    "data": ("", ParameterDescriptor(description="a data set or case folder; empty: render `cases` phantoms")),
+    "cases": (2, _range(1, 1000, "phantoms to render when no data is given", integer=True)),
+    "seed": (7, _range(0, 2 ** 31 - 1, "seed of the phantoms, the noise, the motion and the prompts", integer=True)),
+    "size": (256, _range(32, 2048, "image size of rendered phantoms, pixels", integer=True)),
+    "case_period_s": (0.0, _range(0.0, 3600.0, "switch to the next case this often, s (0: stay on the first)")),
+    "rate_hz": (5.0, _range(0.1, 200.0, "frames per second and view")),
+    "noise": (0.0, _range(0.0, 1.0, "Gaussian noise, share of the image range")),
+    "motion_px": (0.0, _range(0.0, 100.0, "random shift of the views every few frames, pixels")),
+    "lat_delay_s": (0.0, _range(-1.0, 1.0, "stamp LAT this much later than AP (to test synchronisation), s")),
+    "reference_frame": ("carm", ParameterDescriptor(description="frame of the view poses and the ground truth")),
+    "publish_prompts": (True, ParameterDescriptor(description="publish the top-most vertebra as the prompt")),
 }
 
 
 MOTION_EVERY = 4  # frames between two moves of the C-arm
 
 
+class ParameterError(ValueError):
+    """A carm_sim parameter out of its range."""
+
+
 class CarmSim(Node):
     def __init__(self, **kwargs):
         super().__init__("carm_sim", **kwargs)
-        for name, default in PARAMETERS.items():
-            self.declare_parameter(name, default)
+        for name, (default, descriptor) in PARAMETERS.items():
+            try:
+                self.declare_parameter(name, default, descriptor)
+            except (InvalidParameterValueException, InvalidParameterTypeException) as e:
+                raise ParameterError(f"parameter {name}: {e}") from None
         p = {name: self.get_parameter(name).value for name in PARAMETERS}
+        if not p["reference_frame"]:
+            raise ParameterError("parameter reference_frame must not be empty")
+        if p["size"] % 8:
+            raise ParameterError(f"parameter size must be a multiple of 8, got {p['size']}")
         self.p = p
         self.rng = np.random.default_rng(p["seed"])
         self.cases = self._load_cases(p)
@@ -99,6 +121,8 @@ class CarmSim(Node):
                 self.pub_prompt[v].publish(msg)
 
     def _tick(self):
+        # calibration and ground truth carry the stamp of the first images they belong to;
+        # the localizer matches calibration to images by stamp, whatever order they arrive in
         now = self._now()
         period = self.p["case_period_s"]
         if self.case_index < 0 or (period > 0 and now - self.case_started >= period):
@@ -107,12 +131,9 @@ class CarmSim(Node):
             self.shift = {v: np.zeros(2) for v in VIEWS}
             self._publish_calibration(now)
             self._publish_case(now)
-            return  # the new calibration goes out a frame before the new images: topics are not ordered
-        if self.p["motion_px"] > 0 and self.frames % MOTION_EVERY == MOTION_EVERY - 1:
+        elif self.p["motion_px"] > 0 and self.frames % MOTION_EVERY == MOTION_EVERY - 1:
             self.shift = {v: self.rng.uniform(-1, 1, size=2) * self.p["motion_px"] for v in VIEWS}
             self._publish_calibration(now)
-            self.frames += 1
-            return  # as at a case switch: the calibration goes out a frame before its images
         for v in VIEWS:
             image = self.case.views[v].image.astype(np.float32)
             if self.p["motion_px"] > 0:
@@ -127,17 +148,24 @@ class CarmSim(Node):
         self.frames += 1
 
 
-def main(argv=None):
-    rclpy.init(args=argv if argv is not None else sys.argv)
-    node = CarmSim()
+def main(argv=None) -> int:
+    """Runs until Ctrl-C (exit 0, also while it still renders) or a bad parameter (exit 2, with the reason)."""
+    node = None
     try:
+        rclpy.init(args=argv if argv is not None else sys.argv)
+        node = CarmSim()
         rclpy.spin(node)
     except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
         pass
+    except ParameterError as e:
+        rclpy.logging.get_logger("carm_sim").fatal(str(e))
+        return 2
     finally:
-        node.destroy_node()
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
