@@ -1,8 +1,8 @@
 """The ROS user's build path: colcon builds the package, the install holds
 the generated messages next to the Python sources, and `colcon test` runs the
 suite (here a selection of it, through PYTEST_ADDOPTS)."""
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

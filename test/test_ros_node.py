@@ -85,9 +85,16 @@ def test_outputs_agree_are_metric_stamped_and_services_work(tiny_checkpoint):
             before = len(r["vertebrae/poses"])
             listener.spin_until(lambda: False, 2.0)
             assert len(r["vertebrae/poses"]) == before
+            response = listener.call(Trigger, "localize", Trigger.Request())
+            assert not response.success and "disabled" in response.message  # not from the stale pair either
             response = listener.call(SetBool, "enable", SetBool.Request(data=True))
             assert response.success and response.message == "enabled"
-            response = listener.call(Trigger, "localize", Trigger.Request())
+            # the newest frames may be one view ahead of the other: a pair forms within a frame
+            for _ in range(10):
+                response = listener.call(Trigger, "localize", Trigger.Request())
+                if response.success:
+                    break
+                listener.spin_until(lambda: False, 0.3)
             assert response.success, response.message
             assert listener.spin_until(lambda: len(r["vertebrae/poses"]) > before, 30)
 
@@ -123,3 +130,56 @@ def test_unsynchronised_pair_gives_no_pose(tiny_checkpoint):
             assert int(values["unpaired_frames"]) > 0 and values["published"] == "0"
     finally:
         listener.close()
+
+
+def test_vertebra_frames_for_tf_carry_the_poses():
+    """The transforms the node puts on /tf (where tf2_msgs is installed), built without it."""
+    import numpy as np
+
+    from x2p_ros.inference import Vertebra
+    from x2p_ros.ros import messages
+    vertebrae = [Vertebra(0, "T12", True, 0.9, np.array([10.0, 20.0, 30.0])),
+                 Vertebra(1, "L1", True, 0.8, np.array([12.0, 21.0, 0.0])),
+                 Vertebra(2, "L2", False, 0.1, np.array([0.0, 0.0, -30.0]))]
+    header = messages.header(12.5, "carm")
+    transforms = messages.vertebra_transforms(header, vertebrae)
+    poses = messages.pose_array(header, vertebrae).poses
+    assert [t.child_frame_id for t in transforms] == ["vertebra_T12", "vertebra_L1"]  # present ones only
+    for t, p in zip(transforms, poses):
+        assert t.header.frame_id == "carm" and messages.stamp_seconds(t.header) == 12.5
+        assert (t.transform.translation.x, t.transform.translation.y, t.transform.translation.z) == \
+            (p.position.x, p.position.y, p.position.z)
+        assert t.transform.rotation == p.orientation
+    assert transforms[0].transform.translation.z == pytest.approx(0.030)  # metres
+
+
+def test_diagnostics_go_stale_without_images_and_localize_is_refused_while_disabled(tiny_checkpoint):
+    import numpy as np
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from rclpy.parameter import Parameter
+
+    from x2p_ros.ros import messages
+    from x2p_ros.ros.localizer_node import LocalizerNode
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = LocalizerNode(context=context, parameter_overrides=[Parameter("checkpoint", value=str(tiny_checkpoint)),
+                                                               Parameter("input_timeout_s", value=0.5)])
+    try:
+        assert node.diagnostic_status().level == DiagnosticStatus.WARN  # not active yet
+        node.trigger_configure()
+        node.trigger_activate()
+        status = node.diagnostic_status()
+        assert status.level == DiagnosticStatus.STALE and status.message.startswith("no images received yet")
+        image = np.random.default_rng(0).integers(0, 60000, (64, 64), dtype=np.uint16)
+        node._on_image("ap", messages.image_message(messages.header(time.time(), "ap_optical"), image))
+        assert node.diagnostic_status().level == DiagnosticStatus.OK
+        time.sleep(0.8)
+        status = node.diagnostic_status()
+        assert status.level == DiagnosticStatus.STALE and status.message.startswith("no images for")
+        node._srv_enable(SetBool.Request(data=False), SetBool.Response())
+        response = node._srv_localize(Trigger.Request(), Trigger.Response())
+        assert not response.success and "disabled" in response.message
+    finally:
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
