@@ -13,7 +13,6 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 from geometry_msgs.msg import PointStamped, PoseArray, TransformStamped  # noqa: E402
-from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from ros_helpers import Listener  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
@@ -22,10 +21,10 @@ from x2p_ros.data.synth import SynthConfig, synthesize  # noqa: E402
 from x2p_ros.geometry import VIEWS  # noqa: E402
 from x2p_ros.model import X2PNet, checkpoint, preset  # noqa: E402
 from x2p_ros.ros import messages, processes  # noqa: E402
-from x2p_ros.ros.qos import LATCHED, RESULTS, SENSOR_DATA, reliable  # noqa: E402
+from x2p_ros.ros.qos import ANY, LATCHED, RESULTS, SENSOR_DATA, reliable  # noqa: E402
 
 DEFAULT = reliable()  # what `ros2 topic pub`, RViz and most drivers use
-BEST_EFFORT = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
+BEST_EFFORT = ANY  # best effort, volatile
 # namespace: (calibration and prompt QoS, image QoS, calibration sent with every frame)
 DRIVERS = {"drv_default": (DEFAULT, DEFAULT, True), "drv_latched": (LATCHED, SENSOR_DATA, False),
            "drv_best_effort": (BEST_EFFORT, BEST_EFFORT, True)}

@@ -42,7 +42,7 @@ def ready():
     session = Session(Settings(keyframe_max_rate_hz=100.0, keyframe_change_threshold=0.0, auto_prompt=False))
     calibrate(session, 0.0)
     for v in VIEWS:
-        assert session.prompt(v, f"{v}_optical", 40.0, 30.0) is None
+        assert session.prompt(v, 0.0, f"{v}_optical", 40.0, 30.0) is None
     return session
 
 
@@ -124,14 +124,14 @@ def test_bad_view_pose_is_refused(ready, change, text):
     ("lat_optical", 40.0, 30.0, "prompt is in the lat view's frame"),
 ])
 def test_a_bad_prompt_is_refused_and_removes_the_views_prompt(ready, frame, u, v, text):
-    refusal(ready.prompt("ap", frame, u, v), f"ap/prompt: {text}")
+    refusal(ready.prompt("ap", 0.5, frame, u, v), f"ap/prompt: {text}")
     refusal(send_pair(ready, 1.0), "prompt: waiting for a prompt on ap")
 
 
 def test_a_prompt_sent_before_the_calibration_is_checked_when_it_arrives():
     session = Session(Settings(auto_prompt=False))
-    assert session.prompt("ap", "ap_optical", 500.0, 10.0) is None  # the image size is not known yet
-    assert session.prompt("lat", "lat_optical", 40.0, 30.0) is None
+    assert session.prompt("ap", 0.0, "ap_optical", 500.0, 10.0) is None  # the image size is not known yet
+    assert session.prompt("lat", 0.0, "lat_optical", 40.0, 30.0) is None
     calibrate(session, 0.0)
     refusal(send_pair(session, 1.0), "prompt: waiting for a prompt on ap")
     assert "lies outside the 96 x 96 image" in session.health.snapshot()["ap/prompt"][0]
@@ -142,7 +142,7 @@ def test_after_a_bad_prompt_the_automatic_prompt_follows_the_last_result(ready):
     assert isinstance(send_pair(ready, 1.0), Job)
     reference = np.array([1.0, 2.0, 3.0])
     ready.result([Vertebra(0, "V0", True, 0.9, reference), Vertebra(1, "V1", False, 0.1, np.zeros(3))])
-    refusal(ready.prompt("ap", "ap_optical", 500.0, 10.0), "outside")
+    refusal(ready.prompt("ap", 1.5, "ap_optical", 500.0, 10.0), "outside")
     job = send_pair(ready, 2.0)
     assert isinstance(job, Job)  # every later pair still works
     for v in VIEWS:

@@ -5,10 +5,17 @@ calibration, prompts and ground truth) and x2p_localizer with the parameter
 file the launch file uses (config/localize.yaml), listens to what the
 localizer publishes for a bounded time, prints per-vertebra 3D errors against
 the ground truth and the latency, writes the last overlays as PNGs and the
-session as an MCAP recording, and stops every process it started."""
+session as an MCAP recording (the inputs: images, camera_info, view poses and
+prompts; the outputs; the ground truth), and stops every process it started.
+
+The table is the same on every run of a machine: the phantoms are seeded, a
+still C-arm shows the same images through a case, and the localizer matches
+calibration and prompts to the images by stamp, so each case gives one key
+frame from the same input whatever the timing."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,8 +25,9 @@ import numpy as np
 from .ros import processes
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORDED = ("vertebrae/poses", "vertebrae/markers", "vertebrae", "ground_truth/poses", "/diagnostics",
-            "ap/overlay", "lat/overlay")
+INPUTS = tuple(f"{v}/{kind}" for v in ("ap", "lat") for kind in ("image", "camera_info", "pose", "prompt"))
+RECORDED = INPUTS + ("vertebrae/poses", "vertebrae/markers", "vertebrae", "ground_truth/poses", "/diagnostics",
+                     "ap/overlay", "lat/overlay")
 
 
 def _start(module: str, params: Path, overrides: dict, log: Path):
@@ -33,8 +41,8 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
     import cv2
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
-    from geometry_msgs.msg import PoseArray
-    from sensor_msgs.msg import Image
+    from geometry_msgs.msg import PointStamped, PoseArray, TransformStamped
+    from sensor_msgs.msg import CameraInfo, Image
     from visualization_msgs.msg import MarkerArray
 
     from . import metrics
@@ -51,10 +59,14 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
              "vertebrae": (VertebraArray, results), "ground_truth/poses": (PoseArray, LATCHED),
              "/diagnostics": (DiagnosticArray, results), "ap/overlay": (Image, SENSOR_DATA),
              "lat/overlay": (Image, SENSOR_DATA)}
+    for v in ("ap", "lat"):
+        types.update({f"{v}/image": (Image, results), f"{v}/camera_info": (CameraInfo, LATCHED),
+                      f"{v}/pose": (TransformStamped, LATCHED), f"{v}/prompt": (PointStamped, LATCHED)})
     period = seconds / cases
-    sim_params = {"cases": cases, "case_period_s": period, "noise": 0.002}
+    sim_params = {"cases": cases, "case_period_s": period}  # a still C-arm: the same images through a case
     localizer_params = {"checkpoint": checkpoint} if checkpoint else {}
-    print(f"starting carm_sim ({cases} phantom cases, {period:.0f} s each) and x2p_localizer with {params}")
+    shown = os.path.relpath(params) if Path(params).resolve().is_relative_to(Path.cwd()) else params
+    print(f"starting carm_sim ({cases} phantom cases, {period:.0f} s each) and x2p_localizer with {shown}")
     procs = [_start("x2p_ros.ros.carm_sim", params, sim_params, out / "carm_sim.log"),
              _start("x2p_ros.ros.localizer_node", params, localizer_params, out / "x2p_localizer.log")]
     rclpy.init()
@@ -64,10 +76,9 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
 
     def on_message(topic, msg):
         now = time.time_ns()
-        got[topic].append((now, msg))
-        if topic.endswith("overlay") and len(got[topic]) % 4 != 1:
-            return  # every fourth overlay is enough for a replay
         recorder.write(topic if topic.startswith("/") else "/" + topic, msg, now)
+        if topic not in INPUTS:  # the inputs go to the recording only
+            got[topic].append((now, msg))
 
     for topic, (msg_type, qos) in types.items():
         node.create_subscription(msg_type, topic, lambda m, t=topic: on_message(t, m), qos)
@@ -90,14 +101,17 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
         rclpy.try_shutdown()
         processes.stop(*procs)
 
-    if not got["vertebrae"]:
+    # the localizer sends its latest result again with every frame that is not a key frame:
+    # one result per pair stamp, as first received
+    results = list({stamp_seconds(m.header): (t, m) for t, m in reversed(got["vertebrae"])}.values())[::-1]
+    if not results:
         print(f"no localisation was published; logs: {out}/*.log")
         return 1
     # ground truth of each published pair: the newest truth stamped at or before the pair
     truths = [(stamp_seconds(m.header), m) for _, m in got["ground_truth/poses"]]
     errors_all, latencies = [], []
     last_per_case = {}
-    for t_recv, va in got["vertebrae"]:
+    for t_recv, va in results:
         truth_msgs = [m for t, m in truths if t <= stamp_seconds(va.header)]
         if not truth_msgs:
             continue
@@ -108,7 +122,7 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
         errors_all.append(errors)
         latencies.append(t_recv * 1e-9 - stamp_seconds(va.header))
         last_per_case[case] = (va, errors)
-    print(f"\n{len(got['vertebrae'])} key frames localised; the last of each case:")
+    print(f"\n{len(results)} key frames localised; the last of each case:")
     print(f"   {'case':<6}{'label':<7}{'present':<9}{'conf':>6}{'3D error mm':>13}")
     for case, (va, errors) in sorted(last_per_case.items()):
         for v, e in zip(va.vertebrae, errors):

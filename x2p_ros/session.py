@@ -1,7 +1,9 @@
 """What the localizer node knows between messages, without ROS: the
-calibration of each view as a short history matched to images by stamp, the
-prompts (and the automatic prompt from the last result), pairing and the
-key-frame decision, the last result, and the health of every input.
+calibration and the prompt of each view as short histories matched to images
+by stamp (topics are not ordered: a C-arm's new calibration may arrive before
+the last images of its old position, or after the first of the new one), the
+automatic prompt from the last result, pairing and the key-frame decision,
+the last result, and the health of every input.
 
 The node converts messages to plain values and calls a Session; every input
 that cannot be used comes back as a Refusal (the input it concerns and why),
@@ -115,8 +117,7 @@ class Session:
         self._seq = 0
         self._intrinsics = {v: _History() for v in VIEWS}  # value: (K, (W, H))
         self._poses = {v: _History() for v in VIEWS}  # value: (R, t_mm, child_frame)
-        self._prompts: dict[str, np.ndarray] = {}
-        self._prompt_version = 0
+        self._prompts = {v: _History() for v in VIEWS}  # value: (2,) px
         self._last_result = None  # vertebrae of the last key frame that found any
         self.pairer = Pairer(self.settings.sync_slop_s)
         self.gate = KeyframeGate(self.settings.keyframe_max_rate_hz, self.settings.keyframe_change_threshold)
@@ -176,9 +177,10 @@ class Session:
     def calibration_at(self, stamp: float) -> tuple[dict, dict] | Refusal:
         """(P per view, image size per view) of the calibration that applies to images stamped `stamp`."""
         Ps, sizes, missing = {}, {}, []
+        with self._lock:
+            applying = {v: (self._intrinsics[v].at(stamp), self._poses[v].at(stamp)) for v in VIEWS}
         for v in VIEWS:
-            info, pose = self._intrinsics[v].at(stamp + self.settings.sync_slop_s), \
-                self._poses[v].at(stamp + self.settings.sync_slop_s)
+            info, pose = applying[v]
             for entry in (info, pose):
                 if entry is not None and entry.value is None:
                     return Refusal("calibration", f"the last calibration of {v} before this pair was invalid "
@@ -196,8 +198,9 @@ class Session:
         return Ps, sizes
 
     # prompts ------------------------------------------------------------------------------------
-    def prompt(self, view: str, frame_id: str, u: float, v: float) -> Refusal | None:
-        """A click on one view; a bad one removes that view's prompt (which vertebra was meant is unknown)."""
+    def prompt(self, view: str, stamp: float, frame_id: str, u: float, v: float) -> Refusal | None:
+        """A click on one view, for the images stamped `stamp` and later; a bad one removes that
+        view's prompt from then on (which vertebra was meant is unknown)."""
         source = f"{view}/prompt"
         other = [o for o in VIEWS if o != view][0]
         newest_pose = self._poses[other].newest()
@@ -213,13 +216,7 @@ class Session:
             if info is not None and info.value is not None and not geometry.inside_image(uv, info.value[1]):
                 size = info.value[1]
                 reason = f"prompt ({uv[0]:.1f}, {uv[1]:.1f}) lies outside the {size[0]} x {size[1]} image"
-        with self._lock:
-            if reason:
-                if self._prompts.pop(view, None) is not None:
-                    self._prompt_version += 1
-            else:
-                self._prompts[view] = uv
-                self._prompt_version += 1
+        self._add(self._prompts[view], stamp, None if reason else uv, reason)
         if reason:
             refusal = Refusal(source, reason)
             self.health.refused(refusal)
@@ -227,20 +224,23 @@ class Session:
         self.health.ok(source)
         return None
 
-    def _prompts_for(self, Ps: dict, sizes: dict) -> dict | Refusal:
+    def _prompts_for(self, stamp: float, Ps: dict, sizes: dict) -> tuple[dict, bytes] | Refusal:
+        """The prompts for images stamped `stamp`, and what identifies them for the key-frame
+        decision (the user's prompts; an automatic prompt follows the results and is no change)."""
         with self._lock:
-            prompts = dict(self._prompts)
+            entries = {v: self._prompts[v].at(stamp) for v in VIEWS}
             last = self._last_result
+        prompts = {v: e.value for v, e in entries.items() if e is not None and e.value is not None}
         for v, uv in list(prompts.items()):  # a prompt sent before the calibration said the image's size
             if not geometry.inside_image(uv, sizes[v]):
-                self.prompt(v, "", *uv)  # refused and dropped, with its reason
+                self.prompt(v, entries[v].stamp, "", *uv)  # refused and dropped, with its reason
                 prompts.pop(v)
         if len(prompts) == len(VIEWS):
-            return prompts
+            return prompts, b"".join(np.asarray(prompts[v], dtype=np.float64).tobytes() for v in VIEWS)
         if self.settings.auto_prompt and last is not None:
             reference = next(v for v in last if v.present).xyz_mm  # the last key frame's reference vertebra
             try:
-                return {v: geometry.project(Ps[v], reference)[0] for v in VIEWS}
+                return {v: geometry.project(Ps[v], reference)[0] for v in VIEWS}, b"auto"
             except geometry.CalibrationError as e:
                 return Refusal("prompt", f"cannot re-project the last reference vertebra: {e}")
         return Refusal("prompt", f"waiting for a prompt on {', '.join(v for v in VIEWS if v not in prompts)}",
@@ -274,14 +274,14 @@ class Session:
                 return self._refused(Refusal(f"{v}/image", f"image is {w} x {h} but camera_info says "
                                                            f"{sizes[v][0]} x {sizes[v][1]}"))
         self.health.ok("calibration")
-        prompts = self._prompts_for(Ps, sizes)
-        if isinstance(prompts, Refusal):
-            return self._refused(prompts)
+        found = self._prompts_for(pair.stamp, Ps, sizes)
+        if isinstance(found, Refusal):
+            return self._refused(found)
+        prompts, prompt_id = found
         self.health.ok("prompt")
         if not forced:
-            # the calibration's content, not its messages: a driver may send the same one with every frame
-            calibration_id = tuple(Ps[v].tobytes() for v in VIEWS)
-            key, why = self.gate.check(pair, (calibration_id, self._prompt_version))
+            # contents, not messages: a driver may send the same calibration and prompt with every frame
+            key, why = self.gate.check(pair, (tuple(Ps[v].tobytes() for v in VIEWS), prompt_id))
             if not key:
                 return Skip(why)
         return Job(pair, Ps, prompts, self.settings.reference_level)

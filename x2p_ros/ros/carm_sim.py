@@ -75,8 +75,8 @@ class CarmSim(Node):
         self.pub_pose = {v: self.create_publisher(TransformStamped, f"{v}/pose", LATCHED) for v in VIEWS}
         self.pub_prompt = {v: self.create_publisher(PointStamped, f"{v}/prompt", LATCHED) for v in VIEWS}
         self.pub_truth = self.create_publisher(PoseArray, "ground_truth/poses", LATCHED)
-        self.case_index, self.case_started, self.shift = -1, 0.0, {v: np.zeros(2) for v in VIEWS}
-        self.frames = 0
+        self.case_index, self.shift = -1, {v: np.zeros(2) for v in VIEWS}
+        self.frames, self.t0 = 0, None
         self.create_timer(1.0 / p["rate_hz"], self._tick)
         self.get_logger().info(f"simulating {len(self.cases)} case(s) at {p['rate_hz']} Hz")
 
@@ -121,19 +121,14 @@ class CarmSim(Node):
                 self.pub_prompt[v].publish(msg)
 
     def _tick(self):
-        # calibration and ground truth carry the stamp of the first images they belong to;
-        # the localizer matches calibration to images by stamp, whatever order they arrive in
-        now = self._now()
-        period = self.p["case_period_s"]
-        if self.case_index < 0 or (period > 0 and now - self.case_started >= period):
-            self.case_index = (self.case_index + 1) % len(self.cases)
-            self.case_started = now
-            self.shift = {v: np.zeros(2) for v in VIEWS}
-            self._publish_calibration(now)
-            self._publish_case(now)
-        elif self.p["motion_px"] > 0 and self.frames % MOTION_EVERY == MOTION_EVERY - 1:
-            self.shift = {v: self.rng.uniform(-1, 1, size=2) * self.p["motion_px"] for v in VIEWS}
-            self._publish_calibration(now)
+        """Frame k goes out stamped t0 + k / rate_hz. What changes at frame k + 1 (the next case,
+        a move of the C-arm) goes out after it, stamped with frame k + 1: the localizer matches
+        calibration and prompts to images by stamp, whatever order they arrive in."""
+        if self.t0 is None:
+            self.t0 = self._now()
+            self._prepare(0)
+        k = self.frames
+        stamp = self._stamp(k)
         for v in VIEWS:
             image = self.case.views[v].image.astype(np.float32)
             if self.p["motion_px"] > 0:
@@ -142,10 +137,26 @@ class CarmSim(Node):
                 image = cv2.warpAffine(image, A[:2], image.shape[::-1], borderMode=cv2.BORDER_REPLICATE)
             if self.p["noise"] > 0:
                 image += self.rng.normal(0, self.p["noise"] * 65535, size=image.shape)
-            stamp = now + (self.p["lat_delay_s"] if v == "lat" else 0.0)
+            view_stamp = stamp + (self.p["lat_delay_s"] if v == "lat" else 0.0)
             out = np.clip(image, 0, 65535).astype(np.uint16)
-            self.pub_image[v].publish(messages.image_message(messages.header(stamp, f"{v}_optical"), out))
+            self.pub_image[v].publish(messages.image_message(messages.header(view_stamp, f"{v}_optical"), out))
         self.frames += 1
+        self._prepare(k + 1)
+
+    def _stamp(self, frame: int) -> float:
+        return self.t0 + frame / self.p["rate_hz"]
+
+    def _prepare(self, frame: int):
+        """The state of `frame`: a new case every case_period_s, a move every MOTION_EVERY frames."""
+        per_case = max(1, round(self.p["case_period_s"] * self.p["rate_hz"])) if self.p["case_period_s"] > 0 else 0
+        if frame == 0 or (per_case and frame % per_case == 0):
+            self.case_index = (self.case_index + 1) % len(self.cases)
+            self.shift = {v: np.zeros(2) for v in VIEWS}
+            self._publish_calibration(self._stamp(frame))
+            self._publish_case(self._stamp(frame))
+        elif self.p["motion_px"] > 0 and frame % MOTION_EVERY == 0:
+            self.shift = {v: self.rng.uniform(-1, 1, size=2) * self.p["motion_px"] for v in VIEWS}
+            self._publish_calibration(self._stamp(frame))
 
 
 def main(argv=None) -> int:

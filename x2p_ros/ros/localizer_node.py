@@ -242,10 +242,11 @@ class LocalizerNode(LifecycleNode):
 
     def _on_prompt(self, view, msg: PointStamped):
         if self._first_time(f"{view}/prompt", msg):
-            self._handle(self.session.prompt(view, msg.header.frame_id, msg.point.x, msg.point.y))
+            self._handle(self.session.prompt(view, messages.stamp_seconds(msg.header), msg.header.frame_id,
+                                             msg.point.x, msg.point.y))
 
-    def _on_click(self, view, msg: Point):
-        self._handle(self.session.prompt(view, "", msg.x, msg.y))
+    def _on_click(self, view, msg: Point):  # a click has no stamp: it applies to the images from now on
+        self._handle(self.session.prompt(view, self.get_clock().now().nanoseconds * 1e-9, "", msg.x, msg.y))
 
     def _on_image(self, view, msg: Image):
         if not self.active or not self.enabled:
