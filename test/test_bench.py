@@ -36,3 +36,29 @@ def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path
     met = "yes" if ours["mpe"] <= 3.0 else "no"
     assert f"| 3D MPE at most 3.0 mm | {ours['mpe']:.2f} mm | {met} |" in report
     assert "| at most 20 ms and 1.5 GB per 512 x 512 pair on " in report
+
+
+def test_real_anatomy_rows_are_the_evaluation_of_the_real_ct_pairs_or_a_clear_skip(tmp_path, monkeypatch):
+    import numpy as np
+    import pytest
+
+    from x2p_ros import metrics
+    from x2p_ros.data import case_io
+    from x2p_ros.inference import Localizer
+    from x2p_ros.training.evaluate import evaluate_cases
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the pairs' cache
+    torch.manual_seed(0)
+    ckpt = checkpoint.save(tmp_path / "x2p.pt", build_model(preset("tiny", presence_threshold=0.0)))
+    skipped = "\n".join(bench.realct_rows({"X2P-Net": ckpt}, tmp_path / "nowhere"))
+    assert f"Skipped: the real CTs are not at {tmp_path / 'nowhere'}" in skipped
+    if not all((bench.REALCT / name / "ct.nii.gz").is_file() for name in bench.REALCT_CASES):
+        pytest.skip(f"the real CTs are not at {bench.REALCT}")
+    report = "\n".join(bench.realct_rows({"X2P-Net": ckpt}, bench.REALCT, poses=1))
+    data = bench.realct_split(bench.REALCT, 64, poses=1)
+    names = case_io.read_split(data, "test")
+    assert names == ["verse-sub-verse012_pose0", "totalseg-example_pose0"]
+    assert case_io.read_case(data / names[1]).labels[0] == "L1"  # T11 and T12: bodies cut by the CT's top
+    errors = evaluate_cases(Localizer.from_checkpoint(ckpt), data, names)["3d"]
+    m = metrics.summary(errors)
+    assert f"| X2P-Net, real CTs | {100 * m['pcl@10']:.1f} | {100 * m['pcl@20']:.1f} | {m['mpe']:.2f} |" in report
+    assert m["n"] == 12 and np.isfinite(m["auc"])  # six vertebrae in each CT

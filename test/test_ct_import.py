@@ -125,3 +125,24 @@ def test_bad_import_inputs_give_clear_errors(phantom_ct, tmp_path):
         import_ct(root / "ct.nii.gz", tmp_path / "out")
     with pytest.raises(case_io.DatasetError, match="no vertebra labels"):
         read_mask_centroids(root / "seg.nii.gz", "totalseg")
+
+
+def test_a_vertebra_cut_by_the_volumes_edge_is_left_out(phantom_ct, tmp_path):
+    """The CT ends inside the top vertebra: its mask's centroid would sit on the cut."""
+    root, _, truth = phantom_ct
+    seg = nib.load(root / "seg.nii.gz")  # PIR: voxel axis 1 runs inferior
+    data = np.asarray(seg.dataobj)
+    top = min(truth, key=lambda name: -truth[name][2])  # the most superior labelled vertebra
+    rows = np.flatnonzero((data == VERSE_NUMBER[top]).any(axis=(0, 2)))
+    cut = int(rows[len(rows) // 2])  # the volume now starts half-way through it
+    nib.save(nib.Nifti1Image(data[:, cut:], seg.affine @ _shift_rows(cut)),
+             tmp_path / "cut.nii.gz")
+    got = {v["label"] for v in read_mask_centroids(tmp_path / "cut.nii.gz", "verse")}
+    assert top not in got and got == set(truth) - {"S1", top}
+
+
+def _shift_rows(rows: int) -> np.ndarray:
+    """Voxel map of dropping the first `rows` slices along axis 1."""
+    shift = np.eye(4)
+    shift[1, 3] = rows
+    return shift

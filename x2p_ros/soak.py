@@ -34,6 +34,7 @@ def soak(minutes: float, rate_hz: float, size: int, checkpoint: str, out: Path) 
     from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import PoseArray
 
+    from .ros.messages import stamp_seconds
     from .ros.qos import reliable
 
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,8 @@ def soak(minutes: float, rate_hz: float, size: int, checkpoint: str, out: Path) 
     node = rclpy.create_node("x2p_soak_monitor")
     qos = reliable(depth=50)  # ten minutes of poses, none dropped
     poses, diags = [], []
-    node.create_subscription(PoseArray, "vertebrae/poses", lambda m: poses.append(time.monotonic()), qos)
+    # results by their pair's stamp: the node also sends its latest result again with every frame
+    node.create_subscription(PoseArray, "vertebrae/poses", lambda m: poses.append(stamp_seconds(m.header)), qos)
     node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, qos)
     duration = 60.0 * minutes
     rss, restarted, poses_before_restart = [], None, 0
@@ -67,7 +69,7 @@ def soak(minutes: float, rate_hz: float, size: int, checkpoint: str, out: Path) 
                 rss.append((time.monotonic(), _rss_mb(localizer.pid)))
             if restarted is None and elapsed > duration / 2:
                 processes.stop(sim)  # the image publisher goes away and comes back
-                poses_before_restart = len(poses)
+                poses_before_restart = len(set(poses))
                 time.sleep(1.0)
                 sim = processes.start("x2p_ros.ros.carm_sim", sim_args, out / "soak_sim_2.log")
                 restarted = time.monotonic()
@@ -95,7 +97,8 @@ def soak(minutes: float, rate_hz: float, size: int, checkpoint: str, out: Path) 
         "overhead_ms_p99": float(values.get("overhead_ms_p99", "nan")),
         "rss_mb_after_warmup": float(warm[0]) if warm.size else float("nan"),
         "rss_mb_end": float(samples[-1]) if samples.size else float("nan"),
-        "poses_after_restart": len(poses) - poses_before_restart if restarted else 0,
+        "poses_after_restart": len(set(poses)) - poses_before_restart if restarted else 0,
+        "republished": int(values.get("republished", 0)),
         "rss_mb_every_30s": [round(float(r), 1) for r in samples[::30]],
     }
     result["rss_growth_pct"] = 100.0 * (result["rss_mb_end"] / result["rss_mb_after_warmup"] - 1.0)

@@ -117,11 +117,11 @@ def read_verse_centroids(path, image: nib.Nifti1Image) -> list[dict]:
     return sorted(vertebrae, key=lambda v: level_order(v["label"]))
 
 
-def body_centroid(mask: np.ndarray, zooms, fraction: float = 0.5) -> np.ndarray | None:
-    """Voxel index (i, j, k) of the centroid of the vertebral BODY in a whole-
-    vertebra mask. The body is the thickest part: an opening with balls of
-    `fraction` of the largest inscribed radius (the body's half height) keeps it
-    and removes the thinner posterior elements (pedicles, laminae, processes)."""
+def vertebral_body(mask: np.ndarray, zooms, fraction: float = 0.5) -> np.ndarray | None:
+    """The vertebral BODY (a boolean mask) in a whole-vertebra mask. The body is
+    the thickest part: an opening with balls of `fraction` of the largest
+    inscribed radius (the body's half height) keeps it and removes the thinner
+    posterior elements (pedicles, laminae, processes)."""
     zooms = np.asarray(zooms, dtype=np.float64)
     depth = ndimage.distance_transform_edt(mask, sampling=zooms)
     radius = fraction * depth.max()
@@ -131,11 +131,14 @@ def body_centroid(mask: np.ndarray, zooms, fraction: float = 0.5) -> np.ndarray 
     body = mask & (ndimage.distance_transform_edt(~core, sampling=zooms) <= radius)
     pieces, n = ndimage.label(body)
     largest = 1 + int(np.argmax(ndimage.sum(body, pieces, index=range(1, n + 1))))
-    return np.array(ndimage.center_of_mass(pieces == largest))
+    return pieces == largest
 
 
 def read_mask_centroids(path, style: str = "verse") -> list[dict]:
-    """Vertebrae {label, xyz_mm (LPS)}: the body centroids of a label mask."""
+    """Vertebrae {label, xyz_mm (LPS)}: the body centroids of a label mask. A
+    vertebra whose body reaches the volume's first or last slice along the
+    spine's axis is cut there, and its centroid would be wrong: it is left out
+    (processes cut by the edge do not move the body's centroid)."""
     if style not in MASK_STYLES:
         raise case_io.DatasetError(f"unknown mask style {style!r}; expected one of {sorted(MASK_STYLES)}")
     image = _load_nifti(path)
@@ -143,15 +146,18 @@ def read_mask_centroids(path, style: str = "verse") -> list[dict]:
     names = MASK_STYLES[style]
     vertebrae = []
     boxes = ndimage.find_objects(np.clip(labels, 0, None))  # boxes[value - 1] bounds label `value`
+    long_axis = int(np.argmax(np.abs(image.affine[2, :3])))  # the voxel axis closest to superior-inferior
     for value in np.unique(labels):
         if int(value) not in names:
             continue
-        sl = boxes[value - 1]
-        pad = tuple(slice(max(s.start - 3, 0), s.stop + 3) for s in sl)
-        ijk = body_centroid(labels[pad] == value, image.header.get_zooms()[:3])
-        if ijk is None:
+        pad = tuple(slice(max(s.start - 3, 0), s.stop + 3) for s in boxes[value - 1])
+        body = vertebral_body(labels[pad] == value, image.header.get_zooms()[:3])
+        if body is None:
             continue
-        ijk = ijk + [s.start for s in pad]
+        rows = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != long_axis))) + pad[long_axis].start
+        if rows.min() == 0 or rows.max() == labels.shape[long_axis] - 1:
+            continue  # the body is cut by the volume's edge
+        ijk = np.array(ndimage.center_of_mass(body)) + [s.start for s in pad]
         xyz = (RAS_TO_LPS @ image.affine @ np.append(ijk, 1.0))[:3]
         vertebrae.append({"label": names[int(value)], "xyz_mm": xyz.tolist()})
     if not vertebrae:

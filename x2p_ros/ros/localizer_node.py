@@ -24,6 +24,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PointStamped, PoseArray, TransformStamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.qos_overriding_options import QoSOverridingOptions
@@ -297,7 +298,14 @@ class LocalizerNode(LifecycleNode):
             raise
 
     def _done(self, job: Job, vertebrae, error, seconds):
-        if self._closing.is_set():
+        try:
+            self._finish(job, vertebrae, error, seconds)
+        except RCLError:  # Ctrl-C: rclpy shut the context down while this frame was running
+            if self.context.ok():
+                raise
+
+    def _finish(self, job: Job, vertebrae, error, seconds):
+        if self._closing.is_set() or not self.context.ok():
             return
         self.last_latency = seconds
         self.latencies.append(seconds)
