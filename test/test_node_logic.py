@@ -30,6 +30,19 @@ def test_pairs_form_only_within_the_slop_and_latest_wins():
     assert p.newest_pair() is None
 
 
+def test_a_stream_faster_than_the_slop_pairs_each_frame_with_its_own():
+    """30 Hz with a 50 ms slop: AP of frame k must not pair with LAT of frame k - 1."""
+    p = Pairer(slop=0.05)
+    pairs = []
+    for k in range(5):
+        for view in ("ap", "lat"):
+            pair = p.add(view, frame(1.0 + k / 30))
+            if pair is not None:
+                pairs.append((pair.frames["ap"].stamp, pair.frames["lat"].stamp))
+    assert pairs == [(1.0 + k / 30, 1.0 + k / 30) for k in range(5)]
+    assert p.unpaired == 0
+
+
 def test_key_frames_follow_changes_and_the_rate_limit():
     gate = KeyframeGate(max_rate_hz=2.0, threshold=0.05)
     a = {"ap": frame(0.0), "lat": frame(0.0)}

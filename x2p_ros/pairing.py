@@ -11,7 +11,7 @@ import numpy as np
 @dataclass
 class Frame:
     stamp: float  # seconds
-    image: np.ndarray  # (H, W) float32
+    image: np.ndarray  # (H, W), as received (uint8, uint16 or float32)
     frame_id: str = ""
 
 
@@ -23,7 +23,10 @@ class Pair:
 
 class Pairer:
     """Keeps the newest frame of each view; a pair forms when the two newest
-    frames are within `slop` seconds. Older frames are dropped, never queued."""
+    frames are within `slop` seconds and neither is in a pair already (a
+    stream faster than the slop would otherwise pair each frame with the other
+    view's previous one before its own arrives). Older frames are dropped,
+    never queued."""
 
     def __init__(self, slop: float):
         self.slop = slop
@@ -38,6 +41,9 @@ class Pairer:
             if old is not None and (view, old.stamp) not in self._paired:
                 self.unpaired += 1
             self.latest[view] = frame
+            other = [v for v in self.latest if v != view]
+            if other and (other[0], self.latest[other[0]].stamp) in self._paired:
+                return None  # the other view's newest frame went into the last pair: wait for its next
             pair = self._pair_of_latest()
             if pair is not None:
                 self._paired = {(v, f.stamp) for v, f in pair.frames.items()}

@@ -281,7 +281,8 @@ class Session:
         self.health.ok("prompt")
         if not forced:
             # contents, not messages: a driver may send the same calibration and prompt with every frame
-            key, why = self.gate.check(pair, (tuple(Ps[v].tobytes() for v in VIEWS), prompt_id))
+            with self._lock:  # the executor's threads may complete two pairs at once
+                key, why = self.gate.check(pair, (tuple(Ps[v].tobytes() for v in VIEWS), prompt_id))
             if not key:
                 return Skip(why)
         return Job(pair, Ps, prompts, self.settings.reference_level)

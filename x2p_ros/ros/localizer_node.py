@@ -254,7 +254,8 @@ class LocalizerNode(LifecycleNode):
             return
         received = time.perf_counter()
         try:
-            image = image_to_array(msg, max_pixels=self.get_parameter("max_image_pixels").value).astype(np.float32)
+            # as sent (mono8, mono16 or float32): the localizer converts the pairs it runs on
+            image = image_to_array(msg, max_pixels=self.get_parameter("max_image_pixels").value)
         except ImageError as e:
             self._report(Refusal(f"{view}/image", str(e)))
             return
