@@ -17,3 +17,4 @@ def test_short_soak_accounts_for_every_key_frame_and_survives_a_publisher_restar
     assert result["poses_after_restart"] > 0  # the node resumed without a restart of its own
     assert result["unaccounted_key_frames"] in (0, 1), result  # at most the one still in the worker
     assert result["latency_ms_p50"] > 0 and result["overhead_ms_p50"] >= 0
+    assert 0 < result["overhead_cpu_ms_p50"] <= result["overhead_cpu_ms_p99"]  # the threads' own CPU time

@@ -45,7 +45,8 @@ class Job:
     Ps: dict  # view -> 3x4 P matched to the pair's stamp
     prompts: dict  # view -> (2,) px
     reference_level: str
-    prepared_s: float = 0.0  # the node's own work before the job was submitted
+    prepared_s: float = 0.0  # the node's own work before the job was submitted: wall time
+    prepared_cpu_s: float = 0.0  # and the CPU time of the thread that did it
 
 
 @dataclass

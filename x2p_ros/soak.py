@@ -95,6 +95,8 @@ def soak(minutes: float, rate_hz: float, size: int, checkpoint: str, out: Path) 
         "latency_ms_p99": float(values.get("latency_ms_p99", "nan")),
         "overhead_ms_p50": float(values.get("overhead_ms_p50", "nan")),
         "overhead_ms_p99": float(values.get("overhead_ms_p99", "nan")),
+        "overhead_cpu_ms_p50": float(values.get("overhead_cpu_ms_p50", "nan")),
+        "overhead_cpu_ms_p99": float(values.get("overhead_cpu_ms_p99", "nan")),
         "rss_mb_after_warmup": float(warm[0]) if warm.size else float("nan"),
         "rss_mb_end": float(samples[-1]) if samples.size else float("nan"),
         "poses_after_restart": len(set(poses)) - poses_before_restart if restarted else 0,

@@ -101,6 +101,9 @@ class LocalizerNode(LifecycleNode):
         self.last_latency = float("nan")
         self.latencies = deque(maxlen=500)  # model seconds per key frame
         self.overheads = deque(maxlen=500)  # the node's own work per key frame: input handling + outputs
+        # the same as CPU time of the threads doing it: on a saturated machine the wall time also
+        # holds the waits for a core another process has
+        self.overheads_cpu = deque(maxlen=500)
         self.problem = ""
         self._last_outputs = None  # (poses, markers, vertebrae) messages of the last result
         self._seen = {}  # topic -> recent message digests
@@ -252,7 +255,7 @@ class LocalizerNode(LifecycleNode):
     def _on_image(self, view, msg: Image):
         if not self.active or not self.enabled:
             return
-        received = time.perf_counter()
+        received = (time.perf_counter(), time.thread_time())
         try:
             # as sent (mono8, mono16 or float32): the localizer converts the pairs it runs on
             image = image_to_array(msg, max_pixels=self.get_parameter("max_image_pixels").value)
@@ -263,7 +266,7 @@ class LocalizerNode(LifecycleNode):
         outcome = self.session.image(view, messages.stamp_seconds(msg.header), image, msg.header.frame_id, now)
         self._handle(outcome, received)
 
-    def _handle(self, outcome, received: float | None = None) -> str:
+    def _handle(self, outcome, received: tuple[float, float] | None = None) -> str:
         """Acts on what the session made of an input; returns what happened."""
         if isinstance(outcome, Refusal):
             self._report(outcome)
@@ -273,7 +276,9 @@ class LocalizerNode(LifecycleNode):
             return outcome.reason
         if isinstance(outcome, Job):
             self.counts["key_frames"] += 1
-            outcome.prepared_s = time.perf_counter() - received if received is not None else 0.0
+            if received is not None:
+                outcome.prepared_s = time.perf_counter() - received[0]
+                outcome.prepared_cpu_s = time.thread_time() - received[1]
             self.worker.submit(outcome)
             return "submitted"
         return ""
@@ -317,7 +322,7 @@ class LocalizerNode(LifecycleNode):
             return
         if not self.active:
             return
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         header = messages.header(job.pair.stamp, self.get_parameter("reference_frame").value)
         outputs = (messages.pose_array(header, vertebrae), messages.marker_array(header, vertebrae),
                    messages.vertebra_array(header, vertebrae, job.reference_level))
@@ -337,6 +342,7 @@ class LocalizerNode(LifecycleNode):
         # the node's own work: image conversion, checks, pairing, key frame (the image that
         # completed the pair) and building and publishing every output
         self.overheads.append(job.prepared_s + time.perf_counter() - started)
+        self.overheads_cpu.append(job.prepared_cpu_s + time.thread_time() - started_cpu)
         self.session.health.ok("inference")
 
     def _publish(self, outputs):
@@ -397,6 +403,7 @@ class LocalizerNode(LifecycleNode):
                   "model": self.model_path, "device": self.device,
                   "last_latency_ms": f"{1000 * self.last_latency:.1f}",
                   **_percentiles("latency_ms", self.latencies), **_percentiles("overhead_ms", self.overheads),
+                  **_percentiles("overhead_cpu_ms", self.overheads_cpu),
                   "skipped_frames": str(self.worker.skipped), "unpaired_frames": str(self.session.pairer.unpaired),
                   **{k: str(v) for k, v in self.counts.items()},
                   **{f"input {k}": text for k, (text, _) in sorted(health.items())}}
