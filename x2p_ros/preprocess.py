@@ -19,9 +19,15 @@ def normalize(image: np.ndarray) -> np.ndarray:
 
 def to_display_8bit(image: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
     """uint8 image for display (overlays, contact sheets) of a radiograph of any
-    dtype, windowed between two percentiles."""
-    lo, hi = np.percentile(image, [low, high])
-    return np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1.0) * 255.0, 0, 255).astype(np.uint8)
+    dtype, windowed between two percentiles. The percentiles come from every
+    fourth row and column of a large image: as good for display, and the
+    node's overlays stay cheap (an exact one over 512 x 512 took 5 ms)."""
+    step = 4 if image.size > 128 * 128 else 1
+    lo, hi = np.percentile(image[::step, ::step], [low, high])
+    x = image.astype(np.float32)  # in place from here: no temporaries of the image's size
+    x -= lo
+    x *= 255.0 / max(hi - lo, 1.0)
+    return np.clip(x, 0, 255, out=x).astype(np.uint8)
 
 
 def window(image: np.ndarray, P, box, size: int):
