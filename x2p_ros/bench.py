@@ -234,7 +234,7 @@ def realct_rows(checkpoints: dict, root: Path, poses: int = REALCT_POSES) -> lis
     from . import metrics
     from .inference import Localizer
     from .training.evaluate import evaluate_cases
-    lines += [f"DRR pairs of the two labelled patient CTs in `{_shown(root)}` ({', '.join(REALCT_CASES)}), "
+    lines += [f"DRR pairs of the two labelled patient CTs in `{os.path.relpath(root)}` ({', '.join(REALCT_CASES)}), "
               f"{poses} random C-arm poses each (`x2p data import-ct --seed 0..{poses - 1}`, the data engine's "
               "physics), the ground-truth top-most vertebra as the prompt. They are the real-anatomy validation "
               "set: no model was trained on them, and no checkpoint or setting was chosen by them. A vertebra "
