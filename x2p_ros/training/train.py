@@ -168,7 +168,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             run.bad_in_row += 1
             rank = f" of rank {run.rank}" if run.world > 1 else ""
             tqdm.write(f"warning: epoch {epoch} step {run.step}: non-finite loss or gradient (loss "
-                       f"{float(losses['total']):.4g}, gradient norm {float(grad_norm):.4g}); update skipped; "
+                       f"{losses['total'].item():.4g}, gradient norm {grad_norm.item():.4g}); update skipped; "
                        f"cases in the batch{rank}: {', '.join(batch['name'])}")
             run.optimizer.zero_grad(set_to_none=True)
             if run.bad_in_row >= run.max_bad_steps:
