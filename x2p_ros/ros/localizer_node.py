@@ -88,7 +88,6 @@ class LocalizerNode(LifecycleNode):
         super().__init__("x2p_localizer", **kwargs)
         for name, (default, descriptor) in PARAMETERS.items():
             self.declare_parameter(name, default, descriptor)
-        self.add_on_set_parameters_callback(self._validate_parameters)
         self._lock = threading.Lock()
         self._closing = threading.Event()  # set once at shutdown: nothing is published after it
         self.active = False
@@ -108,6 +107,7 @@ class LocalizerNode(LifecycleNode):
         self._last_outputs = None  # (poses, markers, vertebrae) messages of the last result
         self._seen = {}  # topic -> recent message digests
         self.worker = InferenceWorker(self._infer, self._done)
+        self.add_on_set_parameters_callback(self._validate_parameters)
 
         overridable = QoSOverridingOptions.with_default_policies()
         self.pub_poses = self.create_publisher(PoseArray, "vertebrae/poses", RESULTS,
@@ -203,11 +203,11 @@ class LocalizerNode(LifecycleNode):
             if p.name == "reference_frame" and not v:
                 return SetParametersResult(successful=False, reason="reference_frame must not be empty")
         for p in params:  # all valid: apply what needs more than a read at use
-            if p.name in SESSION_PARAMETERS and hasattr(self, "session"):
+            if p.name in SESSION_PARAMETERS:
                 self.session.apply(**{p.name: p.value})
-            elif p.name == "presence_threshold" and getattr(self, "localizer", None) is not None:
+            elif p.name == "presence_threshold" and self.localizer is not None:
                 self.localizer.threshold = p.value
-            elif p.name in ("checkpoint", "device", "precision") and getattr(self, "active", False):
+            elif p.name in ("checkpoint", "device", "precision") and self.active:
                 self._reload = True
         return SetParametersResult(successful=True)
 
