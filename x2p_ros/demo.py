@@ -101,14 +101,18 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
         rclpy.try_shutdown()
         processes.stop(*procs)
 
+    # ground truth of each published pair: the newest truth stamped at or before the pair; the
+    # sim starts over after the last case, and what comes of that is not reported
+    truths = [(stamp_seconds(m.header), m) for _, m in got["ground_truth/poses"]]
+    end = truths[cases][0] if len(truths) > cases else float("inf")
+    truths = truths[:cases]
     # the localizer sends its latest result again with every frame that is not a key frame:
     # one result per pair stamp, as first received
     results = list({stamp_seconds(m.header): (t, m) for t, m in reversed(got["vertebrae"])}.values())[::-1]
-    if not results:
+    results = [(t, m) for t, m in results if stamp_seconds(m.header) < end]
+    if not results or not truths:
         print(f"no localisation was published; logs: {out}/*.log")
         return 1
-    # ground truth of each published pair: the newest truth stamped at or before the pair
-    truths = [(stamp_seconds(m.header), m) for _, m in got["ground_truth/poses"]]
     errors_all, latencies = [], []
     last_per_case = {}
     for t_recv, va in results:
