@@ -183,3 +183,30 @@ def test_diagnostics_go_stale_without_images_and_localize_is_refused_while_disab
         node.close()
         node.destroy_node()
         rclpy.try_shutdown(context=context)
+
+
+def test_qos_of_images_and_results_can_be_overridden_by_parameters(tiny_checkpoint):
+    from rclpy.parameter import Parameter
+    from rclpy.qos import DurabilityPolicy, ReliabilityPolicy
+
+    from x2p_ros.ros.localizer_node import LocalizerNode
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = LocalizerNode(context=context, parameter_overrides=[
+        Parameter("checkpoint", value=str(tiny_checkpoint)),
+        Parameter("qos_overrides./ap/image.subscription.reliability", value="reliable"),
+        Parameter("qos_overrides./vertebrae/poses.publisher.durability", value="volatile")])
+    try:
+        def qos(infos):
+            return infos[0].qos_profile
+        assert qos(node.get_subscriptions_info_by_topic("/ap/image")).reliability == ReliabilityPolicy.RELIABLE
+        assert qos(node.get_subscriptions_info_by_topic("/lat/image")).reliability == ReliabilityPolicy.BEST_EFFORT
+        assert qos(node.get_publishers_info_by_topic("/vertebrae/poses")).durability == DurabilityPolicy.VOLATILE
+        assert qos(node.get_publishers_info_by_topic("/vertebrae")).durability == DurabilityPolicy.TRANSIENT_LOCAL
+        from x2p_ros.ros.qos import RESULTS, SENSOR_DATA  # the package's profiles are left as they were
+        assert SENSOR_DATA.reliability == ReliabilityPolicy.BEST_EFFORT
+        assert RESULTS.durability == DurabilityPolicy.TRANSIENT_LOCAL
+    finally:
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)

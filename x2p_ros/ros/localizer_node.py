@@ -13,6 +13,7 @@ not a key frame, so a subscriber that joins while frames stream gets the
 latest within a frame period."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import sys
 import threading
@@ -27,6 +28,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy._rclpy_pybind11 import RCLError
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.qos import QoSPolicyKind
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CameraInfo, Image
@@ -109,12 +111,14 @@ class LocalizerNode(LifecycleNode):
         self.worker = InferenceWorker(self._infer, self._done)
         self.add_on_set_parameters_callback(self._validate_parameters)
 
-        overridable = QoSOverridingOptions.with_default_policies()
-        self.pub_poses = self.create_publisher(PoseArray, "vertebrae/poses", RESULTS,
+        # rclpy applies a QoS override to the profile object it is given: each endpoint gets a copy
+        overridable = QoSOverridingOptions(policy_kinds=(QoSPolicyKind.HISTORY, QoSPolicyKind.DEPTH,
+                                                         QoSPolicyKind.RELIABILITY, QoSPolicyKind.DURABILITY))
+        self.pub_poses = self.create_publisher(PoseArray, "vertebrae/poses", copy.copy(RESULTS),
                                                qos_overriding_options=overridable)
-        self.pub_markers = self.create_publisher(MarkerArray, "vertebrae/markers", RESULTS,
+        self.pub_markers = self.create_publisher(MarkerArray, "vertebrae/markers", copy.copy(RESULTS),
                                                  qos_overriding_options=overridable)
-        self.pub_vertebrae = self.create_publisher(VertebraArray, "vertebrae", RESULTS,
+        self.pub_vertebrae = self.create_publisher(VertebraArray, "vertebrae", copy.copy(RESULTS),
                                                    qos_overriding_options=overridable)
         self.pub_overlay = {v: self.create_publisher(Image, f"{v}/overlay", SENSOR_DATA) for v in VIEWS}
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", RELIABLE)
@@ -122,7 +126,7 @@ class LocalizerNode(LifecycleNode):
         if self.pub_tf is None and self.get_parameter("publish_tf").value:
             self.get_logger().info("tf2_msgs is not installed: vertebra frames are not published on /tf")
         for v in VIEWS:
-            self.create_subscription(Image, f"{v}/image", lambda m, v=v: self._on_image(v, m), SENSOR_DATA,
+            self.create_subscription(Image, f"{v}/image", lambda m, v=v: self._on_image(v, m), copy.copy(SENSOR_DATA),
                                      qos_overriding_options=overridable)
             for qos in (ANY, LATCHED):  # see the module's note
                 self.create_subscription(CameraInfo, f"{v}/camera_info", lambda m, v=v: self._on_info(v, m), qos)
