@@ -197,11 +197,16 @@ def soak_section(path: Path) -> list[str]:
         f"Resident memory every 30 s (MB): {', '.join(f'{x:.0f}' for x in r.get('rss_mb_every_30s', []))}.", ""]
 
 
+def _cache(name: str, config: SynthConfig) -> Path:
+    """A generated data set's folder, named after the synthesis recipe that made it."""
+    recipe = hashlib.sha1(json.dumps(asdict(config)).encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / f"x2p-bench-{name}-{config.size}-{recipe}"
+
+
 def test_split(size: int, cases: int) -> Path:
     """The held-out test split at this size (made once, then reused): every case is a test case."""
     config = SynthConfig(size=size)
-    recipe = hashlib.sha1(json.dumps(asdict(config)).encode()).hexdigest()[:8]
-    data = Path(tempfile.gettempdir()) / f"x2p-bench-test-{size}-s{TEST_SEED}-n{cases}-{recipe}"
+    data = _cache(f"test-s{TEST_SEED}-n{cases}", config)
     synthesize(data, cases, seed=TEST_SEED, config=config, progress=False)
     (data / "test.txt").write_text("".join(f"case_{i:05d}\n" for i in range(cases)))
     return data
@@ -211,8 +216,7 @@ def realct_split(root: Path, size: int, poses: int = REALCT_POSES) -> Path:
     """DRR pairs of the real CTs at `poses` random C-arm poses each (`x2p data import-ct
     --seed 0..poses-1`), made once, then reused; every pair is a test case."""
     config = SynthConfig(size=size)
-    recipe = hashlib.sha1(json.dumps(asdict(config)).encode()).hexdigest()[:8]
-    data = Path(tempfile.gettempdir()) / f"x2p-bench-realct-{size}-p{poses}-{recipe}"
+    data = _cache(f"realct-p{poses}", config)
     from .data.ct_import import import_ct
     names = []
     for name, labels in REALCT_CASES.items():
@@ -255,13 +259,6 @@ def realct_rows(checkpoints: dict, root: Path, poses: int = REALCT_POSES) -> lis
     return lines + [""]
 
 
-def _shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 def _metric_row(label: str, m: dict, two_d: str = "") -> str:
     return (f"| {label} | {100 * m['pcl@10']:.1f} | {100 * m['pcl@20']:.1f} | {m['mpe']:.2f} | {m['auc']:.4f} | "
             f"{two_d} | {m['n']} ({m['missed']}) |")
@@ -285,7 +282,7 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
         configs[label] = model.config
         data = test_split(model.config.image_size, test_cases)
         results[label] = evaluate(data, ckpt, split="test", out=None, sweep=True)
-        lines.append(f"- {label}: `{_shown(ckpt)}`, "
+        lines.append(f"- {label}: `{os.path.relpath(ckpt)}`, "
                      f"config {json.dumps(meta.get('config_name', '?'))}, {model.config.image_size} x "
                      f"{model.config.image_size}; {meta.get('note', '')}")
     sizes = sorted({c.image_size for c in configs.values()})

@@ -65,8 +65,8 @@ def run(out: Path, cases: int, seconds: float, params: Path, checkpoint: str) ->
     period = seconds / cases
     sim_params = {"cases": cases, "case_period_s": period}  # a still C-arm: the same images through a case
     localizer_params = {"checkpoint": checkpoint} if checkpoint else {}
-    shown = os.path.relpath(params) if Path(params).resolve().is_relative_to(Path.cwd()) else params
-    print(f"starting carm_sim ({cases} phantom cases, {period:.0f} s each) and x2p_localizer with {shown}")
+    print(f"starting carm_sim ({cases} phantom cases, {period:.0f} s each) and x2p_localizer with "
+          f"{os.path.relpath(params)}")
     procs = [_start("x2p_ros.ros.carm_sim", params, sim_params, out / "carm_sim.log"),
              _start("x2p_ros.ros.localizer_node", params, localizer_params, out / "x2p_localizer.log")]
     rclpy.init()

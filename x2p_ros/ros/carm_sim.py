@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import rclpy
 from geometry_msgs.msg import PointStamped, PoseArray, TransformStamped
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
@@ -23,25 +23,19 @@ from ..geometry import VIEWS
 from ..inference import Vertebra
 from ..levels import levels_below
 from . import messages
+from .parameters import ranged
 from .qos import LATCHED, RELIABLE
-
-
-def _range(lo, hi, text, integer=False):
-    if integer:
-        return ParameterDescriptor(description=text, integer_range=[IntegerRange(from_value=lo, to_value=hi)])
-    return ParameterDescriptor(description=text, floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi)])
-
 
 PARAMETERS = {  # name: (default, descriptor); a value out of range stops the node with the reason
     "data": ("", ParameterDescriptor(description="a data set or case folder; empty: render `cases` phantoms")),
-    "cases": (2, _range(1, 1000, "phantoms to render when no data is given", integer=True)),
-    "seed": (7, _range(0, 2 ** 31 - 1, "seed of the phantoms, the noise, the motion and the prompts", integer=True)),
-    "size": (256, _range(32, 2048, "image size of rendered phantoms, pixels", integer=True)),
-    "case_period_s": (0.0, _range(0.0, 3600.0, "switch to the next case this often, s (0: stay on the first)")),
-    "rate_hz": (5.0, _range(0.1, 200.0, "frames per second and view")),
-    "noise": (0.0, _range(0.0, 1.0, "Gaussian noise, share of the image range")),
-    "motion_px": (0.0, _range(0.0, 100.0, "random shift of the views every few frames, pixels")),
-    "lat_delay_s": (0.0, _range(-1.0, 1.0, "stamp LAT this much later than AP (to test synchronisation), s")),
+    "cases": (2, ranged(1, 1000, "phantoms to render when no data is given")),
+    "seed": (7, ranged(0, 2 ** 31 - 1, "seed of the phantoms, the noise, the motion and the prompts")),
+    "size": (256, ranged(32, 2048, "image size of rendered phantoms, pixels")),
+    "case_period_s": (0.0, ranged(0.0, 3600.0, "switch to the next case this often, s (0: stay on the first)")),
+    "rate_hz": (5.0, ranged(0.1, 200.0, "frames per second and view")),
+    "noise": (0.0, ranged(0.0, 1.0, "Gaussian noise, share of the image range")),
+    "motion_px": (0.0, ranged(0.0, 100.0, "random shift of the views every few frames, pixels")),
+    "lat_delay_s": (0.0, ranged(-1.0, 1.0, "stamp LAT this much later than AP (to test synchronisation), s")),
     "reference_frame": ("carm", ParameterDescriptor(description="frame of the view poses and the ground truth")),
     "publish_prompts": (True, ParameterDescriptor(description="publish the top-most vertebra as the prompt")),
 }

@@ -24,7 +24,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PointStamped, PoseArray, TransformStamped
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy._rclpy_pybind11 import RCLError
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import TransitionCallbackReturn
@@ -48,6 +48,7 @@ from ..session import Job, Refusal, Session, Settings, Skip
 from ..worker import InferenceWorker
 from . import messages
 from .images import ImageError, image_to_array
+from .parameters import ranged
 from .qos import ANY, LATCHED, RELIABLE, RESULTS, SENSOR_DATA
 
 try:  # any ROS 2 installation has tf2_msgs; the PyPI wheels do not
@@ -56,28 +57,22 @@ except ImportError:
     TFMessage = None
 
 
-def _float_range(lo, hi, text):
-    return ParameterDescriptor(description=text, floating_point_range=[FloatingPointRange(from_value=lo, to_value=hi)])
-
-
 PARAMETERS = {  # name: (default, descriptor)
     "checkpoint": ("", ParameterDescriptor(description="model checkpoint; empty: the shipped model")),
     "device": ("auto", ParameterDescriptor(description="auto, cuda or cpu (cuda without a GPU falls back to cpu)")),
     "precision": ("fp32", ParameterDescriptor(description="fp32, or bf16 (CUDA only)")),
     "reference_frame": ("carm", ParameterDescriptor(description="frame of the view poses and of the outputs")),
-    "sync_slop_s": (0.05, _float_range(0.0, 1.0, "largest stamp difference of an AP/LAT pair, s")),
-    "max_image_age_s": (0.0, _float_range(0.0, 3600.0, "refuse images older than this, s (0: no limit)")),
-    "max_image_pixels": (4096 * 4096, ParameterDescriptor(
-        description="refuse larger images (memory stays bounded)",
-        integer_range=[IntegerRange(from_value=256, to_value=16384 * 16384)])),
-    "keyframe_max_rate_hz": (2.0, _float_range(0.01, 100.0, "most key frames per second")),
-    "keyframe_change_threshold": (0.02, _float_range(0.0, 1.0, "image change that makes a key frame")),
-    "presence_threshold": (0.5, _float_range(0.0, 1.0, "tau: heatmap maximum above which a vertebra is present")),
+    "sync_slop_s": (0.05, ranged(0.0, 1.0, "largest stamp difference of an AP/LAT pair, s")),
+    "max_image_age_s": (0.0, ranged(0.0, 3600.0, "refuse images older than this, s (0: no limit)")),
+    "max_image_pixels": (4096 * 4096, ranged(256, 16384 * 16384, "refuse larger images (memory stays bounded)")),
+    "keyframe_max_rate_hz": (2.0, ranged(0.01, 100.0, "most key frames per second")),
+    "keyframe_change_threshold": (0.02, ranged(0.0, 1.0, "image change that makes a key frame")),
+    "presence_threshold": (0.5, ranged(0.0, 1.0, "tau: heatmap maximum above which a vertebra is present")),
     "reference_level": ("", ParameterDescriptor(description="level of the prompted vertebra, e.g. T12; empty: V0..")),
     "auto_prompt": (True, ParameterDescriptor(description="reuse the last reference vertebra when no new prompt")),
     "publish_overlays": (True, ParameterDescriptor(description="publish ap/overlay and lat/overlay")),
     "publish_tf": (True, ParameterDescriptor(description="vertebra frames on /tf (needs tf2_msgs)")),
-    "input_timeout_s": (5.0, _float_range(0.1, 3600.0, "diagnostics go stale after this long without images, s")),
+    "input_timeout_s": (5.0, ranged(0.1, 3600.0, "diagnostics go stale after this long without images, s")),
     "autostart": (True, ParameterDescriptor(description="configure and activate on start")),
 }
 SESSION_PARAMETERS = ("reference_frame", "sync_slop_s", "max_image_age_s", "keyframe_max_rate_hz",
