@@ -210,3 +210,73 @@ def test_qos_of_images_and_results_can_be_overridden_by_parameters(tiny_checkpoi
         node.close()
         node.destroy_node()
         rclpy.try_shutdown(context=context)
+
+
+def test_a_new_calibration_waiting_with_its_images_is_applied_to_them(tiny_checkpoint, tmp_path):
+    """A busy node finds a C-arm move's calibration and the images after it waiting together:
+    the images are localised with the new calibration, never with the one before."""
+    import numpy as np
+    from geometry_msgs.msg import PointStamped, TransformStamped
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import CameraInfo, Image
+
+    from x2p_ros.data import case_io
+    from x2p_ros.data.synth import SynthConfig, synthesize
+    from x2p_ros.geometry import VIEWS, project
+    from x2p_ros.ros import messages
+    from x2p_ros.ros.localizer_node import LocalizerNode
+    synthesize(tmp_path / "d", 2, seed=5, config=SynthConfig(size=96), workers=1, progress=False)
+    cases = [case_io.read_case(tmp_path / "d" / f"case_{i:05d}") for i in range(2)]
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = LocalizerNode(context=context, parameter_overrides=[
+        Parameter("checkpoint", value=str(tiny_checkpoint)), Parameter("keyframe_max_rate_hz", value=100.0)])
+    driver = rclpy.create_node("driver", context=context)
+    executor = rclpy.executors.SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    jobs = []
+    try:
+        node.trigger_configure()
+        node.trigger_activate()
+        node.worker.submit = jobs.append  # the jobs the node decides on, not run
+        pubs = {(v, kind): driver.create_publisher(t, f"{v}/{kind}", 10)
+                for v in VIEWS for kind, t in (("image", Image), ("camera_info", CameraInfo),
+                                               ("pose", TransformStamped), ("prompt", PointStamped))}
+        deadline = time.monotonic() + 10
+        while any(p.get_subscription_count() == 0 for p in pubs.values()) and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+
+        def send(case, stamp):
+            for v in VIEWS:
+                info, pose = messages.calibration_messages(case.views[v].P, case.views[v].size,
+                                                           messages.header(stamp, "carm"), f"{v}_optical")
+                pubs[v, "camera_info"].publish(info)
+                pubs[v, "pose"].publish(pose)
+                prompt = PointStamped(header=messages.header(stamp, f"{v}_optical"))
+                prompt.point.x, prompt.point.y = (float(c) for c in case.pixels(v)[0])
+                pubs[v, "prompt"].publish(prompt)
+            for v in VIEWS:
+                pubs[v, "image"].publish(messages.image_message(messages.header(stamp, f"{v}_optical"),
+                                                                case.views[v].image))
+            time.sleep(0.5)  # all of it delivered while the node is busy elsewhere
+            count = len(jobs)
+            deadline = time.monotonic() + 10
+            while len(jobs) == count and time.monotonic() < deadline:
+                executor.spin_once(timeout_sec=0.05)
+            assert len(jobs) > count, f"no key frame for the pair stamped {stamp}"
+            return jobs[-1]
+
+        t0 = time.time()
+        for stamp, case in ((t0, cases[0]), (t0 + 1.0, cases[1])):
+            job = send(case, stamp)
+            assert job.pair.stamp == stamp
+            for v in VIEWS:
+                np.testing.assert_allclose(project(job.Ps[v], case.xyz_mm), project(case.views[v].P, case.xyz_mm),
+                                           atol=1e-3)
+                np.testing.assert_allclose(job.prompts[v], case.pixels(v)[0], atol=1e-6)
+    finally:
+        executor.shutdown()
+        node.close()
+        node.destroy_node()
+        driver.destroy_node()
+        rclpy.try_shutdown(context=context)

@@ -120,14 +120,18 @@ class LocalizerNode(LifecycleNode):
         self.pub_tf = self.create_publisher(TFMessage, "/tf", 100) if TFMessage is not None else None
         if self.pub_tf is None and self.get_parameter("publish_tf").value:
             self.get_logger().info("tf2_msgs is not installed: vertebra frames are not published on /tf")
+        # the executor takes ready messages in the order their subscriptions were made: calibration
+        # and prompts first, so that a busy node that finds a new calibration and the images it
+        # belongs to waiting together applies it to them
         for v in VIEWS:
-            self.create_subscription(Image, f"{v}/image", lambda m, v=v: self._on_image(v, m), copy.copy(SENSOR_DATA),
-                                     qos_overriding_options=overridable)
             for qos in (ANY, LATCHED):  # see the module's note
                 self.create_subscription(CameraInfo, f"{v}/camera_info", lambda m, v=v: self._on_info(v, m), qos)
                 self.create_subscription(TransformStamped, f"{v}/pose", lambda m, v=v: self._on_pose(v, m), qos)
                 self.create_subscription(PointStamped, f"{v}/prompt", lambda m, v=v: self._on_prompt(v, m), qos)
             self.create_subscription(Point, f"{v}/overlay_mouse_left", lambda m, v=v: self._on_click(v, m), ANY)
+        for v in VIEWS:
+            self.create_subscription(Image, f"{v}/image", lambda m, v=v: self._on_image(v, m), copy.copy(SENSOR_DATA),
+                                     qos_overriding_options=overridable)
         self.create_service(Trigger, "localize", self._srv_localize)
         self.create_service(SetBool, "enable", self._srv_enable)
         self.create_timer(1.0, self._publish_diagnostics)
