@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.x2p-installed
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 
-.PHONY: venv demo test bench colcon clean
+.PHONY: venv demo test bench bench-adapt colcon clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m x2p_ros.bench --out docs/BENCHMARKS.md
+
+# x2p adapt on each real CT (30 minutes each on a CPU); make bench reports docs/adapt_result.json
+bench-adapt: $(STAMP)
+	$(PY) -m x2p_ros.adapt_bench --minutes $(or $(MINUTES),30) --json docs/adapt_result.json
 
 # The ROS user's build path, exercised with colcon from the same venv.
 colcon: $(STAMP)

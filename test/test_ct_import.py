@@ -9,28 +9,8 @@ import pytest
 
 from x2p_ros.data import case_io
 from x2p_ros.data.ct_import import RAS_TO_LPS, TOTALSEG_LABELS, import_ct, read_mask_centroids, read_verse_centroids
-from x2p_ros.data.phantom import VERSE_NUMBER, PhantomSpec, make_phantom
+from x2p_ros.data.phantom import VERSE_NUMBER
 from x2p_ros.data.synth import SynthConfig
-
-
-@pytest.fixture(scope="module")
-def phantom_ct(tmp_path_factory):
-    """A small phantom (L1-L3) written as a NIfTI CT in PIR orientation with 1.5 mm
-    voxels, its VerSe label mask, and its true body centroids (LPS mm)."""
-    root = tmp_path_factory.mktemp("ct")
-    rng = np.random.default_rng(0)
-    spec = PhantomSpec.sample(rng, ["T12", "L1", "L2", "L3", "L4"], voxel_mm=1.5)
-    spec.fractures, spec.implant_levels, spec.scoliosis_mm = {}, [], 0.0
-    phantom = make_phantom(spec, rng)
-    affine_ras = RAS_TO_LPS @ phantom.volume.affine  # the volume's (i, j, k) -> RAS
-    ct = nib.Nifti1Image(phantom.volume.hu.transpose(2, 1, 0).astype(np.int16), affine_ras)
-    labels = nib.Nifti1Image(phantom.volume.labels.transpose(2, 1, 0).astype(np.uint8), affine_ras)
-    to_pir = nio.ornt_transform(nio.io_orientation(affine_ras), nio.axcodes2ornt(("P", "I", "R")))
-    ct, labels = ct.as_reoriented(to_pir), labels.as_reoriented(to_pir)
-    nib.save(ct, root / "ct.nii.gz")
-    nib.save(labels, root / "seg.nii.gz")
-    truth = {v["label"]: np.array(v["xyz_mm"]) for v in phantom.vertebrae}
-    return root, ct, truth
 
 
 def _entries(points_ijk, direction):

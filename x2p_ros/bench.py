@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import adapt_bench
 from .data.synth import SynthConfig, make_case, synthesize
 from .model import preset
 from .model.summary import example_inputs, model_summary
@@ -163,6 +164,7 @@ def main(argv=None) -> int:
         sections += ["## Accuracy and latency", "", f"Not measured: no checkpoint at {', '.join(missing)}.", ""]
     else:
         sections += bench_models(checkpoints, args.test_cases)
+    sections += adapt_bench.section(args.out.parent / "adapt_result.json")
     sections += soak_section(args.out.parent / "soak_result.json")
     write_report(args.out, sections)
     print(args.out.read_text())

@@ -58,6 +58,17 @@ def _train(args):
     return 0
 
 
+def _adapt(args):
+    from .models import baseline_checkpoint, default_checkpoint
+    from .training.adapt import AdaptConfig, adapt
+    init = {"baseline": baseline_checkpoint(), "default": default_checkpoint()}.get(args.init, args.init)
+    out = adapt(args.ct, args.out, centroids=args.centroids, mask=args.mask, mask_style=args.mask_style,
+                init=init, device=args.device, config=AdaptConfig(minutes=args.minutes, seed=args.seed),
+                progress=not args.quiet)
+    print(f"wrote {out}: start the node with checkpoint:={out}")
+    return 0
+
+
 def _evaluate(args):
     from .training.evaluate import evaluate
     result = evaluate(args.data, args.checkpoint, split=args.split, out=args.out, device=args.device,
@@ -167,6 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)
 
+    p = commands.add_parser("adapt", help="fine-tune a patient-specific model on DRRs of the patient's CT "
+                                          "(resumes an interrupted run)")
+    p.add_argument("--ct", required=True, help="the patient's CT (.nii / .nii.gz, HU)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mask", help="vertebra label mask on the CT's grid (.nii.gz)")
+    source.add_argument("--centroids", help="VerSe *_ctd.json body centroids")
+    p.add_argument("--mask-style", choices=["verse", "totalseg"], default="verse")
+    p.add_argument("--out", required=True, help="checkpoint to write, e.g. patient.pt (work folder: OUT.work)")
+    p.add_argument("--minutes", type=float, default=30.0, help="time budget: rendering and fine-tuning")
+    p.add_argument("--init", default="baseline",
+                   help="checkpoint to adapt: baseline (default) or default, the shipped models, or a file")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_adapt)
+
     p = commands.add_parser("evaluate", help="the paper's metrics on a data split")
     p.add_argument("--data", required=True)
     p.add_argument("--checkpoint", required=True)
@@ -204,10 +231,11 @@ def main(argv=None) -> int:
     from .data.case_io import DatasetError
     from .geometry import CalibrationError
     from .model.checkpoint import CheckpointError
+    from .training.adapt import AdaptError
     from .training.train import TrainingError
     try:
         return args.run(args)
-    except (DatasetError, CalibrationError, CheckpointError, InputError, TrainingError) as e:
+    except (DatasetError, CalibrationError, CheckpointError, InputError, TrainingError, AdaptError) as e:
         print(f"x2p: error: {e}", file=sys.stderr)
         return 2
 

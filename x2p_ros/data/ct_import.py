@@ -58,7 +58,23 @@ def load_ct(path) -> Volume:
     data = np.asarray(image.dataobj, dtype=np.float32)
     if not np.all(np.isfinite(data)):
         raise case_io.DatasetError(f"{path}: CT contains NaN or Inf")
+    low, high = float(data.min()), float(data.max())
+    # every CT of a trunk holds air or fat (below -200 HU) and bone (above 150 HU); a volume without
+    # them was stored without its rescale (raw detector numbers from 0) or is not a CT
+    if low > -200 or high < 150:
+        raise case_io.DatasetError(f"{path}: values from {low:.0f} to {high:.0f} are not Hounsfield units (air is "
+                                   f"-1000, fat -100, bone above 150): a CT saved without its rescale slope and "
+                                   f"intercept, or not a CT?")
     return Volume(np.ascontiguousarray(data.transpose(2, 1, 0)), RAS_TO_LPS @ image.affine)
+
+
+def check_same_grid(ct_path, mask_path):
+    """A label mask must lie on its CT's voxel grid (same shape and affine)."""
+    ct, mask = _load_nifti(ct_path), _load_nifti(mask_path)
+    if ct.shape != mask.shape or not np.allclose(ct.affine, mask.affine, atol=1e-3):
+        raise case_io.DatasetError(f"{mask_path}: does not match the CT's voxel grid (mask {mask.shape}, CT "
+                                   f"{ct.shape}; voxel-to-mm affines differ by up to "
+                                   f"{np.abs(ct.affine - mask.affine).max():.3g} mm): resample it onto the CT")
 
 
 def _grid_affine(image: nib.Nifti1Image, direction, iso_mm: float | None) -> np.ndarray:
@@ -179,20 +195,33 @@ def resampled(volume: Volume, voxel_mm: float) -> Volume:
     return Volume(hu, affine)
 
 
-def import_ct(ct_path, out_folder, centroids=None, mask=None, mask_style: str = "verse", seed: int = 0,
-              config: SynthConfig = SynthConfig(), voxel_mm: float = 1.0, device: str = "cpu") -> Path:
-    """Renders one CT to a case folder; the field covers all its vertebrae."""
+def field_of_view(xyz_mm) -> float:
+    """Side (mm at the isocentre) of a field that shows these vertebrae and a margin."""
+    return float(max(np.ptp(np.asarray(xyz_mm)[:, 2]) * 1.15 + 40.0, 100.0))
+
+
+def load_patient(ct_path, centroids=None, mask=None, mask_style: str = "verse",
+                 voxel_mm: float = 1.0) -> tuple[Volume, list[dict]]:
+    """(the CT on a grid no finer than voxel_mm, its vertebrae {label, xyz_mm}) from a CT
+    and one ground-truth source: a VerSe centroid file or a label mask on the CT's grid."""
     if (centroids is None) == (mask is None):
         raise case_io.DatasetError("give exactly one ground-truth source: a centroid JSON or a label mask")
     if centroids is not None:
         vertebrae = read_verse_centroids(centroids, _load_nifti(ct_path))
     else:
+        check_same_grid(ct_path, mask)
         vertebrae = read_mask_centroids(mask, mask_style)
     if not vertebrae:
         raise case_io.DatasetError(f"{centroids or mask}: no vertebra with a known level")
-    volume = resampled(load_ct(ct_path), voxel_mm)
+    return resampled(load_ct(ct_path), voxel_mm), vertebrae
+
+
+def import_ct(ct_path, out_folder, centroids=None, mask=None, mask_style: str = "verse", seed: int = 0,
+              config: SynthConfig = SynthConfig(), voxel_mm: float = 1.0, device: str = "cpu") -> Path:
+    """Renders one CT to a case folder; the field covers all its vertebrae."""
+    volume, vertebrae = load_patient(ct_path, centroids, mask, mask_style, voxel_mm)
     xyz = np.array([v["xyz_mm"] for v in vertebrae])
-    fov = float(max(np.ptp(xyz[:, 2]) * 1.15 + 40.0, 100.0))
+    fov = field_of_view(xyz)
     rng = np.random.default_rng(seed)
     images, Ps, spacings, kept = render_pair(volume, vertebrae, xyz.mean(axis=0), fov, rng, config, device)
     source = f"ct:{Path(ct_path).name}"
