@@ -176,3 +176,13 @@ def test_check_reports_problems_instead_of_failing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bad: ap: vertebra L1 projects outside the image" in out
     assert "good: listed in both train.txt and test.txt" in out
+
+
+@pytest.mark.parametrize("args, message", [(["--cases", "0"], "--cases must be at least 1"),
+                                           (["--cases", "2", "--size", "7"], "image size must be 32 to 4096"),
+                                           (["--cases", "2", "--workers", "0"], "--workers must be at least 1")])
+def test_bad_synth_settings_are_refused_before_any_folder_is_made(tmp_path, capsys, args, message):
+    from x2p_ros.cli import main
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--quiet", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -20,6 +20,9 @@ from . import case_io, drr
 from .phantom import CHAIN, PhantomSpec, make_phantom, spine_curve
 
 
+MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
+
+
 @dataclass
 class SynthConfig:
     size: int = 512
@@ -35,6 +38,10 @@ class SynthConfig:
     # the rest (flat panels, thoracic and cervical fields): at most the model's
     # N = 10 per patch (docs/design.md, section 2); longer spines are tall films for the sliding window
     long_field: tuple[int, int] = (7, 10)
+
+    def __post_init__(self):
+        if not MIN_SIZE <= self.size <= MAX_SIZE:
+            raise case_io.DatasetError(f"image size must be {MIN_SIZE} to {MAX_SIZE} pixels, got {self.size}")
 
 
 def _rotation(yaw, pitch, roll) -> np.ndarray:
@@ -136,6 +143,10 @@ def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig
     """Generates (or completes) a data set of `cases` cases in `out`; returns its statistics."""
     from tqdm import tqdm
 
+    if cases < 1:
+        raise case_io.DatasetError(f"--cases must be at least 1, got {cases}")
+    if workers is not None and workers < 1:
+        raise case_io.DatasetError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     earlier = out / "dataset.json"
     if earlier.is_file():  # completing an earlier run: only with the same recipe, or the set would mix two
