@@ -147,6 +147,9 @@ def test_bad_input_is_a_clear_error_and_leaves_no_checkpoint(phantom_ct, tiny_in
               "more than 0 minutes"),
              (["--ct", str(root / "ct.nii.gz"), "--mask", str(root / "seg.nii.gz"), "--init",
                str(tmp_path / "none.pt")], "not found")]
+    if not torch.cuda.is_available():
+        cases.append((["--ct", str(root / "ct.nii.gz"), "--mask", str(root / "seg.nii.gz"), "--device", "cuda"],
+                      "no CUDA device"))
     for args, message in cases:
         assert x2p(["adapt", *args, "--out", str(tmp_path / "p.pt"), "--quiet"]
                    + ([] if "--init" in args else ["--init", str(tiny_init)])) == 2, args

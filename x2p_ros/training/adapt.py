@@ -84,7 +84,7 @@ def patient_case(volume, vertebrae: list[dict], seed: int, size: int, deform_con
 
 def render_cases(volume, vertebrae, folder: Path, names_seeds: list[tuple[str, int]], size: int,
                  config: AdaptConfig, deadline: float | None = None, window=None, progress: bool = True,
-                 desc: str = "render") -> list[str]:
+                 desc: str = "render", device: str = "cpu") -> list[str]:
     """Renders the cases not yet in `folder` (an interrupted run resumes) until the
     deadline (time.monotonic()); returns the names of the complete ones."""
     from tqdm import tqdm
@@ -95,7 +95,7 @@ def render_cases(volume, vertebrae, folder: Path, names_seeds: list[tuple[str, i
         if not (folder / name / "case.json").is_file():
             if deadline is not None and time.monotonic() > deadline:
                 break
-            images, Ps, spacings, kept = patient_case(volume, vertebrae, seed, size, config.deform, window)
+            images, Ps, spacings, kept = patient_case(volume, vertebrae, seed, size, config.deform, window, device)
             case_io.write_case(folder / name, images, Ps, spacings, kept, "patient-ct", seed)
         done.append(name)
     bar.close()
@@ -115,6 +115,7 @@ def adapt(ct, out, centroids=None, mask=None, mask_style: str = "verse", init=No
     config_name = base_meta.get("config_name")
     if not config_name:
         raise AdaptError(f"{init}: the checkpoint does not say its config (meta.config_name)")
+    dev = training._device(device, 0)
     volume, vertebrae = load_patient(ct, centroids, mask, mask_style)  # every input error before any work
     size = base_model.config.image_size
 
@@ -137,12 +138,12 @@ def adapt(ct, out, centroids=None, mask=None, mask_style: str = "verse", init=No
     val = []
     for i in range(config.val_cases):  # fields around a few levels, and fields that show them all
         val += render_cases(volume, vertebrae, data, [(f"val_{i:03d}", case_seed(config.seed + 1, i))], size,
-                            config, window=config.window if i % 2 else None, progress=False)
+                            config, window=config.window if i % 2 else None, progress=False, device=dev.type)
     render_deadline = started + config.render_share * budget_s
     train_names = render_cases(volume, vertebrae, data, [(f"train_{i:05d}", case_seed(config.seed, i))
                                                          for i in range(config.max_cases)],
                                size, config, deadline=render_deadline, window=config.window, progress=progress,
-                               desc="training pairs")
+                               desc="training pairs", device=dev.type)
     if not train_names:
         raise AdaptError(f"no training pair could be rendered in {config.render_share * budget_s:.0f} s: "
                          f"give more minutes")
@@ -168,7 +169,7 @@ def adapt(ct, out, centroids=None, mask=None, mask_style: str = "verse", init=No
             "adaptation": {**{k: v for k, v in recipe.items() if k not in ("config", "epoch_s")}, "init": init.name,
                            "settings": recipe["config"], "training_pairs": len(train_names),
                            "validation": best, "minutes": round((time.monotonic() - started) / 60, 2),
-                           "device": str(training._device(device, 0))}}
+                           "device": dev.type}}
     checkpoint.save(out, model, meta=meta)
     shutil.rmtree(work)  # the patient's pairs go with it: the checkpoint is all that stays
     return out

@@ -48,7 +48,7 @@ def _device(name: str, local_rank: int) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda, but no CUDA device is available")
+            raise TrainingError("--device cuda, but no CUDA device is available")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 
