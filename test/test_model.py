@@ -222,6 +222,23 @@ def test_soft_argmax_2d_finds_a_peak_at_its_pixel_on_non_square_maps():
     torch.testing.assert_close(uv, torch.tensor([17 * 2 + 0.5, 5 * 2 + 0.5]))
 
 
+@pytest.mark.parametrize("sigma", [0.7, 1.0, 2.0])
+def test_heatmap_peaks_are_exact_on_gaussian_maps_of_any_width(sigma):
+    from x2p_ros.model.heatmaps import heatmap_peaks
+    S = 16
+    torch.manual_seed(0)
+    centre = torch.rand(200, 2) * (S - 3) + 1.5  # (col, row) in cells, anywhere between cells
+    cells = torch.arange(S, dtype=torch.float32)
+    maps = torch.exp(-((cells[None, None, :] - centre[:, 0, None, None]) ** 2
+                       + (cells[None, :, None] - centre[:, 1, None, None]) ** 2) / (2 * sigma ** 2))
+    truth = torch.stack([geometry.cell_to_pixel(centre[:, 0], S, 512), geometry.cell_to_pixel(centre[:, 1], S, 512)],
+                        dim=-1)
+    assert (heatmap_peaks(maps, (512, 512)) - truth).norm(dim=-1).max() < 0.01  # px of a 512 px image
+    edge = torch.zeros(1, S, S)
+    edge[0, 0, 0], edge[0, 0, 1] = 1.0, 0.5  # a peak in the corner: no neighbour beyond it, no sub-cell shift
+    torch.testing.assert_close(heatmap_peaks(edge, (512, 512)), torch.tensor([[15.5, 15.5]]))
+
+
 def test_build_model_gives_each_method_over_the_same_encoder():
     from x2p_ros.model import LiftingBaseline
     from x2p_ros.model.encoder import BiplanarEncoder

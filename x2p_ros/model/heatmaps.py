@@ -12,22 +12,30 @@ def presence(heatmaps):
 
 
 def heatmap_peaks(heatmaps, image_hw):
-    """Sub-cell peak (weighted mean around the maximum) of each heatmap, in input pixels.
+    """Sub-cell peak of each heatmap, in input pixels: the vertex of the parabola through the
+    logarithms of the maximum and its two neighbours along each axis, exact for a Gaussian
+    of any width (a weighted mean of the 3 x 3 cells pulls the peak towards the middle cell).
 
     heatmaps (..., S, S) -> (..., 2) as (u, v)."""
     S = heatmaps.shape[-1]
     H, W = image_hw
-    prob = heatmaps.float().clamp(0, 1)
-    flat = prob.flatten(-2)
-    peak = flat.argmax(-1)
+    log = heatmaps.float().clamp(1e-6, 1).log()
+    padded = torch.nn.functional.pad(log, (1, 1, 1, 1), value=float("nan"))
+    peak = log.flatten(-2).argmax(-1)
     r, c = peak // S, peak % S
-    rows = torch.arange(S, device=heatmaps.device, dtype=prob.dtype)
-    # weights: the 3x3 neighbourhood of the peak
-    near = ((rows[:, None] - r[..., None, None]).abs() <= 1) & ((rows[None, :] - c[..., None, None]).abs() <= 1)
-    wgt = prob * near
-    total = wgt.sum((-1, -2)).clamp_min(1e-9)
-    cy = (wgt * rows[:, None]).sum((-1, -2)) / total
-    cx = (wgt * rows[None, :]).sum((-1, -2)) / total
+
+    def at(dr, dc):  # log value at (r + dr, c + dc); off the map: NaN
+        index = ((r + 1 + dr) * (S + 2) + (c + 1 + dc))[..., None]
+        return padded.flatten(-2).gather(-1, index)[..., 0]
+
+    def vertex(before, middle, after):
+        curvature = before - 2 * middle + after  # NaN at the map's edge: no sub-cell offset there
+        offset = 0.5 * (before - after) / torch.where(curvature < 0, curvature, -torch.ones_like(curvature))
+        return torch.where(curvature < 0, offset.clamp(-0.5, 0.5), torch.zeros_like(offset))
+
+    centre = at(0, 0)
+    cx = c + vertex(at(0, -1), centre, at(0, 1))
+    cy = r + vertex(at(-1, 0), centre, at(1, 0))
     return torch.stack([geometry.cell_to_pixel(cx, S, W), geometry.cell_to_pixel(cy, S, H)], dim=-1)
 
 
