@@ -38,7 +38,7 @@ class AdaptError(ValueError):
 class AdaptConfig:
     minutes: float = 30.0  # the whole budget: rendering and fine-tuning
     render_share: float = 0.25  # of the budget for rendering training pairs (fewer if max_cases come first)
-    max_cases: int = 2000
+    max_cases: int = 600  # rendering stops here and leaves the time to training
     val_cases: int = 8  # held-out poses and deformations that choose the best epoch
     window: tuple[int, int] = (3, 7)  # vertebrae a training field is centred on
     batch_size: int = 4
