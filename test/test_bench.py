@@ -62,3 +62,28 @@ def test_real_anatomy_rows_are_the_evaluation_of_the_real_ct_pairs_or_a_clear_sk
     m = metrics.summary(errors)
     assert f"| X2P-Net, real CTs | {100 * m['pcl@10']:.1f} | {100 * m['pcl@20']:.1f} | {m['mpe']:.2f} |" in report
     assert m["n"] == 12 and np.isfinite(m["auc"])  # six vertebrae in each CT
+
+
+def test_the_adaptation_section_pools_both_cts_and_says_whether_the_goal_is_met(tmp_path):
+    import json
+
+    from x2p_ros import adapt_bench
+    assert "Not run yet: `make bench-adapt`" in "\n".join(adapt_bench.section(tmp_path / "none.json"))
+
+    def m(pcl, mpe, n, missed):
+        return {"pcl@10": pcl, "pcl@20": pcl, "mpe": mpe, "auc": 0.9, "n": n, "missed": missed}
+    result = {"minutes_budget": 30, "pairs_per_ct": 8, "eval_seed": 99, "machine": "test", "device": "cpu",
+              "cts": {"a": {"levels": ["T10", "L3"], "adaptation_minutes": 29.5, "training_pairs": 600, "epochs": 7,
+                            "models": {"generic": m(0.5, 9.0, 40, 10), adapt_bench.ADAPTED: m(1.0, 2.0, 40, 0)}},
+                      "b": {"levels": ["L1", "S1"], "adaptation_minutes": 29.0, "training_pairs": 600, "epochs": 7,
+                            "models": {"generic": m(0.25, 12.0, 40, 20), adapt_bench.ADAPTED: m(0.9, 4.0, 40, 2)}}}}
+    path = tmp_path / "adapt.json"
+    path.write_text(json.dumps(result))
+    report = "\n".join(adapt_bench.section(path))
+    assert "| a (T10-L3) | generic | 50.0 | 50.0 | 9.00 | 40 (10) | none (generic) |" in report
+    assert (f"| b (L1-S1) | {adapt_bench.ADAPTED} | 90.0 | 90.0 | 4.00 | 40 (2) | 29 min, 600 pairs, 7 epochs |"
+            in report)
+    # pooled over the vertebrae: PCL over all, MPE over those found
+    assert f"| both CTs | {adapt_bench.ADAPTED} | 95.0 | | {(2.0 * 40 + 4.0 * 38) / 78:.2f} | 80 (2) | " \
+           "(goal: PCL@10 >= 95 %, MPE <= 3 mm: met) |" in report
+    assert f"| both CTs | generic | 37.5 | | {(9.0 * 30 + 12.0 * 20) / 50:.2f} | 80 (30) |  |" in report

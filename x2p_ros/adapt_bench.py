@@ -99,7 +99,7 @@ def section(path: Path) -> list[str]:
         found = [(m["mpe"], m["n"] - m["missed"]) for m in ms if np.isfinite(m["mpe"])]
         mpe = sum(a * b for a, b in found) / max(sum(b for _, b in found), 1)
         pcl = sum(m["pcl@10"] * m["n"] for m in ms) / n
-        goal = " (goal: PCL@10 >= 95 %, MPE <= 3 mm: " + ("met" if pcl >= 0.95 and mpe <= 3 else "not met") + ")"
+        goal = "(goal: PCL@10 >= 95 %, MPE <= 3 mm: " + ("met" if pcl >= 0.95 and mpe <= 3 else "not met") + ")"
         lines.append(f"| both CTs | {label} | {100 * pcl:.1f} | | {mpe:.2f} | {n} ({sum(m['missed'] for m in ms)}) "
                      f"| {goal if label == ADAPTED else ''} |")
     return lines + [""]
