@@ -220,7 +220,8 @@ def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int =
         stop = False
         if run.rank == 0:
             end_epoch(run, epoch, stats, time.monotonic() - started)
-            stop = time_limit_min is not None and time.monotonic() - started > 60 * time_limit_min
+            stop = (time_limit_min is not None and time.monotonic() - started > 60 * time_limit_min
+                    and epoch < epochs - 1)  # after the last epoch there is nothing left to resume
             if stop:
                 print(f"time limit reached after epoch {epoch}; run the same command again to resume")
         if run.world > 1:  # every rank waits for rank 0's validation and checkpoint, and stops with it
