@@ -124,6 +124,15 @@ def _localize(args):
     return 0
 
 
+def _ct_arguments(p: argparse.ArgumentParser):
+    """A CT and its one ground-truth source (import-ct, adapt)."""
+    p.add_argument("--ct", required=True, help="CT volume (.nii / .nii.gz, HU)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--centroids", help="VerSe *_iso-ctd.json or *_ctd.json body centroids")
+    source.add_argument("--mask", help="vertebra label mask on the CT's voxel grid (.nii.gz)")
+    p.add_argument("--mask-style", choices=["verse", "totalseg"], default="verse", help="numbering of the mask")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="x2p", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -140,11 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_data_synth)
 
     p = data.add_parser("import-ct", help="render a real CT (NIfTI) with VerSe centroids or a label mask")
-    p.add_argument("--ct", required=True, help="CT volume (.nii / .nii.gz, HU)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--centroids", help="VerSe *_iso-ctd.json or *_ctd.json")
-    source.add_argument("--mask", help="vertebra label mask (.nii.gz)")
-    p.add_argument("--mask-style", choices=["verse", "totalseg"], default="verse")
+    _ct_arguments(p)
     p.add_argument("--out", required=True, help="case folder to write")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -180,11 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("adapt", help="fine-tune a patient-specific model on DRRs of the patient's CT "
                                           "(resumes an interrupted run)")
-    p.add_argument("--ct", required=True, help="the patient's CT (.nii / .nii.gz, HU)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--mask", help="vertebra label mask on the CT's grid (.nii.gz)")
-    source.add_argument("--centroids", help="VerSe *_ctd.json body centroids")
-    p.add_argument("--mask-style", choices=["verse", "totalseg"], default="verse")
+    _ct_arguments(p)
     p.add_argument("--out", required=True, help="checkpoint to write, e.g. patient.pt (work folder: OUT.work)")
     p.add_argument("--minutes", type=float, default=30.0, help="time budget: rendering and fine-tuning")
     p.add_argument("--init", default="baseline",
