@@ -20,12 +20,11 @@ ADAPTED = "lifting baseline adapted (`x2p adapt`)"
 
 
 def evaluation_pairs(volume, vertebrae, folder: Path, pairs: int, size: int) -> list[str]:
-    from .data.deform import DeformConfig
     from .data.synth import case_seed
     from .training.adapt import AdaptConfig, render_cases
     names = [(f"eval_{i:03d}", case_seed(EVAL_SEED, i)) for i in range(pairs)]
-    return render_cases(volume, vertebrae, folder, names, size, AdaptConfig(deform=DeformConfig()), window=None,
-                        progress=False)
+    # the adaptation's deformation ranges, every level in the field
+    return render_cases(volume, vertebrae, folder, names, size, AdaptConfig(), window=None, progress=False)
 
 
 def measure(checkpoint, folder: Path, names: list[str]) -> dict:
