@@ -40,7 +40,7 @@ def measure(checkpoint, folder: Path, names: list[str]) -> dict:
 def run(root: Path, minutes: float, pairs: int, device: str) -> dict:
     import torch
 
-    from .bench import REALCT_CASES, machine
+    from .bench import REALCT_CASES, machine, realct_labels
     from .data.ct_import import load_patient
     from .models import baseline_checkpoint, default_checkpoint
     from .training.adapt import AdaptConfig, adapt
@@ -49,8 +49,8 @@ def run(root: Path, minutes: float, pairs: int, device: str) -> dict:
     size = torch.load(baseline_checkpoint(), weights_only=True)["config"]["image_size"]
     result = {"minutes_budget": minutes, "pairs_per_ct": pairs, "eval_seed": EVAL_SEED, "machine": machine(),
               "device": device, "cts": {}}
-    for name, labels in REALCT_CASES.items():
-        given = {k: (root / name / v if k != "mask_style" else v) for k, v in labels.items()}
+    for name in REALCT_CASES:
+        given = realct_labels(root, name)
         volume, vertebrae = load_patient(root / name / "ct.nii.gz", **given)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

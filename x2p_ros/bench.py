@@ -214,6 +214,11 @@ def test_split(size: int, cases: int) -> Path:
     return data
 
 
+def realct_labels(root: Path, name: str) -> dict:
+    """The ground-truth source of one real CT as import_ct / load_patient / adapt take it."""
+    return {k: (v if k == "mask_style" else root / name / v) for k, v in REALCT_CASES[name].items()}
+
+
 def realct_split(root: Path, size: int, poses: int = REALCT_POSES) -> Path:
     """DRR pairs of the real CTs at `poses` random C-arm poses each (`x2p data import-ct
     --seed 0..poses-1`), made once, then reused; every pair is a test case."""
@@ -221,12 +226,11 @@ def realct_split(root: Path, size: int, poses: int = REALCT_POSES) -> Path:
     data = _cache(f"realct-p{poses}", config)
     from .data.ct_import import import_ct
     names = []
-    for name, labels in REALCT_CASES.items():
+    for name in REALCT_CASES:
         for seed in range(poses):
             folder = data / f"{name}_pose{seed}"
             if not (folder / "case.json").is_file():
-                import_ct(root / name / "ct.nii.gz", folder, seed=seed, config=config,
-                          **{k: (root / name / v if k != "mask_style" else v) for k, v in labels.items()})
+                import_ct(root / name / "ct.nii.gz", folder, seed=seed, config=config, **realct_labels(root, name))
             names.append(folder.name)
     (data / "test.txt").write_text("".join(f"{n}\n" for n in names))
     return data

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.spatial.transform import Rotation
 
 from .volume import Volume
 
@@ -39,17 +40,6 @@ class DeformConfig:
                 raise ValueError(f"deformation {name} must be finite and >= 0, got {value}")
         if self.blend_mm <= 0:
             raise ValueError(f"deformation blend_mm must be > 0, got {self.blend_mm}")
-
-
-def _rotation(axis_angles_deg) -> np.ndarray:
-    """Rotation matrix of a rotation vector given in degrees (Rodrigues)."""
-    r = np.deg2rad(np.asarray(axis_angles_deg, dtype=np.float64))
-    angle = np.linalg.norm(r)
-    if angle < 1e-12:
-        return np.eye(3)
-    k = r / angle
-    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
 
 
 def _about(R: np.ndarray, point: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -74,7 +64,7 @@ def segment_motions(centroids_mm: np.ndarray, rng: np.random.Generator, config: 
             j = i + direction
             joint = (c[i] + c[j]) / 2
             angles = rng.uniform(-1, 1, size=3) * [config.coronal_deg, config.sagittal_deg, config.axial_deg]
-            local = _about(_rotation(angles), joint, rng.uniform(-1, 1, size=3) * config.shift_mm)
+            local = _about(Rotation.from_rotvec(angles, degrees=True).as_matrix(), joint, rng.uniform(-1, 1, size=3) * config.shift_mm)
             motions[j] = motions[i] @ local  # the joint moves with the vertebra before it
             i = j
     return motions
