@@ -124,6 +124,18 @@ def test_an_interrupted_adaptation_resumes_and_a_changed_one_is_refused(phantom_
               progress=False)
 
 
+def test_a_share_of_training_fields_shows_every_level_spread_over_the_pairs():
+    from x2p_ros.training.adapt import planned_cases
+    windows = [w for _, _, w in planned_cases("train", 0, 10, (3, 7), 0.5)]
+    assert windows == [(3, 7), None] * 5  # every level in every second field: an early stop keeps the share
+    assert [w for _, _, w in planned_cases("train", 0, 4, (3, 7), 1.0)] == [None] * 4
+    assert [w for _, _, w in planned_cases("train", 0, 4, (3, 7), 0.0)] == [(3, 7)] * 4
+    seeds = [seed for _, seed, _ in planned_cases("train", 0, 10, (3, 7), 0.5)]
+    assert len(set(seeds)) == 10 and seeds == [seed for _, seed, _ in planned_cases("train", 0, 10, (3, 7), 1.0)]
+    with pytest.raises(AdaptError, match="whole_field_share"):
+        AdaptConfig(whole_field_share=1.5)
+
+
 def _save_like(reference: nib.Nifti1Image, data, path, affine=None):
     nib.save(nib.Nifti1Image(np.asarray(data), reference.affine if affine is None else affine), path)
     return path

@@ -20,11 +20,10 @@ ADAPTED = "lifting baseline adapted (`x2p adapt`)"
 
 
 def evaluation_pairs(volume, vertebrae, folder: Path, pairs: int, size: int) -> list[str]:
-    from .data.synth import case_seed
-    from .training.adapt import AdaptConfig, render_cases
-    names = [(f"eval_{i:03d}", case_seed(EVAL_SEED, i)) for i in range(pairs)]
-    # the adaptation's deformation ranges, every level in the field
-    return render_cases(volume, vertebrae, folder, names, size, AdaptConfig(), window=None, progress=False)
+    from .training.adapt import AdaptConfig, planned_cases, render_cases
+    config = AdaptConfig()  # the adaptation's deformation ranges, every level in the field
+    return render_cases(volume, vertebrae, folder, planned_cases("eval", EVAL_SEED, pairs, config.window, 1.0),
+                        size, config, progress=False)
 
 
 def measure(checkpoint, folder: Path, names: list[str]) -> dict:

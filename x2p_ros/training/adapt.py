@@ -41,6 +41,7 @@ class AdaptConfig:
     max_cases: int = 600  # rendering stops here and leaves the time to training
     val_cases: int = 8  # held-out poses and deformations that choose the best epoch
     window: tuple[int, int] = (3, 7)  # vertebrae a training field is centred on
+    whole_field_share: float = 0.5  # training fields that show every labelled level, as the validation's half
     batch_size: int = 4
     lr: float = 3e-4
     seed: int = 0
@@ -51,6 +52,8 @@ class AdaptConfig:
             raise AdaptError(f"the time budget must be more than 0 minutes, got {self.minutes}")
         if not 0 < self.render_share < 1:
             raise AdaptError(f"render_share must be between 0 and 1, got {self.render_share}")
+        if not 0 <= self.whole_field_share <= 1:
+            raise AdaptError(f"whole_field_share must be between 0 and 1, got {self.whole_field_share}")
         if self.max_cases < 1 or self.val_cases < 1 or self.batch_size < 1:
             raise AdaptError("max_cases, val_cases and batch_size must be at least 1")
 
@@ -82,16 +85,24 @@ def patient_case(volume, vertebrae: list[dict], seed: int, size: int, deform_con
                        SynthConfig(size=size), device)
 
 
-def render_cases(volume, vertebrae, folder: Path, names_seeds: list[tuple[str, int]], size: int,
-                 config: AdaptConfig, deadline: float | None = None, window=None, progress: bool = True,
-                 desc: str = "render", device: str = "cpu") -> list[str]:
-    """Renders the cases not yet in `folder` (an interrupted run resumes) until the
-    deadline (time.monotonic()); returns the names of the complete ones."""
+def planned_cases(prefix: str, seed: int, count: int, window: tuple[int, int], whole_field_share: float):
+    """(name, seed, window) of `count` pairs; window None (every level in the field) for an even
+    spread of whole_field_share of them."""
+    return [(f"{prefix}_{i:05d}", case_seed(seed, i),
+             None if int((i + 1) * whole_field_share) > int(i * whole_field_share) else window)
+            for i in range(count)]
+
+
+def render_cases(volume, vertebrae, folder: Path, cases: list[tuple], size: int, config: AdaptConfig,
+                 deadline: float | None = None, progress: bool = True, desc: str = "render",
+                 device: str = "cpu") -> list[str]:
+    """Renders the (name, seed, window) cases not yet in `folder` (an interrupted run resumes)
+    until the deadline (time.monotonic()); returns the names of the complete ones."""
     from tqdm import tqdm
 
     done = []
-    bar = tqdm(names_seeds, desc=desc, unit="pair", disable=not progress, leave=False)
-    for name, seed in bar:
+    bar = tqdm(cases, desc=desc, unit="pair", disable=not progress, leave=False)
+    for name, seed, window in bar:
         if not (folder / name / "case.json").is_file():
             if deadline is not None and time.monotonic() > deadline:
                 break
@@ -135,15 +146,15 @@ def adapt(ct, out, centroids=None, mask=None, mask_style: str = "verse", init=No
     data = work / "data"
 
     # held-out poses and deformations first (they choose the best epoch), then training pairs
-    val = []
-    for i in range(config.val_cases):  # fields around a few levels, and fields that show them all
-        val += render_cases(volume, vertebrae, data, [(f"val_{i:03d}", case_seed(config.seed + 1, i))], size,
-                            config, window=config.window if i % 2 else None, progress=False, device=dev.type)
+    val = render_cases(volume, vertebrae, data,  # half around a few levels, half every level
+                       planned_cases("val", config.seed + 1, config.val_cases, config.window, 0.5), size, config,
+                       progress=False, device=dev.type)
     render_deadline = started + config.render_share * budget_s
-    train_names = render_cases(volume, vertebrae, data, [(f"train_{i:05d}", case_seed(config.seed, i))
-                                                         for i in range(config.max_cases)],
-                               size, config, deadline=render_deadline, window=config.window, progress=progress,
-                               desc="training pairs", device=dev.type)
+    train_names = render_cases(volume, vertebrae, data,
+                               planned_cases("train", config.seed, config.max_cases, config.window,
+                                             config.whole_field_share),
+                               size, config, deadline=render_deadline, progress=progress, desc="training pairs",
+                               device=dev.type)
     if not train_names:
         raise AdaptError(f"no training pair could be rendered in {config.render_share * budget_s:.0f} s: "
                          f"give more minutes")
