@@ -9,6 +9,7 @@ from torch import nn
 
 from x2p_ros import geometry, metrics
 from x2p_ros.cli import main
+from x2p_ros.data import case_io
 from x2p_ros.inference import InputError, Localizer
 from x2p_ros.model import X2PNet, checkpoint, preset
 
@@ -32,13 +33,25 @@ def test_match_errors_pairs_by_index_and_counts_absent_predictions_as_misses():
     assert np.isinf(metrics.match_errors(pred[:1], [True], gt)[1:]).all()  # fewer predictions than ground truth
 
 
-def test_report_groups_3d_errors_by_level_and_by_field_kind():
+def test_identity_swaps_count_found_vertebrae_nearer_to_another_ones_truth():
+    gt = np.array([[0.0, 0, 0], [0, 0, 30], [0, 0, 60]])
+    pred = np.array([[0.0, 0, 2], [0, 0, 50], [0, 0, 58], [0, 0, 0]])  # index 1 drifted onto index 2
+    assert metrics.identity_swaps(pred, [True, True, True, True], gt) == 1
+    assert metrics.identity_swaps(pred, [True, False, True, True], gt) == 0  # not found: a miss, not a swap
+    assert metrics.identity_swaps(pred[:0], [], gt) == 0
+
+
+def test_report_groups_3d_errors_by_level_index_and_field_kind():
     from x2p_ros.training.evaluate import field_kind, report
     short, long = field_kind(4), field_kind(8)
     assert short != long and field_kind(6) == short and field_kind(7) == long
     errors = {"3d": np.array([1.0, 3.0, np.inf, 10.0, 30.0]), "ap": [], "lat": [],
-              "levels": ["L1", "L2", "L3", "L1", "L2"], "fields": [short] * 3 + [long] * 2}
+              "levels": ["L1", "L2", "L3", "L1", "L2"], "indices": [0, 1, 2, 0, 1],
+              "fields": [short] * 3 + [long] * 2, "swaps": 2}
     result = report(errors)
+    by_index = result["per_index_3d_mm"]
+    assert list(by_index) == [0, 1, 2] and by_index[0]["mpe"] == 5.5 and by_index[1]["mpe"] == 16.5
+    assert by_index[2]["missed"] == 1 and result["identity_swaps"] == 2
     assert result["by_field_3d_mm"][short]["mpe"] == 2.0 and result["by_field_3d_mm"][short]["missed"] == 1
     assert result["by_field_3d_mm"][long]["mpe"] == 20.0 and result["by_field_3d_mm"][long]["pcl@10"] == 0.5
     levels = result["per_level_mpe_mm"]
@@ -96,6 +109,36 @@ def small_data(tmp_path_factory):
     return root
 
 
+def test_training_crops_train_every_index_the_whole_images_show(small_data):
+    """Crops keep the same vertical band in both views and a share of samples is
+    uncropped: each index is present in training at least a third as often as in
+    the whole images (independent crops in each view: a tenth for the last one)."""
+    from x2p_ros.training.data import BiplanarDataset
+    names = case_io.list_cases(small_data)
+    whole = np.mean([s["present"].numpy() for s in BiplanarDataset(small_data, names, 64, 10)], axis=0)
+    train = BiplanarDataset(small_data, names, 64, 10, train=True)
+    samples = []
+    for epoch in range(40):
+        train.set_epoch(epoch)
+        samples += [train[i]["present"].numpy() for i in range(len(train))]
+    trained = np.mean(samples, axis=0)
+    assert whole[-1] == 0 and whole.max() == 1
+    for k in np.flatnonzero(whole):
+        assert trained[k] >= whole[k] / 3, f"index {k}: {trained[k]:.2f} of samples, whole images {whole[k]:.2f}"
+
+
+def test_training_samples_show_the_whole_images_in_the_given_share(small_data):
+    from x2p_ros.training.data import BiplanarDataset
+    names = case_io.list_cases(small_data)
+    whole = [s["P"] for s in BiplanarDataset(small_data, names, 64, 10)]
+    for share, expected in ((1.0, True), (0.0, False)):
+        train = BiplanarDataset(small_data, names, 64, 10, train=True, full_share=share)
+        for epoch in range(3):
+            train.set_epoch(epoch)
+            for i in range(len(train)):
+                assert torch.allclose(train[i]["P"], whole[i]) == expected
+
+
 def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--data", str(small_data), "--config", "tiny", "--out", str(run), "--workers", "0", "--quiet"]
@@ -108,11 +151,21 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
     assert (run / "loss.png").stat().st_size > 1000 and (run / "best.pt").is_file()
 
+    capsys.readouterr()
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"),
                  "--out", str(tmp_path / "eval")]) == 0
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(result["3d_mm"]) >= {"pcl@10", "pcl@20", "mpe", "auc", "missed"}
-    assert {"2d_ap_px", "2d_lat_px", "per_level_mpe_mm"} <= set(result)
+    assert {"2d_ap_px", "2d_lat_px", "per_level_mpe_mm", "identity_swaps"} <= set(result)
+    test_names = case_io.read_split(small_data, "test")
+    assert result["split"] == "test" and result["cases"] == len(test_names)
+    assert f"{len(test_names)} cases of split 'test'" in capsys.readouterr().out
+    assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--split", "all",
+                 "--out", str(tmp_path / "all")]) == 0
+    every = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert every["cases"] == len(case_io.list_cases(small_data)) == 5
+    assert sum(m["n"] for m in every["per_index_3d_mm"].values()) == every["3d_mm"]["n"]
+    assert "by index below the prompt" in capsys.readouterr().out
     assert (tmp_path / "eval" / "pcl.png").is_file() and (tmp_path / "eval" / "per_level.png").is_file()
 
     assert main(["model", "summary", "--checkpoint", str(run / "best.pt")]) == 0

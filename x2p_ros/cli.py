@@ -75,6 +75,7 @@ def _evaluate(args):
                       sweep=args.sweep, limit=args.limit)
     for failed in result["failed_cases"]:
         print(f"x2p: error: case {failed['case']}: {failed['error']} (counted as missed)", file=sys.stderr)
+    print(f"{result['cases']} cases of split '{result['split']}' in {result['data']}")
     m = result["3d_mm"]
     print(f"3D: PCL@10 {100 * m['pcl@10']:.1f} %  PCL@20 {100 * m['pcl@20']:.1f} %  MPE {m['mpe']:.2f} mm  "
           f"AUC {m['auc']:.4f}  ({m['n']} vertebrae, {m['missed']} missed)")
@@ -82,6 +83,9 @@ def _evaluate(args):
         if f"2d_{view}_px" in result:
             m = result[f"2d_{view}_px"]
             print(f"2D {view.upper()}: PCL@10 {100 * m['pcl@10']:.1f} %  MPE {m['mpe']:.2f} px  AUC {m['auc']:.4f}")
+    per_index = "  ".join(f"{k}: {m['mpe']:.1f} ({m['missed']}/{m['n']})" for k, m in result["per_index_3d_mm"].items())
+    print(f"3D MPE mm by index below the prompt (missed/vertebrae): {per_index}")
+    print(f"identity swaps: {result['identity_swaps']} (found nearer to another vertebra's ground truth)")
     if args.sweep:
         print(f"prompt sweep: largest MPE change {result['prompt_sweep_max_mpe_change_mm']:.3f} mm")
     if args.out:
@@ -198,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("evaluate", help="the paper's metrics on a data split")
     p.add_argument("--data", required=True)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--out", help="folder for metrics.json and the plots")
     p.add_argument("--device", default="cpu")
     p.add_argument("--sweep", action="store_true", help="also displace the prompt (paper, Figure 9)")

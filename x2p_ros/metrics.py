@@ -19,6 +19,18 @@ def match_errors(pred, pred_present, gt) -> np.ndarray:
     return errors
 
 
+def identity_swaps(pred, pred_present, gt) -> int:
+    """Present predictions nearer to another ground-truth vertebra than to their
+    own index's: the chain has taken one vertebra for another."""
+    gt = np.asarray(gt, dtype=np.float64)
+    pred = np.asarray(pred, dtype=np.float64)[:len(gt)]
+    present = np.asarray(pred_present, dtype=bool)[:len(gt)]
+    if not len(pred):
+        return 0
+    nearest = np.linalg.norm(pred[:, None] - gt[None], axis=-1).argmin(axis=1)  # (N,)
+    return int(np.sum(present & (nearest != np.arange(len(pred)))))
+
+
 def pcl(errors, threshold: float) -> float:
     errors = np.asarray(errors, dtype=np.float64)
     return float(np.mean(errors <= threshold)) if errors.size else float("nan")

@@ -2,8 +2,9 @@
 top-most vertebra as the prompt (optionally displaced, as Figure 9).
 
 3D: PCL@10/20 mm, MPE, AUC(10-50 mm); 2D per view (heatmap peaks): PCL@10/20
-px, MPE, AUC(10-50 px); per-level 3D errors; a ground-truth vertebra without a
-present prediction is a miss."""
+px, MPE, AUC(10-50 px); 3D errors per level and per index below the prompt, and
+identity swaps (a vertebra found nearer to another's ground truth); a
+ground-truth vertebra without a present prediction is a miss."""
 from __future__ import annotations
 
 import json
@@ -27,10 +28,12 @@ def field_kind(n_vertebrae: int) -> str:
 
 def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0)) -> dict:
     """Errors concatenated over cases: {'3d', 'ap', 'lat'} arrays and, per 3D
-    error, its level and its case's field kind ('levels', 'fields'). A case
+    error, its level, its index below the prompt and its case's field kind
+    ('levels', 'indices', 'fields'); 'swaps': present predictions nearer to
+    another vertebra's ground truth. A case
     whose model output is not finite is a failed frame: every vertebra of it a
     miss, and its name and the reason in 'failed'."""
-    errors = {"3d": [], "ap": [], "lat": [], "levels": [], "fields": [], "failed": []}
+    errors = {"3d": [], "ap": [], "lat": [], "levels": [], "indices": [], "fields": [], "failed": [], "swaps": 0}
     has_heatmaps = localizer.config.use_sce or localizer.config.lifting
     for name in names:
         case = case_io.read_case(Path(root) / name)
@@ -41,6 +44,7 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
         prompts = {v: gt_px[v][0] + np.asarray(prompt_offset_px) * case.views[v].size[0] / 512.0 for v in VIEWS}
         prompts = {v: np.clip(p, 0, np.array(case.views[v].size) - 1) for v, p in prompts.items()}
         errors["levels"] += case.labels
+        errors["indices"] += list(range(len(case.labels)))
         errors["fields"] += [field_kind(len(case.labels))] * len(case.labels)
         try:
             found = localizer.localize({v: case.views[v].image for v in VIEWS}, {v: case.views[v].P for v in VIEWS},
@@ -52,10 +56,11 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
             continue
         present = [f.present for f in found]
         errors["3d"].append(metrics.match_errors([f.xyz_mm for f in found], present, case.xyz_mm))
+        errors["swaps"] += metrics.identity_swaps([f.xyz_mm for f in found], present, case.xyz_mm)
         for v in VIEWS:
             if found and found[0].heatmap_pixels:
                 errors[v].append(metrics.match_errors([f.heatmap_pixels[v] for f in found], present, gt_px[v]))
-    return {k: (np.concatenate(v) if k not in ("levels", "fields", "failed") and v else v) for k, v in errors.items()}
+    return {k: (np.concatenate(v) if k in ("3d",) + VIEWS and v else v) for k, v in errors.items()}
 
 
 def report(errors: dict) -> dict:
@@ -68,6 +73,9 @@ def report(errors: dict) -> dict:
         levels.setdefault(level, []).append(e)
     out["per_level_mpe_mm"] = {k: metrics.mpe(v) for k, v in levels.items()}
     out["per_level_missed"] = {k: int(np.sum(~np.isfinite(v))) for k, v in levels.items()}
+    indices = np.asarray(errors["indices"])
+    out["per_index_3d_mm"] = {int(k): metrics.summary(errors["3d"][indices == k]) for k in np.unique(indices)}
+    out["identity_swaps"] = errors["swaps"]
     fields = {}
     for kind, e in zip(errors["fields"], errors["3d"]):
         fields.setdefault(kind, []).append(e)
@@ -127,8 +135,9 @@ def plot_sweep(sweep: dict, png):
 
 
 def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=False, limit=None) -> dict:
+    """Metrics of a split ('train', 'val', 'test') or of every case ('all')."""
     localizer = Localizer.from_checkpoint(checkpoint_path, device)
-    names = case_io.read_split(data, split)[:limit]
+    names = (case_io.list_cases(data) if split == "all" else case_io.read_split(data, split))[:limit]
     errors = evaluate_cases(localizer, data, names)
     result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
               **report(errors), "failed_cases": errors["failed"]}
