@@ -12,9 +12,10 @@ from x2p_ros.cli import main as x2p
 from x2p_ros.data import case_io
 from x2p_ros.data.ct_import import load_ct
 from x2p_ros.data.deform import DeformConfig, deform, segment_motions
+from x2p_ros.data.patient_pairs import planned_pairs, sha256
 from x2p_ros.data.volume import Volume
 from x2p_ros.model import X2PNet, checkpoint, preset
-from x2p_ros.training.adapt import AdaptConfig, AdaptError, adapt, sha256
+from x2p_ros.training.adapt import AdaptConfig, AdaptError, adapt
 
 CENTROIDS = np.array([[0.0, 0.0, z] for z in (60, 30, 0, -30, -60)])
 
@@ -100,6 +101,7 @@ class Interrupted(Exception):
 
 def test_an_interrupted_adaptation_resumes_and_a_changed_one_is_refused(phantom_ct, tiny_init, tmp_path,
                                                                        monkeypatch):
+    import x2p_ros.data.patient_pairs as pairs
     import x2p_ros.training.adapt as module
     root, _, _ = phantom_ct
     out, work = tmp_path / "patient.pt", tmp_path / "patient.pt.work"
@@ -113,8 +115,8 @@ def test_an_interrupted_adaptation_resumes_and_a_changed_one_is_refused(phantom_
             adapt(root / "ct.nii.gz", out, mask=root / "seg.nii.gz", init=tiny_init, config=settings, progress=False)
     assert len([p for p in (work / "data").iterdir() if (p / "case.json").is_file()]) == 6 + 2 and not out.exists()
     rendered = []
-    real_case = module.patient_case
-    monkeypatch.setattr(module, "patient_case", lambda *a, **k: rendered.append(1) or real_case(*a, **k))
+    real_pair = pairs.render_patient_pair
+    monkeypatch.setattr(pairs, "render_patient_pair", lambda *a, **k: rendered.append(1) or real_pair(*a, **k))
     adapt(root / "ct.nii.gz", out, mask=root / "seg.nii.gz", init=tiny_init, config=settings, progress=False)
     assert out.is_file() and rendered == []  # it went on from the rendered pairs
     work.mkdir()
@@ -125,13 +127,12 @@ def test_an_interrupted_adaptation_resumes_and_a_changed_one_is_refused(phantom_
 
 
 def test_a_share_of_training_fields_shows_every_level_spread_over_the_pairs():
-    from x2p_ros.training.adapt import planned_cases
-    windows = [w for _, _, w in planned_cases("train", 0, 10, (3, 7), 0.5)]
+    windows = [w for _, _, w in planned_pairs("train", 0, 10, (3, 7), 0.5)]
     assert windows == [(3, 7), None] * 5  # every level in every second field: an early stop keeps the share
-    assert [w for _, _, w in planned_cases("train", 0, 4, (3, 7), 1.0)] == [None] * 4
-    assert [w for _, _, w in planned_cases("train", 0, 4, (3, 7), 0.0)] == [(3, 7)] * 4
-    seeds = [seed for _, seed, _ in planned_cases("train", 0, 10, (3, 7), 0.5)]
-    assert len(set(seeds)) == 10 and seeds == [seed for _, seed, _ in planned_cases("train", 0, 10, (3, 7), 1.0)]
+    assert [w for _, _, w in planned_pairs("train", 0, 4, (3, 7), 1.0)] == [None] * 4
+    assert [w for _, _, w in planned_pairs("train", 0, 4, (3, 7), 0.0)] == [(3, 7)] * 4
+    seeds = [seed for _, seed, _ in planned_pairs("train", 0, 10, (3, 7), 0.5)]
+    assert len(set(seeds)) == 10 and seeds == [seed for _, seed, _ in planned_pairs("train", 0, 10, (3, 7), 1.0)]
     with pytest.raises(AdaptError, match="whole_field_share"):
         AdaptConfig(whole_field_share=1.5)
 

@@ -29,6 +29,10 @@ def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path
         for kind, f in r["by_field_3d_mm"].items():
             assert f"| {label}, {kind} | {100 * f['pcl@10']:.1f} |" in report
         assert f"| {label} | {r['prompt_sweep_max_mpe_change_mm']:.3f} |" in report
+        first = r["per_index_3d_mm"][0]
+        found = m["n"] - m["missed"]
+        assert f"| {label} | {first['mpe']:.1f} ({first['n']}, {first['missed']}) |" in report
+        assert f"| {r['identity_swaps']} / {found} |" in report
     for row in ("X2P-Net (shipped) | 64", "X2P-Net, same architecture | 512", "lifting baseline (shipped) | 64",
                 f"{bench.PAPER_CONFIG_LATENCY} | 64"):
         assert f"| cpu | {row} |" in report
@@ -39,6 +43,7 @@ def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path
 
 
 def test_real_anatomy_rows_are_the_evaluation_of_the_real_ct_pairs_or_a_clear_skip(tmp_path, monkeypatch):
+    import cv2
     import numpy as np
     import pytest
 
@@ -51,6 +56,9 @@ def test_real_anatomy_rows_are_the_evaluation_of_the_real_ct_pairs_or_a_clear_sk
     ckpt = checkpoint.save(tmp_path / "x2p.pt", build_model(preset("tiny", presence_threshold=0.0)))
     skipped = "\n".join(bench.realct_rows({"X2P-Net": ckpt}, tmp_path / "nowhere"))
     assert f"Skipped: the real CTs are not at {tmp_path / 'nowhere'}" in skipped
+    sheet = tmp_path / "realism_sheet.png"
+    assert "No realism contact sheet" in bench.realism_sheet(tmp_path / "nowhere", 64, 2, sheet)[0]
+    assert not sheet.exists()
     if not all((bench.REALCT / name / "ct.nii.gz").is_file() for name in bench.REALCT_CASES):
         pytest.skip(f"the real CTs are not at {bench.REALCT}")
     report = "\n".join(bench.realct_rows({"X2P-Net": ckpt}, bench.REALCT, poses=1))
@@ -62,6 +70,17 @@ def test_real_anatomy_rows_are_the_evaluation_of_the_real_ct_pairs_or_a_clear_sk
     m = metrics.summary(errors)
     assert f"| X2P-Net, real CTs | {100 * m['pcl@10']:.1f} | {100 * m['pcl@20']:.1f} | {m['mpe']:.2f} |" in report
     assert m["n"] == 12 and np.isfinite(m["auc"])  # six vertebrae in each CT
+
+    line = bench.realism_sheet(bench.REALCT, 64, 2, sheet, pairs_per_ct=1, poses=1)[0]
+    assert "(realism_sheet.png)" in line
+    image = cv2.imread(str(sheet))  # rows: a synthetic pair (two views) beside a real CT's pair
+    assert image.shape == (2 * 256, 4 * 256, 3)
+    real_tile = image[256:, 512:]
+    from x2p_ros.data.contact_sheet import case_tile
+    np.testing.assert_array_equal(real_tile, case_tile(case_io.read_case(data / names[1])))
+    from x2p_ros.data.contact_sheet import side_by_side
+    with pytest.raises(case_io.DatasetError, match="as many cases on each side"):
+        side_by_side([data / names[0]], [], tmp_path / "uneven.png")
 
 
 def test_the_adaptation_section_pools_both_cts_and_says_whether_the_goal_is_met(tmp_path):

@@ -126,3 +126,37 @@ def _shift_rows(rows: int) -> np.ndarray:
     shift = np.eye(4)
     shift[1, 3] = rows
     return shift
+
+
+def test_add_ct_adds_deformed_pairs_to_one_split_resumes_and_refuses_another_split(phantom_ct, tmp_path, capsys):
+    from x2p_ros.cli import main as x2p
+    root, _, truth = phantom_ct
+    data = tmp_path / "set"
+    data.mkdir()
+    (data / "train.txt").write_text("phantom_00000\n")  # the data set's own cases stay
+    args = ["data", "add-ct", "--ct", str(root / "ct.nii.gz"), "--mask", str(root / "seg.nii.gz"), "--data",
+            str(data), "--size", "64", "--quiet"]
+    assert x2p(args + ["--pairs", "2"]) == 0
+    first = case_io.read_split(data, "train")
+    assert len(first) == 3 and first[0] == "phantom_00000"
+    cases = [case_io.read_case(data / name) for name in first[1:]]
+    whole = cases[1]  # every second pair is framed on every level the labels hold
+    levels = [v["label"] for v in read_mask_centroids(root / "seg.nii.gz")]
+    assert len(whole.labels) >= len(levels) - 1 and " ".join(whole.labels) in " ".join(levels)
+    # the pairs are deformed: the ground truth moved from the CT's centroids, by millimetres only
+    rendered = {label: xyz for label, xyz in zip(whole.labels, whole.xyz_mm)}
+    shift = [np.linalg.norm(np.diff(np.array([rendered[a], rendered[b]]), axis=0)) -
+             np.linalg.norm(truth[a] - truth[b]) for a, b in zip(whole.labels, whole.labels[1:])]
+    assert 0 < np.max(np.abs(shift)) < 6
+    assert str(root) not in json.dumps([json.loads((data / n / "case.json").read_text()) for n in first[1:]])
+
+    stamps = {n: (data / n / "ap.png").stat().st_mtime_ns for n in first[1:]}
+    assert x2p(args + ["--pairs", "3"]) == 0  # more pairs: the first two are kept, not rendered again
+    names = case_io.read_split(data, "train")
+    assert names[:3] == first and len(names) == 4 and len(set(names)) == 4
+    assert all((data / n / "ap.png").stat().st_mtime_ns == t for n, t in stamps.items())
+    capsys.readouterr()
+    assert x2p(args + ["--pairs", "1", "--split", "test"]) == 2  # the same CT in test would leak
+    assert "already in split 'train'" in capsys.readouterr().err and not (data / "test.txt").exists()
+    assert x2p(args + ["--pairs", "0", "--data", str(tmp_path / "new")]) == 2
+    assert "at least 1" in capsys.readouterr().err and not (tmp_path / "new").exists()

@@ -20,10 +20,11 @@ ADAPTED = "lifting baseline adapted (`x2p adapt`)"
 
 
 def evaluation_pairs(volume, vertebrae, folder: Path, pairs: int, size: int) -> list[str]:
-    from .training.adapt import AdaptConfig, planned_cases, render_cases
+    from .data.patient_pairs import planned_pairs, render_pairs
+    from .training.adapt import AdaptConfig
     config = AdaptConfig()  # the adaptation's deformation ranges, every level in the field
-    return render_cases(volume, vertebrae, folder, planned_cases("eval", EVAL_SEED, pairs, config.window, 1.0),
-                        size, config, progress=False)
+    return render_pairs(volume, vertebrae, folder, planned_pairs("eval", EVAL_SEED, pairs, config.window, 1.0),
+                        size, config.deform, progress=False)
 
 
 def measure(checkpoint, folder: Path, names: list[str]) -> dict:

@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     if missing:
         sections += ["## Accuracy and latency", "", f"Not measured: no checkpoint at {', '.join(missing)}.", ""]
     else:
-        sections += bench_models(checkpoints, args.test_cases)
+        sections += bench_models(checkpoints, args.test_cases, sheet=args.out.parent / "realism_sheet.png")
     sections += adapt_bench.section(args.out.parent / "adapt_result.json")
     sections += soak_section(args.out.parent / "soak_result.json")
     write_report(args.out, sections)
@@ -236,6 +236,21 @@ def realct_split(root: Path, size: int, poses: int = REALCT_POSES) -> Path:
     return data
 
 
+def realism_sheet(root: Path, size: int, test_cases: int, out_png: Path, pairs_per_ct: int = 2,
+                  poses: int = REALCT_POSES) -> list[str]:
+    """Synthetic test pairs beside the real CTs' pairs at the same size and window
+    (docs/realism_sheet.png), and the report's line about it, or why there is none."""
+    if not all((root / name / "ct.nii.gz").is_file() for name in REALCT_CASES):
+        return [f"No realism contact sheet: the real CTs are not at {root}.", ""]
+    from .data.contact_sheet import side_by_side
+    real = realct_split(root, size, poses)
+    real_cases = [real / f"{name}_pose{seed}" for name in REALCT_CASES for seed in range(pairs_per_ct)]
+    synthetic = test_split(size, test_cases)
+    side_by_side([synthetic / f"case_{i:05d}" for i in range(len(real_cases))], real_cases, out_png)
+    return [f"Realism: synthetic test pairs (left) beside the real CTs' pairs (right) at {size} x {size}, "
+            f"the same display window: [{out_png.name}]({out_png.name}).", ""]
+
+
 def realct_rows(checkpoints: dict, root: Path, poses: int = REALCT_POSES) -> list[str]:
     """The real-anatomy validation rows, or why there are none."""
     lines = ["", "### Real anatomy (validation only)", ""]
@@ -275,10 +290,11 @@ REFERENCE_CONFIGS = {PAPER_CONFIG_LATENCY: "paper", "lifting baseline, `baseline
 
 
 def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE_CONFIGS,
-                 realct: Path = REALCT) -> list[str]:
+                 realct: Path = REALCT, sheet: Path | None = None) -> list[str]:
     """checkpoints: {method label: path}, the first the shipped X2P-Net, the second the baseline;
     reference_configs: {label: preset} timed at their own size beside them (untrained weights);
-    realct: the real CTs of the real-anatomy validation rows."""
+    realct: the real CTs of the real-anatomy validation rows; sheet: where the realism contact
+    sheet goes (None: none)."""
     from .model.checkpoint import load_model
     from .training.evaluate import evaluate
 
@@ -307,6 +323,8 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
             lines.append(_metric_row(f"{label}, {kind}", m))
     lines += [f"| {label} | {' | '.join(map(str, row))} | |" for label, row in PAPER_ROWS.items()]
     lines += realct_rows(checkpoints, realct)
+    if sheet is not None:
+        lines += realism_sheet(realct, sizes[0], test_cases, sheet)
     lines += ["", "2D errors are the heatmap peaks' in the input image's pixels (256 x 256 here, 512 x 512 in the "
               "paper).", "", "Prompt displaced by up to 20 px along x and 10 px along y (at 512 px; scaled to the "
               "input size): largest change of the 3D MPE over the displacements (paper: under 0.06 mm).", "",
@@ -314,6 +332,7 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
     for label, r in results.items():
         each = ", ".join(f"{k}: {v['mpe']:.2f}" for k, v in r["prompt_sweep"].items())
         lines.append(f"| {label} | {r['prompt_sweep_max_mpe_change_mm']:.3f} | {each} |")
+    lines += per_index_rows(results)
 
     lines += ["", "## Latency and memory per pair", "", "Model forward for one AP/LAT pair, median of 10 after 2 "
               "warm-up runs, each configuration in a fresh process (so that the CPU's resident peak is its own; "
@@ -335,6 +354,23 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
             lines.append(f"| {device} | {label} | {cfg.image_size} | {1000 * seconds:.0f} ms | "
                          f"{peak:.0f} MB ({what}) |")
     lines += ["", *goals_section(results, latency), ""]
+    return lines
+
+
+def per_index_rows(results: dict) -> list[str]:
+    """3D MPE by index below the prompt (does the error grow down the chain?) and identity swaps."""
+    indices = sorted({k for r in results.values() for k in r["per_index_3d_mm"]})
+    lines = ["", "3D MPE in mm (vertebrae, missed) by index k below the prompt on the test split, and identity "
+             "swaps (a vertebra found nearer to another one's ground truth):", "",
+             "| method | " + " | ".join(f"k = {k}" for k in indices) + " | swaps / found |",
+             "|---|" + "---|" * (len(indices) + 1)]
+    for label, r in results.items():
+        cells = []
+        for k in indices:
+            m = r["per_index_3d_mm"].get(k)
+            cells.append(f"{m['mpe']:.1f} ({m['n']}, {m['missed']})" if m else "-")
+        found = r["3d_mm"]["n"] - r["3d_mm"]["missed"]
+        lines.append(f"| {label} | {' | '.join(cells)} | {r['identity_swaps']} / {found} |")
     return lines
 
 

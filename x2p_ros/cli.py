@@ -29,6 +29,15 @@ def _data_import(args):
     return 0
 
 
+def _data_add_ct(args):
+    from .data.patient_pairs import add_ct
+    names = add_ct(args.ct, args.data, args.pairs, centroids=args.centroids, mask=args.mask,
+                   mask_style=args.mask_style, split=args.split, size=args.size, seed=args.seed,
+                   progress=not args.quiet)
+    print(f"{args.data}: {len(names)} pairs of {Path(args.ct).name} in split '{args.split}'")
+    return 0
+
+
 def _data_show(args):
     from .data.contact_sheet import contact_sheet
     out = contact_sheet(args.dir, args.out or Path(args.dir) / "contact_sheet.png", cases=args.cases)
@@ -158,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_data_import)
+
+    p = data.add_parser("add-ct", help="add DRR pairs of a real CT (random poses and table deformations) "
+                                       "to a data set")
+    _ct_arguments(p)
+    p.add_argument("--data", required=True, help="data set folder (made when missing; an interrupted run resumes)")
+    p.add_argument("--pairs", type=int, required=True, help="pairs to render")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_data_add_ct)
 
     p = data.add_parser("show", help="write a contact sheet PNG with the projected ground truth")
     p.add_argument("dir")

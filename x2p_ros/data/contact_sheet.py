@@ -40,9 +40,21 @@ def contact_sheet(root, out_png, cases: int = 8, tile: int = 256, columns: int =
     names = case_io.list_cases(root)[:cases]
     if not names:
         raise case_io.DatasetError(f"{root}: no cases to show")
-    tiles = [case_tile(case_io.read_case(Path(root) / name), tile) for name in names]
-    blank = np.zeros_like(tiles[0])
-    tiles += [blank] * (-len(tiles) % columns)
+    return _write_sheet([case_tile(case_io.read_case(Path(root) / name), tile) for name in names], columns, out_png)
+
+
+def side_by_side(left: list[Path], right: list[Path], out_png, tile: int = 256) -> Path:
+    """Rows of a case of `left` (e.g. synthetic) beside a case of `right` (e.g. a real
+    CT's), every view at the same tile size and the same percentile window."""
+    if not left or len(left) != len(right):
+        raise case_io.DatasetError(f"side by side needs as many cases on each side, got {len(left)} and "
+                                   f"{len(right)}")
+    tiles = [case_tile(case_io.read_case(folder), tile) for pair in zip(left, right) for folder in pair]
+    return _write_sheet(tiles, 2, out_png)
+
+
+def _write_sheet(tiles: list[np.ndarray], columns: int, out_png) -> Path:
+    tiles = tiles + [np.zeros_like(tiles[0])] * (-len(tiles) % columns)
     rows = [np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)]
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ checkpoint whose provenance names the CT by its SHA-256, never by its data.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 
 from ..data import case_io
-from ..data.ct_import import field_of_view, load_patient
-from ..data.deform import DeformConfig, deform
-from ..data.synth import SynthConfig, case_seed, render_pair
+from ..data.ct_import import load_patient
+from ..data.deform import DeformConfig
+from ..data.patient_pairs import WINDOW, planned_pairs, render_pairs, sha256
 from ..model import checkpoint
 from ..models import baseline_checkpoint
 from . import train as training
@@ -40,7 +39,7 @@ class AdaptConfig:
     render_share: float = 0.25  # of the budget for rendering training pairs (fewer if max_cases come first)
     max_cases: int = 600  # rendering stops here and leaves the time to training
     val_cases: int = 8  # held-out poses and deformations that choose the best epoch
-    window: tuple[int, int] = (3, 7)  # vertebrae a training field is centred on
+    window: tuple[int, int] = WINDOW  # vertebrae a training field is centred on
     whole_field_share: float = 0.5  # training fields that show every labelled level, as the validation's half
     batch_size: int = 4
     lr: float = 3e-4
@@ -56,61 +55,6 @@ class AdaptConfig:
             raise AdaptError(f"whole_field_share must be between 0 and 1, got {self.whole_field_share}")
         if self.max_cases < 1 or self.val_cases < 1 or self.batch_size < 1:
             raise AdaptError("max_cases, val_cases and batch_size must be at least 1")
-
-
-def sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def patient_case(volume, vertebrae: list[dict], seed: int, size: int, deform_config: DeformConfig,
-                 window: tuple[int, int] | None = None, device: str = "cpu"):
-    """One DRR pair of the patient after a random deformation: (images, Ps, spacings,
-    vertebrae visible in both views). The field is centred on a random run of
-    `window` levels, or shows every level when window is None."""
-    rng = np.random.default_rng(seed)
-    xyz = np.array([v["xyz_mm"] for v in vertebrae], dtype=np.float64)
-    deformed, moved = deform(volume, xyz, rng, deform_config)
-    if window is None:
-        first, count = 0, len(moved)
-    else:
-        count = int(rng.integers(min(window[0], len(moved)), min(window[1], len(moved)) + 1))
-        first = int(rng.integers(0, len(moved) - count + 1))
-    shown = moved[first:first + count]
-    moved_vertebrae = [{"label": v["label"], "xyz_mm": m.tolist()} for v, m in zip(vertebrae, moved)]
-    return render_pair(deformed, moved_vertebrae, shown.mean(axis=0), field_of_view(shown), rng,
-                       SynthConfig(size=size), device)
-
-
-def planned_cases(prefix: str, seed: int, count: int, window: tuple[int, int], whole_field_share: float):
-    """(name, seed, window) of `count` pairs; window None (every level in the field) for an even
-    spread of whole_field_share of them."""
-    return [(f"{prefix}_{i:05d}", case_seed(seed, i),
-             None if int((i + 1) * whole_field_share) > int(i * whole_field_share) else window)
-            for i in range(count)]
-
-
-def render_cases(volume, vertebrae, folder: Path, cases: list[tuple], size: int, config: AdaptConfig,
-                 deadline: float | None = None, progress: bool = True, desc: str = "render",
-                 device: str = "cpu") -> list[str]:
-    """Renders the (name, seed, window) cases not yet in `folder` (an interrupted run resumes)
-    until the deadline (time.monotonic()); returns the names of the complete ones."""
-    from tqdm import tqdm
-
-    done = []
-    bar = tqdm(cases, desc=desc, unit="pair", disable=not progress, leave=False)
-    for name, seed, window in bar:
-        if not (folder / name / "case.json").is_file():
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            images, Ps, spacings, kept = patient_case(volume, vertebrae, seed, size, config.deform, window, device)
-            case_io.write_case(folder / name, images, Ps, spacings, kept, "patient-ct", seed)
-        done.append(name)
-    bar.close()
-    return done
 
 
 def adapt(ct, out, centroids=None, mask=None, mask_style: str = "verse", init=None, device: str = "auto",
@@ -146,15 +90,15 @@ def adapt(ct, out, centroids=None, mask=None, mask_style: str = "verse", init=No
     data = work / "data"
 
     # held-out poses and deformations first (they choose the best epoch), then training pairs
-    val = render_cases(volume, vertebrae, data,  # half around a few levels, half every level
-                       planned_cases("val", config.seed + 1, config.val_cases, config.window, 0.5), size, config,
-                       progress=False, device=dev.type)
+    val = render_pairs(volume, vertebrae, data,  # half around a few levels, half every level
+                       planned_pairs("val", config.seed + 1, config.val_cases, config.window, 0.5), size,
+                       config.deform, progress=False, device=dev.type)
     render_deadline = started + config.render_share * budget_s
-    train_names = render_cases(volume, vertebrae, data,
-                               planned_cases("train", config.seed, config.max_cases, config.window,
+    train_names = render_pairs(volume, vertebrae, data,
+                               planned_pairs("train", config.seed, config.max_cases, config.window,
                                              config.whole_field_share),
-                               size, config, deadline=render_deadline, progress=progress, desc="training pairs",
-                               device=dev.type)
+                               size, config.deform, deadline=render_deadline, progress=progress,
+                               desc="training pairs", device=dev.type)
     if not train_names:
         raise AdaptError(f"no training pair could be rendered in {config.render_share * budget_s:.0f} s: "
                          f"give more minutes")
