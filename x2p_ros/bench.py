@@ -368,7 +368,8 @@ def per_index_rows(results: dict) -> list[str]:
         cells = []
         for k in indices:
             m = r["per_index_3d_mm"].get(k)
-            cells.append(f"{m['mpe']:.1f} ({m['n']}, {m['missed']})" if m else "-")
+            cells.append(f"{m['mpe']:.1f} ({m['n']}, {m['missed']})" if m and np.isfinite(m["mpe"]) else
+                         f"none found ({m['n']}, {m['missed']})" if m else "-")
         found = r["3d_mm"]["n"] - r["3d_mm"]["missed"]
         lines.append(f"| {label} | {' | '.join(cells)} | {r['identity_swaps']} / {found} |")
     return lines
