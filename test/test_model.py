@@ -25,7 +25,7 @@ def test_unit_output_shapes():
     assert low.shape == (4, 32, 8, 8) and high.shape == (4, 8, 32, 32)
     f_m = PromptFE(32, 16, 2, 1, 8)(low, prompt.flatten(0, 1), (64, 64))
     assert f_m.shape == (4, 16, 8, 8)
-    logits, emb = SCE(16, 2, 1, 4, 4, 2, 2, "brick")(f_m)
+    logits, emb = SCE(16, 2, 1, 4, 4, 2, 2, "brick", 32)(f_m)
     assert logits.shape == (4, 4, 4, 4) and emb.shape == (4, 4, 16, 16)
     out = X2PNet(cfg)(images, P, prompt)
     assert out["xyz"].shape == (2, 4, 3) and out["heatmaps"].shape == (2, 2, 4, 4, 4)
@@ -56,7 +56,7 @@ def test_brick_indices_are_exactly_the_cells_under_each_brick():
 def test_brick_layer_matches_a_brute_force_reference():
     torch.manual_seed(1)
     d, heads, s, k, h, w, N, Q = 8, 2, 2, 3, 6, 8, 2, 4
-    layer = BrickLayer(d, heads, s, k, "brick").eval()
+    layer = BrickLayer(d, heads, s, k, "brick", 2 * d).eval()
     e = torch.randn(1, N, Q, d)
     f_m = torch.randn(1, d, h, w)
     pos = torch.randn(h * w, d)
@@ -90,7 +90,7 @@ def test_brick_layer_matches_a_brute_force_reference():
 
 
 def _sce_flops(mode, s, k, hw=32, d=16, N=4, S=4):
-    sce = SCE(d, 2, 1, N, S, s, k, mode)
+    sce = SCE(d, 2, 1, N, S, s, k, mode, 2 * d)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         sce(torch.randn(1, d, hw, hw))
@@ -107,6 +107,15 @@ def test_brickformer_costs_less_than_vanilla_and_scales_as_the_paper_says():
         predicted = c @ [1.0, 32 * 32 / s ** 2, k * s ** 2]
         assert _sce_flops("brick", s, k) == pytest.approx(predicted, rel=0.01)
     assert c[1] > 0 and c[2] > 0
+
+
+def test_the_paper_config_has_the_papers_sizes():
+    from x2p_ros.model.summary import model_summary
+    cfg = preset("paper")
+    assert (cfg.image_size, cfg.sce_layers, cfg.heads, cfg.sce_ffn_dim, cfg.fe_layers) == (512, 4, 8, 512, 4)
+    total = model_summary(cfg)["total"]
+    assert total["params"] == pytest.approx(3.24e6, rel=0.05)  # paper: 3.24 M parameters
+    assert total["gmacs"] == pytest.approx(130.8, rel=0.05)  # paper: 130.8 GMACs at 512 x 512
 
 
 def test_gradients_reach_every_parameter():

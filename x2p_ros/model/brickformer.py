@@ -36,14 +36,14 @@ def brick_token_indices(cells: torch.Tensor, w: int, s: int) -> torch.Tensor:
 
 
 class BrickLayer(nn.Module):
-    def __init__(self, d: int, heads: int, s: int, k: int, mode: str):
+    def __init__(self, d: int, heads: int, s: int, k: int, mode: str, ffn_dim: int):
         super().__init__()
         self.d, self.heads, self.s, self.k, self.mode = d, heads, s, k, mode
         self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         if mode == "brick":
             self.q1, self.k1 = nn.Linear(d, d), nn.Linear(d, d)
         self.q2, self.k2, self.v2, self.out = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.ff = nn.Sequential(nn.Linear(d, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, d))
 
     def _split(self, x):  # (B, N, T, d) -> (B, N, heads, T, d/heads)
         B, N, T, _ = x.shape
@@ -95,11 +95,12 @@ class BrickLayer(nn.Module):
 class SCE(nn.Module):
     """f_m (B, d, h, w) -> heatmaps (B, N, S, S) and embeddings (B, N, S*S, d)."""
 
-    def __init__(self, d: int, heads: int, layers: int, n_vertebrae: int, embed_size: int, s: int, k: int, mode: str):
+    def __init__(self, d: int, heads: int, layers: int, n_vertebrae: int, embed_size: int, s: int, k: int, mode: str,
+                 ffn_dim: int):
         super().__init__()
         self.embed_size = embed_size
         self.embeddings = nn.Parameter(torch.randn(n_vertebrae, embed_size * embed_size, d) * 0.02)
-        self.layers = nn.ModuleList([BrickLayer(d, heads, s, k, mode) for _ in range(layers)])
+        self.layers = nn.ModuleList([BrickLayer(d, heads, s, k, mode, ffn_dim) for _ in range(layers)])
         self.norm = nn.LayerNorm(d)
         self.heatmap = nn.Linear(d, 1)
 
