@@ -81,6 +81,22 @@ def test_resumed_generation_keeps_finished_cases(dataset, tmp_path):
     assert (root / "case_00002" / "ap.png").stat().st_mtime_ns == before
 
 
+def test_a_larger_data_set_keeps_every_case_in_its_split_and_the_added_ct_pairs(tmp_path):
+    config = SynthConfig(size=64)
+    synthesize(tmp_path, 5, seed=3, config=config, workers=1, progress=False)
+    before = {s: case_io.read_split(tmp_path, s) for s in case_io.SPLITS}
+    with open(tmp_path / "train.txt", "a") as f:  # as `x2p data add-ct` leaves it
+        f.write("ct0123456789ab_s0_00000\n")
+    synthesize(tmp_path, 8, seed=3, config=config, workers=1, progress=False)
+    after = {s: case_io.read_split(tmp_path, s) for s in case_io.SPLITS}
+    for s in case_io.SPLITS:
+        assert after[s][:len(before[s])] == before[s]  # a test case never becomes a training one
+    assert "ct0123456789ab_s0_00000" in after["train"]
+    every = sum(after.values(), [])
+    assert sorted(n for n in every if n.startswith("case_")) == [f"case_{i:05d}" for i in range(8)]
+    assert len(every) == len(set(every)) == 9
+
+
 def test_ground_truth_triangulates_back_from_the_projections(dataset):
     root, _ = dataset
     for name in case_io.list_cases(root):

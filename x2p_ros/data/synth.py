@@ -138,6 +138,15 @@ def split_names(names: list[str], seed: int) -> dict[str, list[str]]:
     return {"train": train, "val": val, "test": test}
 
 
+def _merged_splits(out: Path, fresh: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The splits of a data set made again or made larger: every case already in a split
+    stays there (a test case never becomes a training one, and cases that `x2p data add-ct`
+    put in are kept); only cases in no split yet take their place from `fresh`."""
+    existing = {s: case_io.read_split(out, s) if (out / f"{s}.txt").is_file() else [] for s in case_io.SPLITS}
+    assigned = {name for names in existing.values() for name in names}
+    return {s: existing[s] + [n for n in fresh[s] if n not in assigned] for s in case_io.SPLITS}
+
+
 def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig(), workers: int | None = None,
                progress: bool = True) -> dict:
     """Generates (or completes) a data set of `cases` cases in `out`; returns its statistics."""
@@ -172,7 +181,7 @@ def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig
                 results.append(result)
                 bar.update()
     bar.close()
-    case_io.write_splits(out, split_names(names, seed))
+    case_io.write_splits(out, _merged_splits(out, split_names(names, seed)))
     counts = np.array([n for _, n, _ in results])
     stats = {"cases": cases, "seed": seed,
              "vertebrae_per_case": {"min": int(counts.min()), "median": float(np.median(counts)),
