@@ -190,6 +190,19 @@ def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_config(sm
     assert "trained with another config than 'cpu'" in capsys.readouterr().err
 
 
+def test_the_shipped_models_can_be_fine_tuned(small_data, tmp_path):
+    """Their configs were saved before later fields (sce_ffn_dim) existed: those take the
+    defaults that keep the architecture, for fine-tuning as for loading."""
+    from x2p_ros.models import baseline_checkpoint, default_checkpoint
+    for path, config in ((default_checkpoint(), "cpu"), (baseline_checkpoint(), "cpu-baseline")):
+        assert "sce_ffn_dim" not in checkpoint.read(path)["config"]
+        assert main(["train", "--data", str(small_data), "--config", config, "--out", str(tmp_path / config),
+                     "--epochs", "1", "--lr", "0", "--workers", "0", "--quiet", "--init", str(path)]) == 0
+        tuned = checkpoint.read(tmp_path / config / "best.pt")["model"]
+        for name, weights in checkpoint.read(path)["model"].items():
+            torch.testing.assert_close(tuned[name], weights)
+
+
 def test_data_parallel_training_through_torchrun(small_data, tmp_path):
     import os
     import subprocess
