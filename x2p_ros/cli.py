@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def _evaluate(args):
         if f"2d_{view}_px" in result:
             m = result[f"2d_{view}_px"]
             print(f"2D {view.upper()}: PCL@10 {100 * m['pcl@10']:.1f} %  MPE {m['mpe']:.2f} px  AUC {m['auc']:.4f}")
-    per_index = "  ".join(f"{k}: {m['mpe']:.1f} ({m['missed']}/{m['n']})" for k, m in result["per_index_3d_mm"].items())
+    per_index = "  ".join(f"{k}: {m['mpe']:.1f} ({m['missed']}/{m['n']})" if math.isfinite(m["mpe"]) else
+                          f"{k}: none found ({m['missed']}/{m['n']})" for k, m in result["per_index_3d_mm"].items())
     print(f"3D MPE mm by index below the prompt (missed/vertebrae): {per_index}")
     print(f"identity swaps: {result['identity_swaps']} (found nearer to another vertebra's ground truth)")
     if args.sweep:
