@@ -106,11 +106,10 @@ def _evaluate(args):
 
 def _model_summary(args):
     from .model import preset
-    from .model.checkpoint import read
-    from .model.config import X2PConfig
+    from .model.checkpoint import read, saved_config
     from .model.summary import model_summary
     if args.checkpoint:
-        config = X2PConfig.from_dict(read(args.checkpoint)["config"])
+        config = saved_config(read(args.checkpoint), args.checkpoint)
     else:
         config = preset(args.config, **({"image_size": args.size} if args.size else {}))
     rows = model_summary(config)

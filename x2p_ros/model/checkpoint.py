@@ -68,14 +68,19 @@ def read(path) -> dict:
     return payload
 
 
+def saved_config(payload: dict, path) -> X2PConfig:
+    """The config a checkpoint (read()'s payload) was saved with; fields added since take
+    their defaults, which keep the architecture it was trained with."""
+    try:
+        return X2PConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config does not fit this x2p_ros: {e}") from None
+
+
 def load_model(path, device="cpu") -> tuple[X2PNet | LiftingBaseline, dict]:
     """The model in eval mode and the checkpoint's meta data."""
     payload = read(path)
-    try:
-        config = X2PConfig.from_dict(payload["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its config does not fit this x2p_ros: {e}") from None
-    model = build_model(config)
+    model = build_model(saved_config(payload, path))
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:

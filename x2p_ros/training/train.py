@@ -249,11 +249,7 @@ def _finite_everywhere(loss, grad_norm, world: int, device) -> bool:
 def _load_weights(model, path, config_name: str) -> dict:
     """Loads a checkpoint's weights into model, refusing one of another config; returns the checkpoint."""
     state = checkpoint.read(path)
-    try:  # a config saved before a field was added takes that field's default, as loading it does
-        config = X2PConfig.from_dict(state["config"])
-    except (TypeError, ValueError):
-        config = None
-    if config != model.config:
+    if checkpoint.saved_config(state, path) != model.config:
         raise checkpoint.CheckpointError(f"{path} was trained with another config than {config_name!r}; "
                                          f"use a new --out or another checkpoint")
     model.load_state_dict(state["model"])
