@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from x2p_ros import geometry
-from x2p_ros.data import case_io, drr
+from x2p_ros.data import carm, case_io, drr
+from x2p_ros.data.phantom import CHAIN, VERSE_NUMBER, PhantomSpec, make_phantom
 from x2p_ros.data.synth import SynthConfig, make_case, synthesize
 from x2p_ros.data.volume import Volume
 from x2p_ros.geometry import carm_view
@@ -25,14 +26,15 @@ def test_drr_matches_analytic_chords_of_a_water_ball():
     affine[:3, 3] = -40 * voxel
     volume = Volume(hu, affine)
     P, _ = carm_view("lat", sid=500.0, sdd=1000.0, fov_mm=100.0, size=101)
-    line = drr.line_integral(volume, P, (101, 101)).numpy()
+    water, bone = drr.line_integral(volume, P, (101, 101)).numpy()
     source, rays = geometry.backproject(P, [[50.0, 50.0], [50.0, 70.0], [80.0, 35.0]])
     for (u, v), d in zip([(50, 50), (50, 70), (80, 35)], rays):
         # chord of the ray through the ball: 2 sqrt(r^2 - distance(centre, ray)^2)
         dist2 = np.sum(source ** 2) - (source @ d) ** 2
         chord = 2 * np.sqrt(max(30.0 ** 2 - dist2, 0.0))
-        assert line[v, u] == pytest.approx(drr.MU_WATER_PER_MM * chord, rel=0.03, abs=0.01)
-    assert line[0, 0] == 0.0  # a ray that misses the ball crosses only air
+        assert water[v, u] == pytest.approx(chord, rel=0.03, abs=0.3)  # mm of water at 1 g/cm^3
+    assert water[0, 0] == 0.0  # a ray that misses the ball crosses only air
+    assert np.all(bone == 0.0)  # water holds no bone
 
 
 def test_synthetic_case_is_deterministic_by_seed():
@@ -114,10 +116,12 @@ def _ring_mean(image, u, v, radius):
     return image[vs, us].astype(float).mean()
 
 
-def test_projected_ground_truth_is_inside_the_image_and_on_bone():
+def test_projected_ground_truth_is_inside_the_image_and_on_bone(monkeypatch):
+    # a plain look (flat panel, much dose, no post-processing) so that brightness is bone
+    monkeypatch.setattr(carm.Look, "sample", classmethod(lambda cls, rng, size, **_: cls(photons=1e6)))
     brighter, total = 0, 0
     for seed in range(8):
-        images, Ps, _, vertebrae, _ = make_case(seed, SynthConfig(size=256, photons=(1e6, 1e6)))
+        images, Ps, _, vertebrae, _ = make_case(seed, SynthConfig(size=256))
         xyz = np.array([v["xyz_mm"] for v in vertebrae])
         for view in case_io.VIEWS:
             uv = geometry.project(Ps[view], xyz)
@@ -129,7 +133,21 @@ def test_projected_ground_truth_is_inside_the_image_and_on_bone():
                 brighter += centre > _ring_mean(image, u, v, pitch)
                 total += 1
     assert total > 40
-    assert brighter / total >= 0.85, f"only {brighter}/{total} vertebra centres are brighter than their surroundings"
+    # ribs, scapulae and arms overlap some centres, as in real views; a projection off by a
+    # vertebra's width scores about half
+    assert brighter / total >= 0.75, f"only {brighter}/{total} vertebra centres are brighter than their surroundings"
+
+
+def test_phantom_ground_truth_is_the_body_centroid_inside_its_own_vertebra():
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        names = CHAIN[int(rng.integers(0, len(CHAIN) - 6)):][:6]
+        phantom = make_phantom(PhantomSpec.sample(rng, names), rng)
+        volume = phantom.volume
+        for v in phantom.vertebrae:
+            k, j, i = np.round(volume.world_to_voxel(np.array([v["xyz_mm"]]))[0][::-1]).astype(int)
+            assert volume.labels[k, j, i] == VERSE_NUMBER[v["label"]], f"seed {seed} {v['label']}"
+            assert 20 < volume.hu[k, j, i] < 1500  # bone: trabecular (osteoporotic ones too) or the shell
 
 
 def test_renderer_runs_on_cuda_when_present():

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import adapt_bench
-from .data.synth import SynthConfig, make_case, synthesize
+from .data.synth import ENGINE_VERSION, SynthConfig, make_case, synthesize
 from .model import preset
 from .model.summary import example_inputs, model_summary
 
@@ -201,7 +201,7 @@ def soak_section(path: Path) -> list[str]:
 
 def _cache(name: str, config: SynthConfig) -> Path:
     """A generated data set's folder, named after the synthesis recipe that made it."""
-    recipe = hashlib.sha1(json.dumps(asdict(config)).encode()).hexdigest()[:8]
+    recipe = hashlib.sha1(json.dumps([ENGINE_VERSION, asdict(config)]).encode()).hexdigest()[:8]
     return Path(tempfile.gettempdir()) / f"x2p-bench-{name}-{config.size}-{recipe}"
 
 

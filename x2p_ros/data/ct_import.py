@@ -19,7 +19,7 @@ from nibabel.affines import rescale_affine
 from scipy import ndimage
 
 from ..levels import VERSE_LABELS, level_order
-from . import case_io, drr
+from . import case_io
 from .synth import SynthConfig, render_pair
 from .volume import Volume
 
@@ -223,8 +223,7 @@ def import_ct(ct_path, out_folder, centroids=None, mask=None, mask_style: str = 
     xyz = np.array([v["xyz_mm"] for v in vertebrae])
     fov = field_of_view(xyz)
     rng = np.random.default_rng(seed)
-    images, Ps, spacings, kept = render_pair(volume, vertebrae, xyz.mean(axis=0), fov, rng, config, device)
+    images, Ps, spacings, kept, looks = render_pair(volume, vertebrae, xyz.mean(axis=0), fov, rng, config, device)
     source = f"ct:{Path(ct_path).name}"
-    info = {"ground_truth": str(Path(centroids or mask).name),
-            "intensity": {"line_integral_full_scale": drr.LINE_INTEGRAL_FULL_SCALE}}
+    info = {"ground_truth": str(Path(centroids or mask).name), "looks": looks}
     return case_io.write_case(out_folder, images, Ps, spacings, kept, source, seed, info)

@@ -30,7 +30,7 @@ def sha256(path) -> str:
 def render_patient_pair(volume, vertebrae: list[dict], seed: int, size: int, deform_config: DeformConfig,
                         window: tuple[int, int] | None = None, device: str = "cpu"):
     """One DRR pair of the patient after a random deformation: (images, Ps, spacings,
-    vertebrae visible in both views). The field is centred on a random run of
+    vertebrae visible in both views, looks). The field is centred on a random run of
     `window` levels, or shows every level when window is None."""
     rng = np.random.default_rng(seed)
     xyz = np.array([v["xyz_mm"] for v in vertebrae], dtype=np.float64)
@@ -67,9 +67,9 @@ def render_pairs(volume, vertebrae, folder: Path, pairs: list[tuple], size: int,
         if not (folder / name / "case.json").is_file():
             if deadline is not None and time.monotonic() > deadline:
                 break
-            images, Ps, spacings, kept = render_patient_pair(volume, vertebrae, seed, size, deform_config, window,
-                                                             device)
-            case_io.write_case(folder / name, images, Ps, spacings, kept, source, seed)
+            images, Ps, spacings, kept, looks = render_patient_pair(volume, vertebrae, seed, size, deform_config,
+                                                                    window, device)
+            case_io.write_case(folder / name, images, Ps, spacings, kept, source, seed, {"looks": looks})
         done.append(name)
     bar.close()
     return done

@@ -3,12 +3,16 @@ centroids as ground truth.
 
 Patient frame: x to the patient's left, y posterior, z superior, in mm. Each
 vertebra has a local frame (origin: body centre, ez along the spine, ey
-posterior) in which its parts are drawn: the body as a cortical shell around a
-cancellous core, the posterior elements (pedicles, laminae, articular, spinous
-and transverse processes) as tubes. Around the column: discs, ribs on T1-T12,
-lungs, sacrum and iliac wings below L5, the skull base above C1, soft tissue
-with a fat layer, and air. Variability: patient size, bone density, sagittal
-curves, scoliosis, compression fractures, pedicle screws with rods.
+posterior) in which its parts are drawn: the body, waisted, with concave end
+plates, as a cortical shell around textured trabecular bone, and the posterior
+elements (pedicles, laminae, articular, spinous and transverse processes) as
+tubes. Around the column: discs, ribs on T1-T12, lungs, sacrum and iliac wings
+below L5, the skull base above C1, soft tissue with a fat layer, air, and what
+x2p_ros/data/context.py adds (organs, gas, shoulder girdle, arms, mandible,
+hips, table). Variability: patient size and habitus, bone density (down to
+osteoporosis), sagittal curves, scoliosis with axial rotation, wedge and burst
+fractures, degenerated discs with osteophytes, pedicle screws with rods,
+interbody cages.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..levels import LEVELS, VERSE_LABELS
+from . import context
 from .volume import Volume
 
 CHAIN = [name for name in LEVELS if name != "L6"]  # C1..L5, S1: the usual column
@@ -28,7 +33,11 @@ HU_AIR, HU_FAT, HU_SOFT, HU_LUNG, HU_DISC = -1000.0, -90.0, 40.0, -820.0, 90.0
 HU_METAL = 14000.0  # titanium attenuates about 15 times more than water
 
 # Body width (lateral), depth (AP), height and the disc below, in mm, for an
-# average adult, at anchor levels; other levels are interpolated.
+# average adult, at anchor levels; other levels are interpolated. Rounded from
+# the end-plate widths and depths and the body heights of Panjabi et al.:
+# "Cervical human vertebrae", Spine 16(8):861-869 (1991); "Thoracic human
+# vertebrae", Spine 16(8):888-901 (1991); "Human lumbar vertebrae", Spine
+# 17(3):299-306 (1992); disc heights after Gilad and Nissan, Spine 11(2):154-157 (1986).
 _ANCHORS = {  # level: (width, depth, height, disc)
     "C1": (14, 10, 10, 4), "C2": (17, 15, 20, 5), "C3": (17, 15, 14, 5), "C7": (22, 17, 15, 5),
     "T1": (25, 17, 17, 4), "T6": (30, 24, 19, 5), "T12": (40, 30, 24, 7),
@@ -55,11 +64,21 @@ class PhantomSpec:
     lumbar_lordosis_mm: float = 25.0
     scoliosis_mm: float = 0.0
     scoliosis_phase: float = 0.0
+    cortical_hu: float = 1100.0
+    trabecular_hu: float = 220.0  # 80-130 in osteoporosis
+    texture: float = 0.3  # trabecular contrast, relative
+    endplate_mm: float = 1.5  # depth of the end plates' central concavity
     fractures: dict[str, float] = field(default_factory=dict)  # level -> height loss (0..1)
+    burst: list[str] = field(default_factory=list)  # fractured levels whose body is crushed, not wedged
+    degenerated: dict[str, float] = field(default_factory=dict)  # level -> height left to the disc below
+    osteophytes: list[str] = field(default_factory=list)
     implant_levels: list[str] = field(default_factory=list)
+    cage_levels: list[str] = field(default_factory=list)  # a cage in the disc below
     torso_scale: float = 1.0
     fat_mm: float = 12.0
     gas_blobs: int = 0
+    arms_down: bool = False
+    table_mm: float = 0.0  # thickness of the table in front of a prone patient; 0: none
     voxel_mm: float = 1.0
 
     @classmethod
@@ -68,7 +87,10 @@ class PhantomSpec:
                    scale=rng.uniform(0.85, 1.15), bone_density=rng.uniform(0.7, 1.2),
                    lordosis_mm=rng.uniform(5, 20), kyphosis_mm=rng.uniform(15, 45),
                    lumbar_lordosis_mm=rng.uniform(10, 35), torso_scale=rng.uniform(0.85, 1.25),
-                   fat_mm=rng.uniform(5, 30), gas_blobs=int(rng.integers(0, 5)))
+                   fat_mm=rng.uniform(5, 30), gas_blobs=int(rng.integers(0, 5)),
+                   cortical_hu=rng.uniform(600, 1400), trabecular_hu=rng.uniform(80, 300),
+                   texture=rng.uniform(0.1, 0.5), endplate_mm=rng.uniform(0.5, 3.0),
+                   arms_down=bool(rng.random() < 0.3), table_mm=rng.uniform(15, 40) if rng.random() < 0.6 else 0.0)
         if rng.random() < 0.2:
             spec.scoliosis_mm = rng.uniform(10, 40) * rng.choice([-1, 1])
             spec.scoliosis_phase = rng.uniform(-0.3, 0.3)
@@ -76,11 +98,21 @@ class PhantomSpec:
         if body_levels and rng.random() < 0.15:
             for name in rng.choice(body_levels, size=min(len(body_levels), int(rng.integers(1, 3))), replace=False):
                 spec.fractures[str(name)] = rng.uniform(0.2, 0.5)
+                if rng.random() < 0.3:
+                    spec.burst.append(str(name))
+        discs = [name for name in levels if name not in ("C1", "S1")]
+        if discs and rng.random() < 0.3:  # degenerative changes, mostly lower lumbar and cervical
+            for name in rng.choice(discs, size=min(len(discs), int(rng.integers(1, 4))), replace=False):
+                spec.degenerated[str(name)] = rng.uniform(0.3, 0.8)
+                if rng.random() < 0.6:
+                    spec.osteophytes.append(str(name))
         screwable = [name for name in levels if name[0] in "TL"]
         if len(screwable) >= 2 and rng.random() < 0.15:
             n = int(rng.integers(2, min(4, len(screwable)) + 1))
             start = int(rng.integers(0, len(screwable) - n + 1))
             spec.implant_levels = screwable[start:start + n]
+            if rng.random() < 0.5:
+                spec.cage_levels = [str(rng.choice(spec.implant_levels[:-1]))]
         return spec
 
 
@@ -89,6 +121,18 @@ class Phantom:
     volume: Volume
     vertebrae: list[dict]  # {"label": name, "xyz_mm": [x, y, z]}, superior first
     spec: PhantomSpec
+
+
+@lru_cache(maxsize=1)
+def _trabecular_tile(n: int = 32) -> np.ndarray:
+    """A periodic (n, n, n) field of unit spread with the grain of trabecular bone:
+    struts about a voxel wide over a coarser marrow pattern. Fixed; each vertebra
+    reads it at its own random offset."""
+    from scipy.ndimage import gaussian_filter
+    noise = np.random.default_rng(0).normal(size=(n, n, n))
+    fine, coarse = gaussian_filter(noise, 0.8, mode="wrap"), gaussian_filter(noise, 2.5, mode="wrap")
+    tile = fine / fine.std() + 0.5 * coarse / coarse.std()
+    return (tile / tile.std()).astype(np.float32)
 
 
 @lru_cache(maxsize=32)
@@ -137,6 +181,7 @@ def spine_curve(spec: PhantomSpec):
     dims = np.array([level_dimensions(n) for n in CHAIN]) * spec.scale
     z = np.zeros(len(CHAIN))
     for i in range(1, len(CHAIN)):
+        dims[i - 1, 3] *= spec.degenerated.get(CHAIN[i - 1], 1.0)
         z[i] = z[i - 1] - dims[i - 1, 2] / 2 - dims[i - 1, 3] - dims[i, 2] / 2
     t = np.arange(len(CHAIN), dtype=np.float64)
     # sagittal profile: cervical and lumbar lordosis (anterior, -y), thoracic kyphosis (+y)
@@ -214,20 +259,30 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
     label = VERSE_NUMBER[name]
     shell = max(1.0, 0.05 * W)
     fracture = spec.fractures.get(name, 0.0)
+    burst = name in spec.burst
+    if burst:  # a burst fracture spreads the crushed body out
+        W, D = W * (1.0 + 0.4 * fracture), D * (1.0 + 0.3 * fracture)
     reach = 0.6 * max(W, D, H) + 2.0  # the body only: the other parts are tubes
     sl, X, Y, Z = canvas.axes(c - reach, c + reach)
     lx, ly, lz = _local(X, Y, Z, c, F)
-    # body: elliptic cylinder with a waist; a compression fracture lowers the
-    # anterior end plate more than the posterior one (a wedge)
+    # body: elliptic cylinder with a waist and end plates dished towards the centre;
+    # a compression fracture lowers the anterior end plate more than the posterior
+    # one (a wedge), a burst fracture all of it
     waist = 1.0 - 0.08 * (1.0 - np.clip(2 * lz / H, -1, 1) ** 2)
-    top = H / 2 - fracture * H * (0.5 - ly / D)
+    top = H / 2 - fracture * H * (1.0 if burst else 0.5 - ly / D)
     ell = (lx / (W / 2 * waist)) ** 2 + (ly / (D / 2 * waist)) ** 2
-    body = (ell <= 1) & (lz >= -H / 2) & (lz <= top)
+    dish = spec.endplate_mm * (1.0 - np.clip(ell, 0.0, 1.0))
+    body = (ell <= 1) & (lz >= -H / 2 + dish) & (lz <= top - dish)
     core = (((lx / (W / 2 * waist - shell)) ** 2 + (ly / (D / 2 * waist - shell)) ** 2) <= 1) \
-        & (lz >= -H / 2 + shell) & (lz <= top - shell)
+        & (lz >= -H / 2 + shell + dish) & (lz <= top - shell - dish)
     hu, labels = canvas.hu[sl], canvas.labels[sl]
-    hu[body] = 1250.0 * density
-    hu[core] = (220.0 + 150.0 * fracture) * density
+    hu[body] = spec.cortical_hu * density
+    k, j, i = np.nonzero(core)
+    tile = _trabecular_tile()
+    o = rng.integers(0, tile.shape[0], size=3)
+    n = tile.shape[0]
+    hu[k, j, i] = (spec.trabecular_hu + 150.0 * fracture) * density \
+        * np.clip(1.0 + spec.texture * tile[(k + o[0]) % n, (j + o[1]) % n, (i + o[2]) % n], 0.4, 1.6)
     labels[body] = label
     if not body.any():
         return None
@@ -244,6 +299,11 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
         canvas.labels[idx] = label
 
     s = spec.scale
+    if name in spec.osteophytes:  # bony lips around the front and sides of both end plates
+        for z_rim, lip in ((H / 2, 1.0), (-H / 2, -1.0)):
+            arc = [(W / 2 * 1.02 * np.cos(a), D / 2 * 1.02 * np.sin(a), z_rim + lip * 2.0 * abs(np.cos(a)))
+                   for a in np.linspace(-np.pi * 0.95, -np.pi * 0.05, 12)]
+            paint(arc, rng.uniform(1.5, 3.0), spec.cortical_hu)
     if name == "S1":
         _paint_sacrum(canvas, spec, c, F, dim, world, paint)
         return centroid
@@ -347,6 +407,11 @@ def _paint_discs(canvas, spec, centres, frames, dims, painted):
         lx, ly, lz = _local(X, Y, Z, c, F)
         disc = ((lx / (W / 2)) ** 2 + (ly / (D / 2)) ** 2 <= 1) & (np.abs(lz) <= h / 2) & (canvas.labels[sl] == 0)
         canvas.hu[sl][disc] = HU_DISC
+        if CHAIN[i] in spec.cage_levels:  # a PEEK cage with three metal markers
+            canvas.hu[sl][disc & (np.abs(lx) <= 0.3 * W) & (np.abs(ly) <= 0.25 * D)] = 300.0
+            for mx, my in ((-0.28 * W, 0.0), (0.28 * W, 0.0), (0.0, -0.23 * D)):
+                pin = [c + F @ np.array([mx, my, -h / 2]), c + F @ np.array([mx, my, h / 2])]
+                canvas.hu[canvas.tube(np.array(pin), 0.8)] = HU_METAL
 
 
 def _paint_skull(canvas, spec, centres):
@@ -375,13 +440,23 @@ def make_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
         margin_top = 140.0 * spec.scale  # room for the skull base
     else:
         margin_top = margin_z
+    if "S1" in spec.levels:
+        margin_z += 150.0 * spec.scale  # room for the hips
     lo = np.array([0.0, 0.0, bottom[2] - margin_z])
     hi = np.array([0.0, 0.0, top[2] + margin_top])
     half_w, front, back = _torso_outline(spec, centres, np.linspace(lo[2], hi[2], 32))
-    lo[:2] = -half_w.max() - 5, front.min() - 5
-    hi[:2] = half_w.max() + 5, back.max() + 5
+    arms_beside = spec.arms_down and idx[0] <= CHAIN.index("T12") and idx[-1] >= CHAIN.index("C7")
+    arm_room = 110.0 * spec.torso_scale if arms_beside else 0.0
+    lo[:2] = -half_w.max() - 5 - arm_room, front.min() - 5 - spec.table_mm
+    hi[:2] = half_w.max() + 5 + arm_room, back.max() + 5
     canvas = _Canvas(lo, hi, spec.voxel_mm)
     _paint_soft_tissue(canvas, spec, centres, rng)
+    landmarks = context.Landmarks(
+        CHAIN, centres, dims, half_width=lambda z: _torso_outline(spec, centres, z)[0],
+        front=lambda z: _torso_outline(spec, centres, z)[1], back=lambda z: _torso_outline(spec, centres, z)[2],
+        torso_scale=spec.torso_scale, bone_density=spec.bone_density)
+    context.paint_thorax(canvas, landmarks, rng)
+    context.paint_abdomen(canvas, landmarks, rng)
     vertebrae = []
     for i in idx:
         centroid = _paint_vertebra(canvas, spec, CHAIN[i], centres[i], frames[i], dims[i], rng)
@@ -391,6 +466,13 @@ def make_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
     if "C1" in spec.levels:
         _paint_skull(canvas, spec, centres)
     _paint_rods(canvas, spec, centres, frames, dims)
+    context.paint_shoulders(canvas, landmarks, rng, arms_beside)
+    if idx[0] <= CHAIN.index("C4"):
+        context.paint_mandible(canvas, landmarks)
+    if "S1" in spec.levels:
+        context.paint_hips(canvas, landmarks)
+    if spec.table_mm:
+        context.paint_table(canvas, front.min() - 3.0, spec.table_mm)
     affine = np.diag([spec.voxel_mm] * 3 + [1.0])
     affine[:3, 3] = canvas.origin
     return Phantom(Volume(canvas.hu, affine, canvas.labels), vertebrae, spec)

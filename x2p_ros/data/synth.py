@@ -16,11 +16,14 @@ import numpy as np
 import torch
 
 from .. import geometry
-from . import case_io, drr
+from . import carm, case_io, drr
 from .phantom import CHAIN, PhantomSpec, make_phantom, spine_curve
 
 
 MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
+# Raised whenever the same seed and config would render other images, so that a data set is
+# never completed, nor a cached one reused, with cases of another engine (2: the C-arm chain and context anatomy).
+ENGINE_VERSION = 2
 
 
 @dataclass
@@ -31,8 +34,9 @@ class SynthConfig:
     yaw_deg: float = 15.0  # about the vertical axis
     tilt_deg: float = 5.0  # about the two other axes
     shift_mm: float = 10.0
-    photons: tuple[float, float] = (1e4, 2e5)  # per pixel in air, log-uniform
-    scatter: tuple[float, float] = (0.0, 0.15)
+    # per pixel of a 512 x 512 detector behind the field's centre (automatic exposure control), log-uniform
+    photons: tuple[float, float] = (300.0, 2e4)
+    scatter: tuple[float, float] = (0.0, 0.3)  # scatter-to-primary ratio in air
     short_field_share: float = 0.6  # C-arm-like fields (image intensifier) of short_field vertebrae
     short_field: tuple[int, int] = (3, 6)
     # the rest (flat panels, thoracic and cervical fields): at most the model's
@@ -62,8 +66,9 @@ def render_pair(volume, vertebrae: list[dict], centre, fov: float, rng: np.rando
                 config: SynthConfig = SynthConfig(), device: str = "cpu"):
     """Places a patient (volume and vertebrae in the patient frame: x left, y
     posterior, z superior, mm) with a random pose at the isocentre and renders
-    the AP and LAT views. Returns (images, Ps, spacings, vertebrae in the C-arm
-    frame whose centroids project inside both images)."""
+    the AP and LAT views through a random C-arm image chain (carm.Look). Returns
+    (images, Ps, spacings, vertebrae in the C-arm frame whose centroids project
+    inside both exposed fields, the looks as dicts)."""
     R = _rotation(*np.deg2rad([rng.uniform(-config.yaw_deg, config.yaw_deg),
                                rng.uniform(-config.tilt_deg, config.tilt_deg),
                                rng.uniform(-config.tilt_deg, config.tilt_deg)]))
@@ -71,23 +76,23 @@ def render_pair(volume, vertebrae: list[dict], centre, fov: float, rng: np.rando
     T[:3, :3] = R
     T[:3, 3] = rng.uniform(-config.shift_mm, config.shift_mm, size=3) - R @ np.asarray(centre, dtype=np.float64)
     volume = volume.transformed(T)
-    mu = drr.attenuation(torch.as_tensor(volume.hu, device=device, dtype=torch.float32))  # shared by both views
+    density = drr.materials(torch.as_tensor(volume.hu, device=device, dtype=torch.float32))  # shared by both views
     xyz = np.array([v["xyz_mm"] for v in vertebrae], dtype=np.float64).reshape(-1, 3) @ R.T + T[:3, 3]
-    images, Ps, spacings = {}, {}, {}
+    images, Ps, spacings, looks = {}, {}, {}, {}
     inside = np.ones(len(xyz), dtype=bool)
-    margin = 0.02 * config.size
+    shape = (config.size, config.size)
+    margin = 0.02 * config.size + 0.5  # from the edge pixels
     for view in geometry.VIEWS:
         P, spacing = geometry.carm_view(view, rng.uniform(*config.sid_mm), rng.uniform(*config.sdd_mm), fov,
                                         config.size, rng.uniform(-5, 5, size=2))
-        photons = float(np.exp(rng.uniform(*np.log(config.photons))))
-        scatter = float(rng.uniform(*config.scatter))
-        line = drr.line_integral(volume, P, (config.size, config.size), device=device, mu=mu)
-        images[view] = drr.radiograph(line, rng, photons=photons, scatter=scatter)
-        Ps[view], spacings[view] = P, spacing
+        look = carm.Look.sample(rng, config.size, photons=config.photons, scatter=config.scatter)
+        lines = drr.line_integral(volume, P, shape, device=device, density=density)
+        images[view] = carm.image(lines, look, rng)
+        Ps[view], spacings[view], looks[view] = P, spacing, look.as_dict()
         uv = geometry.project(P, xyz)
-        inside &= geometry.inside_image(uv, (config.size, config.size), margin + 0.5)  # margin from the edge pixels
+        inside &= geometry.inside_image(uv, shape, margin) & carm.inside_field(look, shape, uv, margin)
     kept = [{"label": v["label"], "xyz_mm": p.tolist()} for v, p, keep in zip(vertebrae, xyz, inside) if keep]
-    return images, Ps, spacings, kept
+    return images, Ps, spacings, kept, looks
 
 
 def make_case(seed: int, config: SynthConfig = SynthConfig(), device: str = "cpu"):
@@ -105,12 +110,12 @@ def make_case(seed: int, config: SynthConfig = SynthConfig(), device: str = "cpu
     fov = max(np.ptp(centres[:, 2]) + 1.1 * gaps[max(first - 1, 0):first + n_visible].mean(), 100.0)
     spec.voxel_mm = float(max(1.0, fov / 400.0))
     phantom = make_phantom(spec, rng)
-    images, Ps, spacings, vertebrae = render_pair(phantom.volume, phantom.vertebrae, centres.mean(axis=0), fov,
-                                                  rng, config, device)
+    images, Ps, spacings, vertebrae, looks = render_pair(phantom.volume, phantom.vertebrae, centres.mean(axis=0),
+                                                         fov, rng, config, device)
     info = {"phantom": {"levels_rendered": rendered, "scoliosis": bool(spec.scoliosis_mm != 0.0),
                         "fractures": sorted(spec.fractures), "implants": list(spec.implant_levels),
                         "voxel_mm": spec.voxel_mm},
-            "intensity": {"line_integral_full_scale": drr.LINE_INTEGRAL_FULL_SCALE}}
+            "looks": looks}
     return images, Ps, spacings, vertebrae, info
 
 
@@ -163,6 +168,9 @@ def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig
         if made.get("seed") != seed or made.get("config") != json.loads(json.dumps(asdict(config))):
             raise case_io.DatasetError(f"{out} was made with another seed or synthesis config; "
                                        f"use a new folder (or delete this one)")
+        if made.get("engine", 1) != ENGINE_VERSION:
+            raise case_io.DatasetError(f"{out} was made by version {made.get('engine', 1)} of the data engine, "
+                                       f"this is version {ENGINE_VERSION}; use a new folder (or delete this one)")
     out.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -183,7 +191,7 @@ def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig
     bar.close()
     case_io.write_splits(out, _merged_splits(out, split_names(names, seed)))
     counts = np.array([n for _, n, _ in results])
-    stats = {"cases": cases, "seed": seed,
+    stats = {"cases": cases, "seed": seed, "engine": ENGINE_VERSION,
              "vertebrae_per_case": {"min": int(counts.min()), "median": float(np.median(counts)),
                                     "max": int(counts.max())},
              "share_scoliosis": float(np.mean([p["scoliosis"] for _, _, p in results])),
