@@ -101,9 +101,9 @@ def paint_thorax(canvas, m: Landmarks, rng: np.random.Generator):
                  rng.uniform(400, 900))
 
 
-def paint_abdomen(canvas, m: Landmarks, rng: np.random.Generator):
+def paint_abdomen(canvas, m: Landmarks, rng: np.random.Generator, bowel_loops: int, stool: int):
     """Liver under the right dome, kidneys in their fat, psoas muscles in fat sheaths, gas in the
-    stomach and bowel."""
+    stomach, in `bowel_loops` loops of bowel and, mottled, in `stool` stretches of colon."""
     s = m.torso_scale
     l1, l3 = m.at(m.level("L1")), m.at(m.level("L3"))
     ellipsoid(canvas, m.at(m.level("T11")) + np.array([-75.0 * s, -45.0 * s, 0.0]),
@@ -123,14 +123,20 @@ def paint_abdomen(canvas, m: Landmarks, rng: np.random.Generator):
     if rng.random() < 0.6:  # the stomach's gas bubble under the left dome
         ellipsoid(canvas, m.at(m.level("T12")) + np.array([70.0 * s, -80.0 * s, 10.0]),
                   rng.uniform(15, 40, size=3), HU_GAS, where=_inside_body)
-    for _ in range(int(rng.integers(0, 25))):  # bowel loops: random walks of gas
+    def abdominal_point():
         k = rng.uniform(m.level("L1"), m.level("S1") + 1.5)
-        p = m.at(min(k, len(m.chain) - 1)) + np.array([rng.uniform(-110, 110) * s, -rng.uniform(30, 120) * s,
-                                                       -max(k - len(m.chain) + 1, 0) * 30.0])
-        points = [p]
+        return m.at(min(k, len(m.chain) - 1)) + np.array([rng.uniform(-110, 110) * s, -rng.uniform(30, 120) * s,
+                                                          -max(k - len(m.chain) + 1, 0) * 30.0])
+
+    for _ in range(bowel_loops):  # random walks of gas
+        points = [abdominal_point()]
         for _ in range(int(rng.integers(2, 8))):
             points.append(points[-1] + rng.normal(0.0, 18.0, size=3))
         tube(canvas, points, rng.uniform(3.0, 14.0), rng.uniform(-950, -500), where=_inside_body)
+    for _ in range(stool):  # bubbles of gas in faeces
+        centre = abdominal_point()
+        for bubble in centre + rng.normal(0.0, 15.0, size=(int(rng.integers(15, 50)), 3)):
+            ellipsoid(canvas, bubble, rng.uniform(1.5, 5.0, size=3), rng.uniform(-900, -400), where=_inside_body)
 
 
 def paint_shoulders(canvas, m: Landmarks, rng: np.random.Generator, arms_down: bool):

@@ -58,9 +58,13 @@ def materials(hu: torch.Tensor) -> torch.Tensor:
 
     Above 0 HU a voxel is water plus the share of cortical bone that gives its HU at
     the CT's energy; metal reads as much bone (its HU over 1600)."""
-    water = (1.0 + hu.clamp(max=0.0) / 1000.0).clamp_min(0.0)
-    bone = hu.clamp_min(0.0) / HU_CORTICAL_BONE
-    return torch.stack([water, bone])
+    out = hu.new_empty((2, *hu.shape))
+    water, bone = out[0], out[1]
+    torch.clamp(hu, min=-1000.0, max=0.0, out=water)
+    water.mul_(1e-3).add_(1.0)
+    torch.clamp(hu, min=0.0, out=bone)
+    bone.mul_(1.0 / HU_CORTICAL_BONE)
+    return out
 
 
 def line_integral(volume: Volume, P, size, device="cpu", density: torch.Tensor | None = None,
@@ -85,12 +89,18 @@ def line_integral(volume: Volume, P, size, device="cpu", density: torch.Tensor |
     d = rays @ to_voxel[:3, :3].T  # ray directions in voxel indices per mm
     a = int(np.argmax(np.abs(d[(h // 2) * w + w // 2])))  # slicing axis: 0 = i, 1 = j, 2 = k
     b, cc = [x for x in range(3) if x != a]  # in-plane axes, b along grid x (the last array dim)
+    # slabs: the mean of `slab` neighbouring slices (a missing last one counts as air)
+    along = 3 - a  # the slicing axis's dimension in (C, k, j, i)
+    pick = [slice(None)] * 4
+    pick[along] = slice(0, None, slab)
+    slabs = density[tuple(pick)].clone()
+    for offset in range(1, slab):
+        pick[along] = slice(offset, None, slab)
+        part = density[tuple(pick)]
+        slabs.narrow(along, 0, part.shape[along]).add_(part)
+    slabs.mul_(1.0 / slab)
     # (C, k, j, i) -> (S, C, rows = axis cc, cols = axis b)
-    density = density.permute(3 - a, 0, 3 - cc, 3 - b)
-    pad = -density.shape[0] % slab
-    if pad:
-        density = torch.cat([density, density.new_zeros((pad, *density.shape[1:]))])
-    density = density.unflatten(0, (-1, slab)).mean(dim=1)  # (S / slab, C, rows, cols), contiguous
+    density = slabs.permute(3 - a, 0, 3 - cc, 3 - b).contiguous()
     n_slices, rows, cols = density.shape[0], density.shape[2], density.shape[3]
     # In slice s the ray is at (b, cc) = c_bc + (s - c_a) * d_bc / d_a; normalised for
     # grid_sample with align_corners=True (voxel centres at -1 and +1).

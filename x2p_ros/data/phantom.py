@@ -77,6 +77,8 @@ class PhantomSpec:
     torso_scale: float = 1.0
     fat_mm: float = 12.0
     gas_blobs: int = 0
+    bowel_loops: int = 0
+    stool: int = 0  # stretches of colon with mottled gas
     arms_down: bool = False
     table_mm: float = 0.0  # thickness of the table in front of a prone patient; 0: none
     voxel_mm: float = 1.0
@@ -88,6 +90,7 @@ class PhantomSpec:
                    lordosis_mm=rng.uniform(5, 20), kyphosis_mm=rng.uniform(15, 45),
                    lumbar_lordosis_mm=rng.uniform(10, 35), torso_scale=rng.uniform(0.85, 1.25),
                    fat_mm=rng.uniform(5, 30), gas_blobs=int(rng.integers(0, 5)),
+                   bowel_loops=int(rng.integers(0, 40)), stool=int(rng.integers(0, 6)),
                    cortical_hu=rng.uniform(600, 1400), trabecular_hu=rng.uniform(80, 300),
                    texture=rng.uniform(0.1, 0.5), endplate_mm=rng.uniform(0.5, 3.0),
                    arms_down=bool(rng.random() < 0.3), table_mm=rng.uniform(15, 40) if rng.random() < 0.6 else 0.0)
@@ -223,11 +226,15 @@ def _paint_soft_tissue(canvas: _Canvas, spec: PhantomSpec, centres, rng):
     sl, X, Y, Z = canvas.axes()
     half_w, front, back = (a.astype(np.float32)[:, None, None] for a in _torso_outline(spec, centres, Z[:, 0, 0]))
     half_d = (back - front) / 2
-    r = (X / half_w) ** 2 + ((Y - (back - half_d)) / half_d) ** 2  # (nz, ny, nx), 1 on the skin
+    # the outline is an ellipse in each slice: per row (z, y), how far from x = 0 the skin
+    # and the fat's inner edge lie
+    y2 = ((Y - (back - half_d)) / half_d) ** 2  # (nz, ny, 1)
     inner = (1.0 - spec.fat_mm / half_d) ** 2
-    hu = canvas.hu
-    hu[r <= 1.0] = HU_FAT
-    hu[r <= inner] = HU_SOFT
+    skin_x = half_w * np.sqrt(np.clip(1.0 - y2, 0.0, None))
+    muscle_x = half_w * np.sqrt(np.clip(inner - y2, 0.0, None))
+    hu, ax_ = canvas.hu, np.abs(X)
+    np.copyto(hu, HU_FAT, where=ax_ <= skin_x)
+    np.copyto(hu, HU_SOFT, where=ax_ <= muscle_x)
     # lungs beside the thoracic column
     zt, zb = centres[CHAIN.index("T1"), 2] + 10, centres[CHAIN.index("T11"), 2]
     if Z.max() > zb and Z.min() < zt:
@@ -239,7 +246,7 @@ def _paint_soft_tissue(canvas: _Canvas, spec: PhantomSpec, centres, rng):
             ax = np.array([0.4 * w, 80.0 * spec.torso_scale, hz])
             lsl, lX, lY, lZ = canvas.axes(c - ax, c + ax)
             lung = ((lX - c[0]) / ax[0]) ** 2 + ((lY - c[1]) / ax[1]) ** 2 + ((lZ - c[2]) / ax[2]) ** 2 <= 1.0
-            hu[lsl][lung & (r[lsl] <= inner[lsl[0]])] = HU_LUNG
+            hu[lsl][lung & (np.abs(lX) <= muscle_x[lsl[0], lsl[1]])] = HU_LUNG
     # bowel gas in the abdomen
     for _ in range(spec.gas_blobs):
         level = rng.uniform(CHAIN.index("L1"), CHAIN.index("L5"))
@@ -379,7 +386,7 @@ def _paint_sacrum(canvas, spec, c, F, dim, world, paint):
         normal = F @ np.array([side * np.cos(0.5), -np.sin(0.5), 0.0])
         u = F @ np.array([side * np.sin(0.5), np.cos(0.5), 0.0])
         v = F[:, 2]
-        ext = 90 * s
+        ext = 70 * s * np.abs(u) + 55 * s * np.abs(v) + 6.0 * np.abs(normal)  # the plate's bounding box
         sl, X, Y, Z = canvas.axes(centre - ext, centre + ext)
         d = (X - centre[0], Y - centre[1], Z - centre[2])
         dn = d[0] * normal[0] + d[1] * normal[1] + d[2] * normal[2]
@@ -456,7 +463,7 @@ def make_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
         front=lambda z: _torso_outline(spec, centres, z)[1], back=lambda z: _torso_outline(spec, centres, z)[2],
         torso_scale=spec.torso_scale, bone_density=spec.bone_density)
     context.paint_thorax(canvas, landmarks, rng)
-    context.paint_abdomen(canvas, landmarks, rng)
+    context.paint_abdomen(canvas, landmarks, rng, spec.bowel_loops, spec.stool)
     vertebrae = []
     for i in idx:
         centroid = _paint_vertebra(canvas, spec, CHAIN[i], centres[i], frames[i], dims[i], rng)

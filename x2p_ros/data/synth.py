@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -37,6 +38,9 @@ class SynthConfig:
     # per pixel of a 512 x 512 detector behind the field's centre (automatic exposure control), log-uniform
     photons: tuple[float, float] = (300.0, 2e4)
     scatter: tuple[float, float] = (0.0, 0.3)  # scatter-to-primary ratio in air
+    # a phantom's resolution as a CT would give it (Gaussian sigma, mm): CTs of 1-3 mm
+    # voxels soften the cortex that a phantom paints sharp
+    ct_blur_mm: tuple[float, float] = (0.0, 1.2)
     short_field_share: float = 0.6  # C-arm-like fields (image intensifier) of short_field vertebrae
     short_field: tuple[int, int] = (3, 6)
     # the rest (flat panels, thoracic and cervical fields): at most the model's
@@ -63,12 +67,14 @@ def case_seed(seed: int, index: int) -> int:
 
 
 def render_pair(volume, vertebrae: list[dict], centre, fov: float, rng: np.random.Generator,
-                config: SynthConfig = SynthConfig(), device: str = "cpu"):
+                config: SynthConfig = SynthConfig(), device: str = "cpu", blur_mm: float = 0.0):
     """Places a patient (volume and vertebrae in the patient frame: x left, y
     posterior, z superior, mm) with a random pose at the isocentre and renders
     the AP and LAT views through a random C-arm image chain (carm.Look). Returns
     (images, Ps, spacings, vertebrae in the C-arm frame whose centroids project
-    inside both exposed fields, the looks as dicts)."""
+    inside both exposed fields, the looks as dicts). blur_mm: the volume's resolution
+    (Gaussian sigma), applied to the projections: projecting a blurred volume is blurring its
+    projection, scaled by the magnification."""
     R = _rotation(*np.deg2rad([rng.uniform(-config.yaw_deg, config.yaw_deg),
                                rng.uniform(-config.tilt_deg, config.tilt_deg),
                                rng.uniform(-config.tilt_deg, config.tilt_deg)]))
@@ -87,6 +93,10 @@ def render_pair(volume, vertebrae: list[dict], centre, fov: float, rng: np.rando
                                         config.size, rng.uniform(-5, 5, size=2))
         look = carm.Look.sample(rng, config.size, photons=config.photons, scatter=config.scatter)
         lines = drr.line_integral(volume, P, shape, device=device, density=density)
+        if blur_mm > 0:
+            sigma_px = blur_mm / (fov / config.size)  # the field is fov mm wide at the isocentre
+            lines = torch.stack([torch.as_tensor(cv2.GaussianBlur(channel.cpu().numpy(), (0, 0), sigma_px))
+                                 for channel in lines]).to(device)
         images[view] = carm.image(lines, look, rng)
         Ps[view], spacings[view], looks[view] = P, spacing, look.as_dict()
         uv = geometry.project(P, xyz)
@@ -110,11 +120,12 @@ def make_case(seed: int, config: SynthConfig = SynthConfig(), device: str = "cpu
     fov = max(np.ptp(centres[:, 2]) + 1.1 * gaps[max(first - 1, 0):first + n_visible].mean(), 100.0)
     spec.voxel_mm = float(max(1.0, fov / 400.0))
     phantom = make_phantom(spec, rng)
+    blur_mm = float(rng.uniform(*config.ct_blur_mm))
     images, Ps, spacings, vertebrae, looks = render_pair(phantom.volume, phantom.vertebrae, centres.mean(axis=0),
-                                                         fov, rng, config, device)
+                                                         fov, rng, config, device, blur_mm)
     info = {"phantom": {"levels_rendered": rendered, "scoliosis": bool(spec.scoliosis_mm != 0.0),
                         "fractures": sorted(spec.fractures), "implants": list(spec.implant_levels),
-                        "voxel_mm": spec.voxel_mm},
+                        "voxel_mm": spec.voxel_mm, "ct_blur_mm": round(blur_mm, 3)},
             "looks": looks}
     return images, Ps, spacings, vertebrae, info
 
