@@ -155,6 +155,14 @@ class _Canvas:
         self.hu = np.full((nz, ny, nx), HU_AIR, dtype=np.float32)
         self.labels = np.zeros((nz, ny, nx), dtype=np.uint8)
 
+    @classmethod
+    def of(cls, volume: Volume) -> "_Canvas":
+        """A painted phantom's volume as a canvas again (its arrays, shared)."""
+        canvas = cls.__new__(cls)
+        canvas.voxel, canvas.origin = float(volume.affine[0, 0]), volume.affine[:3, 3].copy()
+        canvas.hu, canvas.labels = volume.hu, volume.labels
+        return canvas
+
     def axes(self, lo=None, hi=None):
         """Index slices and world coordinates (broadcastable X, Y, Z) of the box [lo, hi]."""
         shape = np.array(self.hu.shape[::-1])
@@ -434,6 +442,15 @@ def _paint_skull(canvas, spec, centres):
     hu[(inner <= 1) & (Z > c1[2] + 10)] = 35.0  # brain
 
 
+def spine_landmarks(spec: PhantomSpec) -> context.Landmarks:
+    """What the context painters need of a phantom's spine and outline."""
+    centres, _, dims = spine_curve(spec)
+    return context.Landmarks(
+        CHAIN, centres, dims, half_width=lambda z: _torso_outline(spec, centres, z)[0],
+        front=lambda z: _torso_outline(spec, centres, z)[1], back=lambda z: _torso_outline(spec, centres, z)[2],
+        torso_scale=spec.torso_scale, bone_density=spec.bone_density)
+
+
 def make_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
     """Renders the levels of spec (consecutive names from CHAIN) into a volume
     that holds them with a margin, and returns the body centroids."""
@@ -458,10 +475,7 @@ def make_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
     hi[:2] = half_w.max() + 5 + arm_room, back.max() + 5
     canvas = _Canvas(lo, hi, spec.voxel_mm)
     _paint_soft_tissue(canvas, spec, centres, rng)
-    landmarks = context.Landmarks(
-        CHAIN, centres, dims, half_width=lambda z: _torso_outline(spec, centres, z)[0],
-        front=lambda z: _torso_outline(spec, centres, z)[1], back=lambda z: _torso_outline(spec, centres, z)[2],
-        torso_scale=spec.torso_scale, bone_density=spec.bone_density)
+    landmarks = spine_landmarks(spec)
     context.paint_thorax(canvas, landmarks, rng)
     context.paint_abdomen(canvas, landmarks, rng, spec.bowel_loops, spec.stool)
     vertebrae = []

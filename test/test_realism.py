@@ -1,0 +1,246 @@
+"""The data engine's realism (issue 11): the C-arm image chain (x2p_ros/data/carm.py,
+the materials of drr.py), the vertebrae's morphology and pathologies
+(phantom.py) and the context anatomy (context.py): ground truth on bone,
+determinism, ranges."""
+import numpy as np
+import pytest
+import torch
+
+from x2p_ros import geometry
+from x2p_ros.data import carm, context, drr
+from x2p_ros.data.phantom import CHAIN, VERSE_NUMBER, PhantomSpec, _Canvas, make_phantom, spine_curve, spine_landmarks
+from x2p_ros.data.synth import SynthConfig, make_case
+
+# --- physics -----------------------------------------------------------------
+
+def test_materials_split_hu_into_water_and_cortical_bone():
+    water, bone = drr.materials(torch.tensor([-1000.0, -500.0, 0.0, 800.0, drr.HU_CORTICAL_BONE, 14000.0])).numpy()
+    np.testing.assert_allclose(water, [0.0, 0.5, 1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(bone, [0.0, 0.0, 0.0, 800.0 / drr.HU_CORTICAL_BONE, 1.0, 14000.0 / drr.HU_CORTICAL_BONE])
+    assert 1450 < drr.HU_CORTICAL_BONE < 1750  # cortical bone at a CT's 70 keV
+    assert drr.MU_WATER_PER_MM == pytest.approx(0.0193, abs=0.001)
+
+
+def test_spectrum_hardens_with_filtration_and_voltage_and_refuses_bad_settings():
+    def mean_energy(kvp, al):
+        e, w = carm.spectrum(kvp, al)
+        assert w.sum() == pytest.approx(1.0) and np.all(w >= 0) and e.max() < kvp
+        return float(e @ w)
+    assert mean_energy(80, 2.5) < mean_energy(80, 6.0)
+    assert mean_energy(60, 3.0) < mean_energy(120, 3.0)
+    for kvp in (20.0, 200.0):
+        with pytest.raises(ValueError, match="tube voltage"):
+            carm.spectrum(kvp, 3.0)
+
+
+def test_polychromatic_primary_hardens_the_beam_and_bone_contrast_falls_with_kvp():
+    water = torch.tensor([50.0, 100.0, 200.0, 0.0])
+    bone = torch.tensor([0.0, 0.0, 0.0, 10.0])
+    lines = torch.stack([water, bone])[:, None, :]  # (2, 1, 4)
+    for kvp in (60.0, 120.0):
+        log = -np.log(carm.primary(lines, kvp, 3.0)[0])
+        # beam hardening: each further mm of water attenuates less than the first ones
+        assert log[1] / 100 < log[0] / 50 and log[2] / 200 < log[1] / 100
+    bone_60 = -np.log(carm.primary(lines, 60.0, 3.0)[0, 3])
+    bone_120 = -np.log(carm.primary(lines, 120.0, 3.0)[0, 3])
+    assert bone_60 > 1.5 * bone_120  # calcium's photoelectric absorption at low energies
+    assert carm.primary(torch.zeros(2, 3, 3), 80.0, 3.0) == pytest.approx(np.ones((3, 3)))  # air: 1
+
+
+def _phantom_lines(size=128):
+    rng = np.random.default_rng(4)
+    phantom = make_phantom(PhantomSpec.sample(rng, ["L1", "L2", "L3"], voxel_mm=1.5), rng)
+    centre = np.mean([v["xyz_mm"] for v in phantom.vertebrae], axis=0)
+    volume = phantom.volume.transformed(np.vstack([np.c_[np.eye(3), -centre], [0, 0, 0, 1]]))
+    P, _ = geometry.carm_view("ap", 550.0, 1000.0, 160.0, size)
+    return drr.line_integral(volume, P, (size, size))
+
+
+@pytest.fixture(scope="module")
+def lines():
+    return _phantom_lines()
+
+
+def _flat(look_kwargs):
+    return carm.Look(**{"electronic_noise": 0.0, "scatter": 0.0, "blur_px": 0.0, **look_kwargs})
+
+
+def test_image_chain_is_deterministic_by_seed_and_marks_the_unexposed_field(lines):
+    look = _flat(dict(intensifier=True, field_radius=0.5, vignetting=0.3, shutters=(0.1, 0.0),
+                      dark_surround=False, edge_gain=1.0, bits=16))
+    a = carm.image(lines, look, np.random.default_rng(1))
+    b = carm.image(lines, look, np.random.default_rng(1))
+    c = carm.image(lines, look, np.random.default_rng(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)  # quantum noise
+    assert a.dtype == np.uint16 and a.shape == (128, 128)
+    assert a[0, 0] == a[-1, -1] == 65535  # corners: outside the round field, shown white here
+    assert np.all(a[:, :10] == 65535)  # behind the left shutter
+    field = carm.exposed_field(look, a.shape)
+    assert field[64, 64] == 1.0 and field[0, 0] == 0.0 and field[64, 5] == 0.0
+    inside = a[field == 1.0]
+    assert inside.min() < 1000 and inside.max() > 60000  # windowed to the full range
+
+
+def test_eight_bit_output_has_256_levels(lines):
+    image = carm.image(lines, _flat(dict(bits=8)), np.random.default_rng(0))
+    levels = np.unique(image)
+    assert len(levels) <= 256 and np.all(levels % 257 == 0)
+    assert len(np.unique(carm.image(lines, _flat(dict(bits=16)), np.random.default_rng(0)))) > 256
+
+
+def _roughness(image):
+    x = image.astype(np.float64)[32:96, 32:96]
+    return np.abs(np.diff(x, 2, axis=1)).mean()  # the fine detail: second differences
+
+
+def test_dose_blur_and_edge_enhancement_change_the_image_as_they_should(lines):
+    low, high = (_roughness(carm.image(lines, _flat(dict(photons=p)), np.random.default_rng(0)))
+                 for p in (100.0, 1e6))
+    assert low > 2 * high  # less dose, more quantum noise
+    sharp = _roughness(carm.image(lines, _flat(dict(photons=1e7)), np.random.default_rng(0)))
+    blurred = _roughness(carm.image(lines, _flat(dict(photons=1e7, blur_px=2.0)), np.random.default_rng(0)))
+    enhanced = _roughness(carm.image(lines, _flat(dict(photons=1e7, edge_gain=1.5)), np.random.default_rng(0)))
+    assert blurred < 0.8 * sharp < enhanced
+
+
+def test_vignetting_darkens_the_rim_of_an_intensifier_field():
+    lines = torch.zeros(2, 129, 129)  # air: any structure is the chain's
+    look = _flat(dict(photons=1e8, intensifier=True, field_radius=0.55, vignetting=0.4, window=(0.0, 100.0)))
+    image = carm.image(lines, look, np.random.default_rng(0)).astype(float)
+    assert image[64, 64] < image[64, 10]  # less light at the rim: higher "attenuation" (bone bright)
+
+
+def test_looks_cover_their_ranges():
+    rng = np.random.default_rng(0)
+    looks = [carm.Look.sample(rng, 512) for _ in range(300)]
+    assert all(60 <= look.kvp <= 120 and 2.5 <= look.filtration_mm_al <= 6 for look in looks)
+    assert all(300 <= look.photons <= 2e4 and 0 <= look.scatter <= 0.3 for look in looks)
+    assert {look.bits for look in looks} == {8, 16}
+    assert {look.intensifier for look in looks} == {True, False}
+    assert any(look.shutters != (0.0, 0.0) for look in looks) and any(look.edge_gain == 0 for look in looks)
+    assert all(look.field_radius >= 0.5 for look in looks)  # the inscribed circle at least
+    # a smaller image bins the detector's pixels: more photons per pixel, sharper in pixels
+    small = carm.Look.sample(np.random.default_rng(0), 256)
+    large = carm.Look.sample(np.random.default_rng(0), 512)
+    assert small.photons == pytest.approx(4 * large.photons) and small.blur_px == pytest.approx(large.blur_px / 2)
+
+
+def test_synthetic_vertebrae_lie_inside_both_exposed_fields():
+    for seed in range(6):
+        _, Ps, _, vertebrae, info = make_case(seed, SynthConfig(size=128))
+        xyz = np.array([v["xyz_mm"] for v in vertebrae])
+        assert len(vertebrae) >= 3
+        for view in ("ap", "lat"):
+            look = carm.Look(**{**info["looks"][view], "shutters": tuple(info["looks"][view]["shutters"]),
+                                "window": tuple(info["looks"][view]["window"])})
+            uv = geometry.project(Ps[view], xyz)
+            assert np.all(carm.inside_field(look, (128, 128), uv, 0.0)), f"seed {seed} {view}"
+
+
+# --- the spine -----------------------------------------------------------------
+
+def _phantom(levels, seed=0, **spec_fields):
+    rng = np.random.default_rng(seed)
+    spec = PhantomSpec.sample(rng, levels, voxel_mm=1.0)
+    spec.fractures, spec.burst, spec.implant_levels, spec.cage_levels = {}, [], [], []
+    spec.degenerated, spec.osteophytes, spec.scoliosis_mm = {}, [], 0.0
+    for key, value in spec_fields.items():
+        setattr(spec, key, value)
+    return make_phantom(spec, rng)
+
+
+def _body(phantom, name):
+    return phantom.volume.labels == VERSE_NUMBER[name]
+
+
+def test_phantoms_are_deterministic_by_seed():
+    a, b = _phantom(["L2", "L3", "L4"], seed=3), _phantom(["L2", "L3", "L4"], seed=3)
+    np.testing.assert_array_equal(a.volume.hu, b.volume.hu)
+    assert a.vertebrae == b.vertebrae
+    assert not np.array_equal(a.volume.hu, _phantom(["L2", "L3", "L4"], seed=4).volume.hu)
+
+
+def test_trabecular_bone_is_textured_inside_a_denser_shell():
+    phantom = _phantom(["L2", "L3", "L4"], texture=0.4, trabecular_hu=200.0, cortical_hu=1200.0, bone_density=1.0)
+    v = next(v for v in phantom.vertebrae if v["label"] == "L3")
+    k, j, i = np.round(phantom.volume.world_to_voxel([v["xyz_mm"]])[0][::-1]).astype(int)
+    core = phantom.volume.hu[k - 4:k + 5, j - 4:j + 5, i - 4:i + 5]
+    assert 100 < np.median(core) < 300 and core.std() > 30  # cancellous, with a grain
+    shell = phantom.volume.hu[_body(phantom, "L3")]
+    assert np.sum(shell == 1200.0) > 200  # the cortex
+
+
+def _height_profile(phantom, name):
+    """Body height (voxels of its label along z) at its centre column and near its anterior rim."""
+    v = next(v for v in phantom.vertebrae if v["label"] == name)
+    k, j, i = np.round(phantom.volume.world_to_voxel([v["xyz_mm"]])[0][::-1]).astype(int)
+    body = _body(phantom, name)
+    return body[:, j, i].sum(), body[:, j - 12, i].sum()
+
+
+def test_end_plates_are_dished_and_a_burst_fracture_crushes_and_spreads_the_body():
+    flat = _phantom(["L2", "L3", "L4"], endplate_mm=0.0)
+    dished = _phantom(["L2", "L3", "L4"], endplate_mm=3.0)
+    centre_flat, _ = _height_profile(flat, "L3")
+    centre_dished, rim_dished = _height_profile(dished, "L3")
+    assert centre_dished <= centre_flat - 4 and rim_dished > centre_dished
+    burst = _phantom(["L2", "L3", "L4"], endplate_mm=0.0, fractures={"L3": 0.4}, burst=["L3"])
+    assert _body(burst, "L3").sum() < _body(flat, "L3").sum()  # lower...
+    width = lambda p: np.ptp(np.nonzero(_body(p, "L3").any(axis=(0, 1)))[0])  # noqa: E731
+    assert width(burst) > width(flat) + 5  # ...and wider
+    assert [v["label"] for v in burst.vertebrae] == ["L2", "L3", "L4"]  # the ground truth is still there
+
+
+def test_degenerated_discs_narrow_and_osteophytes_and_cages_are_painted():
+    rng = np.random.default_rng(0)
+    spec = PhantomSpec.sample(rng, ["L3", "L4", "L5"])
+    healthy = np.linalg.norm(np.diff(spine_curve(spec)[0], axis=0), axis=1)[CHAIN.index("L4")]
+    spec.degenerated = {"L4": 0.4}
+    narrowed = np.linalg.norm(np.diff(spine_curve(spec)[0], axis=0), axis=1)[CHAIN.index("L4")]
+    assert narrowed < healthy - 3.0
+    plain = _phantom(["L3", "L4", "L5"], seed=1)
+    lipped = _phantom(["L3", "L4", "L5"], seed=1, osteophytes=["L4"])
+    assert _body(lipped, "L4").sum() > _body(plain, "L4").sum() + 100  # bone beyond the body's rim
+    caged = _phantom(["L3", "L4", "L5"], seed=1, cage_levels=["L4"], implant_levels=["L4", "L5"])
+    metal = caged.volume.hu >= 10000
+    z_l4, z_l5 = (v["xyz_mm"][2] for v in caged.vertebrae if v["label"] in ("L4", "L5"))
+    zs = caged.volume.voxel_to_world(np.argwhere(metal)[:, ::-1])[:, 2]
+    assert np.any((zs < z_l4) & (zs > z_l5))  # the cage's markers in the L4-L5 disc space
+
+
+# --- context -------------------------------------------------------------------
+
+def test_context_anatomy_is_where_it_belongs():
+    thorax = _phantom(["T5", "T6", "T7", "T8"], seed=2, arms_down=True, table_mm=25.0)
+    vol = thorax.volume
+    t7 = next(v["xyz_mm"] for v in thorax.vertebrae if v["label"] == "T7")
+    k, j, i = np.round(vol.world_to_voxel([np.add(t7, [25.0, -75.0, 0.0])])[0][::-1]).astype(int)
+    assert vol.hu[k, j, i] == context.HU_BLOOD  # the heart, in front of the spine, left
+    _, j_spine, _ = np.round(vol.world_to_voxel([t7])[0][::-1]).astype(int)
+    row = vol.hu[k, j_spine]
+    assert np.sum(row == context.HU_MUSCLE) > 100  # the arms beside the chest
+    assert np.sum((vol.hu >= 500) & (vol.labels == 0)) > 5000  # ribs, scapulae, sternum, humeri
+    assert np.any(vol.hu[:, :3, :] == 700.0)  # the table's carbon skin in front
+    pelvis = _phantom(["L4", "L5", "S1"], seed=2, table_mm=0.0)
+    s1 = next(v["xyz_mm"] for v in pelvis.vertebrae if v["label"] == "S1")
+    xyz = pelvis.volume.voxel_to_world(np.argwhere((pelvis.volume.hu > 400) & (pelvis.volume.labels == 0))[:, ::-1])
+    assert np.any(xyz[:, 2] < s1[2] - 80)  # femoral heads and pubic rami below the sacrum
+    abdomen = _phantom(["L1", "L2", "L3"], seed=5)
+    assert np.sum(abdomen.volume.hu <= -400) - np.sum(abdomen.volume.hu <= -990) > 1000  # gas inside the body
+
+
+def test_context_never_paints_over_a_vertebra():
+    rng = np.random.default_rng(7)
+    spec = PhantomSpec.sample(rng, ["T11", "T12", "L1", "L2"])
+    spec.bowel_loops, spec.stool = 30, 5
+    phantom = make_phantom(spec, rng)
+    labels, hu = phantom.volume.labels, phantom.volume.hu
+    before, everything = hu[labels > 0].copy(), hu.copy()
+    canvas, marks = _Canvas.of(phantom.volume), spine_landmarks(spec)
+    context.paint_thorax(canvas, marks, rng)
+    context.paint_abdomen(canvas, marks, rng, 40, 6)
+    context.paint_shoulders(canvas, marks, rng, arms_down=True)
+    context.paint_hips(canvas, marks)
+    assert np.sum(hu != everything) > 1000  # the painters did paint (gas, above all)
+    np.testing.assert_array_equal(hu[labels > 0], before)
