@@ -83,6 +83,16 @@ def test_resumed_generation_keeps_finished_cases(dataset, tmp_path):
     assert (root / "case_00002" / "ap.png").stat().st_mtime_ns == before
 
 
+def test_a_data_set_of_another_engine_version_is_never_completed(tmp_path):
+    config = SynthConfig(size=64)
+    synthesize(tmp_path, 1, seed=3, config=config, workers=1, progress=False)
+    made = json.loads((tmp_path / "dataset.json").read_text())
+    (tmp_path / "dataset.json").write_text(json.dumps({**made, "engine": 1}))  # as version 1 left it
+    with pytest.raises(case_io.DatasetError, match="version 1 of the data engine"):
+        synthesize(tmp_path, 2, seed=3, config=config, workers=1, progress=False)
+    assert not (tmp_path / "case_00001").exists()
+
+
 def test_a_larger_data_set_keeps_every_case_in_its_split_and_the_added_ct_pairs(tmp_path):
     config = SynthConfig(size=64)
     synthesize(tmp_path, 5, seed=3, config=config, workers=1, progress=False)

@@ -42,13 +42,16 @@ def run(root: Path, minutes: float, pairs: int, device: str) -> dict:
 
     from .bench import REALCT_CASES, machine, realct_labels
     from .data.ct_import import load_patient
+    from .data.patient_pairs import sha256
+    from .data.synth import ENGINE_VERSION
     from .models import baseline_checkpoint, default_checkpoint
     from .training.adapt import AdaptConfig, adapt
     generic_models = {"X2P-Net (default.pt)": default_checkpoint(), "lifting baseline (baseline.pt)":
                       baseline_checkpoint()}
     size = torch.load(baseline_checkpoint(), weights_only=True)["config"]["image_size"]
     result = {"minutes_budget": minutes, "pairs_per_ct": pairs, "eval_seed": EVAL_SEED, "machine": machine(),
-              "device": device, "cts": {}}
+              "device": device, "engine": ENGINE_VERSION, "models": {label: sha256(path)[:12] for label, path in
+                                                                    generic_models.items()}, "cts": {}}
     for name in REALCT_CASES:
         given = realct_labels(root, name)
         volume, vertebrae = load_patient(root / name / "ct.nii.gz", **given)
@@ -77,6 +80,15 @@ def section(path: Path) -> list[str]:
     if not path.is_file():
         return lines + [f"Not run yet: `make bench-adapt` (writes {path}).", ""]
     r = json.loads(path.read_text())
+    from .data.patient_pairs import sha256
+    from .data.synth import ENGINE_VERSION
+    from .models import baseline_checkpoint, default_checkpoint
+    shipped = {"X2P-Net (default.pt)": sha256(default_checkpoint())[:12],
+               "lifting baseline (baseline.pt)": sha256(baseline_checkpoint())[:12]}
+    if r.get("engine", 1) != ENGINE_VERSION or r.get("models") != shipped:
+        lines += [f"**Stale**: measured with version {r.get('engine', 1)} of the data engine and the models shipped "
+                  f"then (now: version {ENGINE_VERSION}, other shipped models); `make bench-adapt` measures it again "
+                  "(about 50 minutes on 2 cores).", ""]
     lines += [f"`python -m x2p_ros.adapt_bench --minutes {r['minutes_budget']:g} --json {path}` on {r['machine']}: "
               f"`x2p adapt --minutes {r['minutes_budget']:g}` fine-tunes the shipped lifting baseline on DRR "
               "pairs of each real CT (random C-arm poses around 3-7 levels, random table deformations: segmental "
