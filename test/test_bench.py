@@ -6,6 +6,7 @@ import tempfile
 import torch
 
 from x2p_ros import bench
+from x2p_ros.data import realct
 from x2p_ros.model import build_model, checkpoint, preset
 from x2p_ros.training.evaluate import evaluate
 
@@ -59,19 +60,25 @@ def test_real_anatomy_rows_are_the_evaluation_of_the_real_ct_pairs_or_a_clear_sk
     sheet = tmp_path / "realism_sheet.png"
     assert "No realism contact sheet" in bench.realism_sheet(tmp_path / "nowhere", 64, 2, sheet)[0]
     assert not sheet.exists()
-    if not all((bench.REALCT / name / "ct.nii.gz").is_file() for name in bench.REALCT_CASES):
-        pytest.skip(f"the real CTs are not at {bench.REALCT}")
-    report = "\n".join(bench.realct_rows({"X2P-Net": ckpt}, bench.REALCT, poses=1))
-    data = bench.realct_split(bench.REALCT, 64, poses=1)
+    if not realct.available():
+        pytest.skip(f"the real CTs are not at {realct.ROOT}")
+    report = "\n".join(bench.realct_rows({"X2P-Net": ckpt}, realct.ROOT, poses=1))
+    data = realct.split(realct.ROOT, 64, poses=1)
     names = case_io.read_split(data, "test")
     assert names == ["verse-sub-verse012_pose0", "totalseg-example_pose0"]
-    assert case_io.read_case(data / names[1]).labels[0] == "L1"  # T11 and T12: bodies cut by the CT's top
+    labels = {name: case_io.read_case(data / name).labels for name in names}
+    assert not {"T11", "T12"} & set(labels[names[1]])  # bodies cut by the CT's top
+    assert labels[names[1]][-1] == "S1" and len(labels[names[1]]) >= 5  # (a round field may cut one more)
     errors = evaluate_cases(Localizer.from_checkpoint(ckpt), data, names)["3d"]
     m = metrics.summary(errors)
     assert f"| X2P-Net, real CTs | {100 * m['pcl@10']:.1f} | {100 * m['pcl@20']:.1f} | {m['mpe']:.2f} |" in report
-    assert m["n"] == 12 and np.isfinite(m["auc"])  # six vertebrae in each CT
+    assert m["n"] == sum(len(v) for v in labels.values()) and np.isfinite(m["auc"])
+    from x2p_ros.training.evaluate import real_anatomy
+    row = real_anatomy(Localizer.from_checkpoint(ckpt), realct.ROOT, poses=1)  # x2p evaluate's row: the same
+    assert row["pairs"] == 2 and row["3d_mm"]["mpe"] == pytest.approx(m["mpe"])
+    assert set(row["per_ct"]) == set(realct.CASES)
 
-    line = bench.realism_sheet(bench.REALCT, 64, 2, sheet, pairs_per_ct=1, poses=1)[0]
+    line = bench.realism_sheet(realct.ROOT, 64, 2, sheet, pairs_per_ct=1, poses=1)[0]
     assert "(realism_sheet.png)" in line
     image = cv2.imread(str(sheet))  # rows: a synthetic pair (two views) beside a real CT's pair
     assert image.shape == (2 * 256, 4 * 256, 3)

@@ -152,16 +152,21 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     assert (run / "loss.png").stat().st_size > 1000 and (run / "best.pt").is_file()
 
     capsys.readouterr()
-    assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"),
+    assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--realct",
+                 str(tmp_path / "nowhere")]) == 2
+    assert "the real CTs (verse-sub-verse012, totalseg-example) are not there" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--no-realct",
                  "--out", str(tmp_path / "eval")]) == 0
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(result["3d_mm"]) >= {"pcl@10", "pcl@20", "mpe", "auc", "missed"}
     assert {"2d_ap_px", "2d_lat_px", "per_level_mpe_mm", "identity_swaps"} <= set(result)
     test_names = case_io.read_split(small_data, "test")
     assert result["split"] == "test" and result["cases"] == len(test_names)
-    assert f"{len(test_names)} cases of split 'test'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{len(test_names)} cases of split 'test'" in out and "real anatomy: not measured" in out
+    assert "real_anatomy" not in result
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--split", "all",
-                 "--out", str(tmp_path / "all")]) == 0
+                 "--no-realct", "--out", str(tmp_path / "all")]) == 0
     every = json.loads((tmp_path / "all" / "metrics.json").read_text())
     assert every["cases"] == len(case_io.list_cases(small_data)) == 5
     assert sum(m["n"] for m in every["per_index_3d_mm"].values()) == every["3d_mm"]["n"]

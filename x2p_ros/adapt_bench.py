@@ -40,7 +40,8 @@ def measure(checkpoint, folder: Path, names: list[str]) -> dict:
 def run(root: Path, minutes: float, pairs: int, device: str) -> dict:
     import torch
 
-    from .bench import REALCT_CASES, machine, realct_labels
+    from .bench import machine
+    from .data import realct
     from .data.ct_import import load_patient
     from .data.patient_pairs import sha256
     from .data.synth import ENGINE_VERSION
@@ -52,8 +53,8 @@ def run(root: Path, minutes: float, pairs: int, device: str) -> dict:
     result = {"minutes_budget": minutes, "pairs_per_ct": pairs, "eval_seed": EVAL_SEED, "machine": machine(),
               "device": device, "engine": ENGINE_VERSION, "models": {label: sha256(path)[:12] for label, path in
                                                                     generic_models.items()}, "cts": {}}
-    for name in REALCT_CASES:
-        given = realct_labels(root, name)
+    for name in realct.CASES:
+        given = realct.labels(root, name)
         volume, vertebrae = load_patient(root / name / "ct.nii.gz", **given)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -117,7 +118,7 @@ def section(path: Path) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from .bench import REALCT
+    from .data.realct import ROOT as REALCT
     parser = argparse.ArgumentParser(prog="python -m x2p_ros.adapt_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="adaptation budget per CT")
     parser.add_argument("--pairs", type=int, default=8, help="held-out evaluation pairs per CT")

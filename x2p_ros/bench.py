@@ -11,7 +11,6 @@ docs/BENCHMARKS.md with the commands that made them.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -20,14 +19,15 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import adapt_bench
-from .data.synth import ENGINE_VERSION, SynthConfig, make_case, synthesize
+from .data import realct
+from .data.synth import SynthConfig, make_case, synthesize
 from .model import preset
 from .model.summary import example_inputs, model_summary
 
@@ -35,11 +35,6 @@ from .model.summary import example_inputs, model_summary
 PAPER_ROWS = {"X2P-Net (paper, BiSpineX, 512 px)": (96.9, 98.8, 2.99, 0.9923, "5.84 / 6.14"),
               "SCN-Net + triangulation (paper's lifting baseline, 512 px)": (90.5, 92.6, 8.94, 0.9274, "3.78 / 4.96")}
 TEST_SEED = 777  # the held-out test split: never used for training (training seeds: 1000 and up)
-# The real-anatomy validation set: two labelled patient CTs, never trained on nor tuned by
-REALCT = Path(__file__).resolve().parents[2] / "shared" / "realct"
-REALCT_CASES = {"verse-sub-verse012": dict(centroids="seg-subreg_ctd.json"),
-                "totalseg-example": dict(mask="vertebrae_totalseg.nii.gz", mask_style="totalseg")}
-REALCT_POSES = 4  # C-arm poses (import seeds) per CT
 
 
 def machine() -> str:
@@ -199,67 +194,38 @@ def soak_section(path: Path) -> list[str]:
         f"Resident memory every 30 s (MB): {', '.join(f'{x:.0f}' for x in r.get('rss_mb_every_30s', []))}.", ""]
 
 
-def _cache(name: str, config: SynthConfig) -> Path:
-    """A generated data set's folder, named after the synthesis recipe that made it."""
-    recipe = hashlib.sha1(json.dumps([ENGINE_VERSION, asdict(config)]).encode()).hexdigest()[:8]
-    return Path(tempfile.gettempdir()) / f"x2p-bench-{name}-{config.size}-{recipe}"
-
-
 def test_split(size: int, cases: int) -> Path:
     """The held-out test split at this size (made once, then reused): every case is a test case."""
     config = SynthConfig(size=size)
-    data = _cache(f"test-s{TEST_SEED}-n{cases}", config)
+    data = realct.cache_folder(f"test-s{TEST_SEED}-n{cases}", config)
     synthesize(data, cases, seed=TEST_SEED, config=config, progress=False)
     (data / "test.txt").write_text("".join(f"case_{i:05d}\n" for i in range(cases)))
     return data
 
 
-def realct_labels(root: Path, name: str) -> dict:
-    """The ground-truth source of one real CT as import_ct / load_patient / adapt take it."""
-    return {k: (v if k == "mask_style" else root / name / v) for k, v in REALCT_CASES[name].items()}
-
-
-def realct_split(root: Path, size: int, poses: int = REALCT_POSES) -> Path:
-    """DRR pairs of the real CTs at `poses` random C-arm poses each (`x2p data import-ct
-    --seed 0..poses-1`), made once, then reused; every pair is a test case."""
-    config = SynthConfig(size=size)
-    data = _cache(f"realct-p{poses}", config)
-    from .data.ct_import import import_ct
-    names = []
-    for name in REALCT_CASES:
-        for seed in range(poses):
-            folder = data / f"{name}_pose{seed}"
-            if not (folder / "case.json").is_file():
-                import_ct(root / name / "ct.nii.gz", folder, seed=seed, config=config, **realct_labels(root, name))
-            names.append(folder.name)
-    (data / "test.txt").write_text("".join(f"{n}\n" for n in names))
-    return data
-
-
 def realism_sheet(root: Path, size: int, test_cases: int, out_png: Path, pairs_per_ct: int = 2,
-                  poses: int = REALCT_POSES) -> list[str]:
+                  poses: int = realct.POSES) -> list[str]:
     """Synthetic test pairs beside the real CTs' pairs at the same size and window
     (docs/realism_sheet.png), and the report's line about it, or why there is none."""
-    if not all((root / name / "ct.nii.gz").is_file() for name in REALCT_CASES):
+    if not realct.available(root):
         return [f"No realism contact sheet: the real CTs are not at {root}.", ""]
     from .data.contact_sheet import side_by_side
-    real = realct_split(root, size, poses)
-    real_cases = [real / f"{name}_pose{seed}" for name in REALCT_CASES for seed in range(pairs_per_ct)]
+    real = realct.split(root, size, poses)
+    real_cases = [real / f"{name}_pose{seed}" for name in realct.CASES for seed in range(pairs_per_ct)]
     synthetic = test_split(size, test_cases)
     side_by_side([synthetic / f"case_{i:05d}" for i in range(len(real_cases))], real_cases, out_png)
     return [f"Realism: synthetic test pairs (left) beside the real CTs' pairs (right) at {size} x {size}, "
             f"the same display window: [{out_png.name}]({out_png.name}).", ""]
 
 
-def realct_rows(checkpoints: dict, root: Path, poses: int = REALCT_POSES) -> list[str]:
+def realct_rows(checkpoints: dict, root: Path, poses: int = realct.POSES) -> list[str]:
     """The real-anatomy validation rows, or why there are none."""
     lines = ["", "### Real anatomy (validation only)", ""]
-    if not all((root / name / "ct.nii.gz").is_file() for name in REALCT_CASES):
+    if not realct.available(root):
         return lines + [f"Skipped: the real CTs are not at {root} (`../shared/realct` beside the project).", ""]
     from . import metrics
     from .inference import Localizer
-    from .training.evaluate import evaluate_cases
-    lines += [f"DRR pairs of the two labelled patient CTs in `{os.path.relpath(root)}` ({', '.join(REALCT_CASES)}), "
+    lines += [f"DRR pairs of the two labelled patient CTs in `{os.path.relpath(root)}` ({', '.join(realct.CASES)}), "
               f"{poses} random C-arm poses each (`x2p data import-ct --seed 0..{poses - 1}`, the data engine's "
               "physics), the ground-truth top-most vertebra as the prompt. They are the real-anatomy validation "
               "set: no model was trained on them, and no checkpoint or setting was chosen by them. A vertebra "
@@ -268,9 +234,7 @@ def realct_rows(checkpoints: dict, root: Path, poses: int = REALCT_POSES) -> lis
               "|---|---|---|---|---|---|---|"]
     for label, ckpt in checkpoints.items():
         localizer = Localizer.from_checkpoint(ckpt)
-        data = realct_split(root, localizer.config.image_size, poses)
-        per_ct = {name: evaluate_cases(localizer, data, [f"{name}_pose{s}" for s in range(poses)])
-                  for name in REALCT_CASES}
+        per_ct = realct.validation_errors(localizer, root, poses)
         joined = {k: np.concatenate([e[k] for e in per_ct.values()]) for k in ("3d", "ap", "lat")}
         two_d = " / ".join(f"{metrics.summary(joined[v])['mpe']:.2f}" if joined[v].size else "-"
                            for v in ("lat", "ap"))
@@ -290,10 +254,10 @@ REFERENCE_CONFIGS = {PAPER_CONFIG_LATENCY: "paper", "lifting baseline, `baseline
 
 
 def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE_CONFIGS,
-                 realct: Path = REALCT, sheet: Path | None = None) -> list[str]:
+                 realct_root: Path = realct.ROOT, sheet: Path | None = None) -> list[str]:
     """checkpoints: {method label: path}, the first the shipped X2P-Net, the second the baseline;
     reference_configs: {label: preset} timed at their own size beside them (untrained weights);
-    realct: the real CTs of the real-anatomy validation rows; sheet: where the realism contact
+    realct_root: the real CTs of the real-anatomy validation rows; sheet: where the realism contact
     sheet goes (None: none)."""
     from .model.checkpoint import load_model
     from .training.evaluate import evaluate
@@ -322,9 +286,9 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
         for kind, m in r["by_field_3d_mm"].items():
             lines.append(_metric_row(f"{label}, {kind}", m))
     lines += [f"| {label} | {' | '.join(map(str, row))} | |" for label, row in PAPER_ROWS.items()]
-    lines += realct_rows(checkpoints, realct)
+    lines += realct_rows(checkpoints, realct_root)
     if sheet is not None:
-        lines += realism_sheet(realct, sizes[0], test_cases, sheet)
+        lines += realism_sheet(realct_root, sizes[0], test_cases, sheet)
     lines += ["", "2D errors are the heatmap peaks' in the input image's pixels (256 x 256 here, 512 x 512 in the "
               "paper).", "", "Prompt displaced by up to 20 px along x and 10 px along y (at 512 px; scaled to the "
               "input size): largest change of the 3D MPE over the displacements (paper: under 0.06 mm).", "",

@@ -80,9 +80,14 @@ def _adapt(args):
 
 
 def _evaluate(args):
+    from .data import realct
+    from .data.case_io import DatasetError
     from .training.evaluate import evaluate
+    if args.realct is not None and not realct.available(args.realct):
+        raise DatasetError(f"--realct {args.realct}: the real CTs ({', '.join(realct.CASES)}) are not there")
+    root = args.realct or (None if args.no_realct or not realct.available() else realct.ROOT)
     result = evaluate(args.data, args.checkpoint, split=args.split, out=args.out, device=args.device,
-                      sweep=args.sweep, limit=args.limit)
+                      sweep=args.sweep, limit=args.limit, realct_root=root)
     for failed in result["failed_cases"]:
         print(f"x2p: error: case {failed['case']}: {failed['error']} (counted as missed)", file=sys.stderr)
     print(f"{result['cases']} cases of split '{result['split']}' in {result['data']}")
@@ -97,6 +102,13 @@ def _evaluate(args):
                           f"{k}: none found ({m['missed']}/{m['n']})" for k, m in result["per_index_3d_mm"].items())
     print(f"3D MPE mm by index below the prompt (missed/vertebrae): {per_index}")
     print(f"identity swaps: {result['identity_swaps']} (found nearer to another vertebra's ground truth)")
+    if "real_anatomy" in result:
+        r = result["real_anatomy"]
+        m = r["3d_mm"]
+        print(f"real anatomy (validation only: {r['pairs']} pairs of the CTs in {r['root']}): PCL@10 "
+              f"{100 * m['pcl@10']:.1f} %  MPE {m['mpe']:.2f} mm  ({m['n']} vertebrae, {m['missed']} missed)")
+    else:
+        print("real anatomy: not measured (the real CTs are not at ../shared/realct; --realct DIR names them)")
     if args.sweep:
         print(f"prompt sweep: largest MPE change {result['prompt_sweep_max_mpe_change_mm']:.3f} mm")
     if args.out:
@@ -228,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--sweep", action="store_true", help="also displace the prompt (paper, Figure 9)")
     p.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    p.add_argument("--realct", type=Path, default=None,
+                   help="the labelled real CTs for the real-anatomy validation row (default: ../shared/realct "
+                        "beside the project, when there)")
+    p.add_argument("--no-realct", action="store_true", help="no real-anatomy validation row")
     p.set_defaults(run=_evaluate)
 
     p = commands.add_parser("localize", help="localise the vertebrae of one AP/LAT pair from files")

@@ -134,13 +134,27 @@ def plot_sweep(sweep: dict, png):
     plt.close(fig)
 
 
-def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=False, limit=None) -> dict:
-    """Metrics of a split ('train', 'val', 'test') or of every case ('all')."""
+def real_anatomy(localizer: Localizer, root, poses: int | None = None) -> dict:
+    """The real-anatomy validation row (x2p_ros/data/realct.py): 3D metrics over the real CTs' pairs, and per CT."""
+    from ..data import realct
+    poses = poses or realct.POSES
+    per_ct = realct.validation_errors(localizer, root, poses)
+    joined = np.concatenate([e["3d"] for e in per_ct.values()])
+    return {"root": str(root), "pairs": poses * len(per_ct), "3d_mm": metrics.summary(joined),
+            "per_ct": {name: metrics.summary(e["3d"]) for name, e in per_ct.items()}}
+
+
+def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=False, limit=None,
+             realct_root=None) -> dict:
+    """Metrics of a split ('train', 'val', 'test') or of every case ('all'), and the real-anatomy
+    validation row when realct_root holds the real CTs."""
     localizer = Localizer.from_checkpoint(checkpoint_path, device)
     names = (case_io.list_cases(data) if split == "all" else case_io.read_split(data, split))[:limit]
     errors = evaluate_cases(localizer, data, names)
     result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
               **report(errors), "failed_cases": errors["failed"]}
+    if realct_root is not None:
+        result["real_anatomy"] = real_anatomy(localizer, realct_root)
     if sweep:
         table = {}
         for axis, values in (("x", (-20, -10, 10, 20)), ("y", (-10, -5, 5, 10))):
