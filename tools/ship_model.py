@@ -28,18 +28,28 @@ def main(run: str, data: str, name: str = "default") -> int:
     model, meta = checkpoint.load_model(run / "best.pt")
     dataset = json.loads((data / "dataset.json").read_text())
     log = list(csv.DictReader((run / "log.csv").open()))
-    init = meta.get("init")  # a fine-tune: count the epochs of the run it started from
+    init = meta.get("init")  # a fine-tune: count the epochs of the run (or the shipped model) it started from
     init_log = Path(init).parent / "log.csv" if init else None
-    prior = len(list(csv.DictReader(init_log.open()))) if init_log and init_log.is_file() else 0
+    init_record = Path(init).with_suffix(".json") if init else None
+    if init_log and init_log.is_file():
+        prior = len(list(csv.DictReader(init_log.open())))
+    elif init_record and init_record.is_file():  # a shipped model: its provenance says how it was trained
+        trained = json.loads(init_record.read_text())["training"]
+        prior = trained["epochs_before_fine_tune"] + trained["epochs_run"]
+    else:
+        prior = 0
     epochs = f"{prior} + {len(log)} epochs (fine-tuned from {init})" if init else f"{len(log)} epochs"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     record = {
         "config": meta.get("config_name"), "config_values": model.config.to_dict(),
-        "training_data": {"generator": "x2p data synth", "cases": dataset["cases"], "seed": dataset["seed"],
+        "training_data": {"generator": "x2p data synth", "engine": dataset.get("engine", 1),
+                          "cases": dataset["cases"], "seed": dataset["seed"],
                           "size": dataset["config"]["size"], "folder": data.name,
                           "vertebrae_per_case": dataset["vertebrae_per_case"], "synth_config": dataset["config"]},
         "training": {"epochs_run": len(log), "best_epoch": meta.get("epoch"), "fine_tuned_from": init,
                      "epochs_before_fine_tune": prior,
+                     "fine_tuned_from_record": json.loads(init_record.read_text())
+                     if init_record and init_record.is_file() else None,
                      "optimizer": "AdamW wd 0.05",
                      "seconds": float(log[-1]["seconds"]) if log else None, "device": "cpu",
                      "machine": f"{platform.machine()}, torch {torch.__version__}"},
