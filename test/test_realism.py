@@ -244,3 +244,51 @@ def test_context_never_paints_over_a_vertebra():
     context.paint_hips(canvas, marks)
     assert np.sum(hu != everything) > 1000  # the painters did paint (gas, above all)
     np.testing.assert_array_equal(hu[labels > 0], before)
+
+
+def test_scatter_gamma_and_electronic_noise_act_as_they_should(lines):
+    plain = _flat(dict(photons=1e7, window=(0.0, 100.0)))
+    a = carm.image(lines, plain, np.random.default_rng(0)).astype(float)
+
+    def centre_share(look):  # the spine's contrast against the whole image's
+        image = carm.image(lines, look, np.random.default_rng(0)).astype(float)
+        return image[40:88, 40:88].std() / image.std()
+    # scatter veils the dense middle most: its contrast shrinks against the rest
+    assert centre_share(carm.Look(**dict(plain.__dict__, scatter=1.0))) < 0.9 * centre_share(plain)
+    bright = carm.image(lines, carm.Look(**dict(plain.__dict__, gamma=0.6)), np.random.default_rng(0)).astype(float)
+    dark = carm.image(lines, carm.Look(**dict(plain.__dict__, gamma=1.6)), np.random.default_rng(0)).astype(float)
+    assert np.median(bright) > np.median(a) > np.median(dark)  # the LUT bends the mid-tones only
+    quiet = _roughness(carm.image(lines, _flat(dict(photons=300.0)), np.random.default_rng(0)))
+    noisy = _roughness(carm.image(lines, _flat(dict(photons=300.0, electronic_noise=30.0)), np.random.default_rng(0)))
+    assert noisy > quiet
+
+
+def test_a_ct_resolution_blur_softens_the_projections():
+    from x2p_ros.data import synth
+    sharp = make_case(3, SynthConfig(size=128, ct_blur_mm=(0.0, 0.0)))
+    soft = make_case(3, SynthConfig(size=128, ct_blur_mm=(2.5, 2.5)))
+    assert sharp[4]["phantom"]["ct_blur_mm"] == 0.0 and soft[4]["phantom"]["ct_blur_mm"] == 2.5
+    assert [v["label"] for v in sharp[3]] == [v["label"] for v in soft[3]]  # same patient, pose and look
+    # the AP view's look is drawn before any noise: the same; only the image is softer
+    assert sharp[4]["looks"]["ap"] == soft[4]["looks"]["ap"]
+    assert _roughness(soft[0]["ap"]) < _roughness(sharp[0]["ap"])
+    assert synth.SynthConfig().ct_blur_mm[0] == 0.0  # some phantoms stay sharp
+
+
+def test_organs_sit_where_anatomy_puts_them():
+    lumbar = _phantom(["T12", "L1", "L2", "L3"], seed=6)
+    vol, marks = lumbar.volume, spine_landmarks(PhantomSpec(levels=["T12", "L1", "L2", "L3"]))
+
+    def hu_at(xyz):
+        k, j, i = np.round(vol.world_to_voxel([xyz])[0][::-1]).astype(int)
+        return vol.hu[k, j, i]
+    level = {v["label"]: np.array(v["xyz_mm"]) for v in lumbar.vertebrae}
+    kidney = (level["L1"] + level["L3"]) / 2
+    assert hu_at(kidney + [60.0 * marks.torso_scale, 10.0, 0.0]) == context.HU_MUSCLE  # left kidney
+    assert hu_at(level["T12"] + [-75.0, -45.0, -10.0]) == context.HU_LIVER  # liver, right (x < 0)
+    cervical = _phantom(["C1", "C2", "C3", "C4"], seed=6)
+    c2 = next(v["xyz_mm"] for v in cervical.vertebrae if v["label"] == "C2")
+    front = cervical.volume.voxel_to_world(np.argwhere((cervical.volume.hu > 900) & (cervical.volume.labels == 0))
+                                           [:, ::-1])
+    near_c2 = front[np.abs(front[:, 2] - c2[2]) < 30]
+    assert np.any(near_c2[:, 1] < c2[1] - 40)  # the mandible, in front of the neck
