@@ -50,13 +50,15 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), GPU: {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def bench_synth(cases: int, size: int) -> list[str]:
+def bench_synth(cases: int, size: int) -> tuple[list[str], float]:
+    """The table's rows, and the seconds per case of one process on the CPU."""
     rows = []
     make_case(0, SynthConfig(size=size))  # warm-up
     start = time.perf_counter()
     for seed in range(cases):
         make_case(seed, SynthConfig(size=size))
-    rows.append(f"| CPU, one process | {size} | {(time.perf_counter() - start) / cases:.2f} |")
+    one_process = (time.perf_counter() - start) / cases
+    rows.append(f"| CPU, one process | {size} | {one_process:.2f} |")
     tmp = Path(tempfile.mkdtemp())
     try:
         start = time.perf_counter()
@@ -72,7 +74,7 @@ def bench_synth(cases: int, size: int) -> list[str]:
             make_case(seed, SynthConfig(size=size), device="cuda")
         rows.append(f"| CUDA ({torch.cuda.get_device_name(0)}), one process | {size} | "
                     f"{(time.perf_counter() - start) / cases:.2f} |")
-    return rows
+    return rows, one_process
 
 
 def bench_latency(config: dict, device: str, repeats: int = 10) -> tuple[float, float]:
@@ -138,7 +140,9 @@ def main(argv=None) -> int:
 
     sections += ["## Data engine", "", "Seconds per synthetic case (phantom, two DRRs, PNGs), "
                  f"{args.synth_cases} cases. Goal: under 3 s per case at 512 x 512 on 2 cores.", "",
-                 "| where | size | s / case |", "|---|---|---|", *bench_synth(args.synth_cases, 512), ""]
+                 "| where | size | s / case |", "|---|---|---|"]
+    synth_rows, synth_seconds = bench_synth(args.synth_cases, 512)
+    sections += [*synth_rows, ""]
 
     sections += ["## Model size", "", "Counted with `torch.utils.flop_counter` for one AP/LAT pair "
                  "(`x2p model summary --config NAME`). Paper: 3.24 M parameters, 130.8 GMACs at 512 x 512.", "",
@@ -158,7 +162,8 @@ def main(argv=None) -> int:
     if missing:
         sections += ["## Accuracy and latency", "", f"Not measured: no checkpoint at {', '.join(missing)}.", ""]
     else:
-        sections += bench_models(checkpoints, args.test_cases, sheet=args.out.parent / "realism_sheet.png")
+        sections += bench_models(checkpoints, args.test_cases, sheet=args.out.parent / "realism_sheet.png",
+                                 synth_seconds=synth_seconds)
     sections += adapt_bench.section(args.out.parent / "adapt_result.json")
     sections += soak_section(args.out.parent / "soak_result.json")
     write_report(args.out, sections)
@@ -218,11 +223,11 @@ def realism_sheet(root: Path, size: int, test_cases: int, out_png: Path, pairs_p
             f"the same display window: [{out_png.name}]({out_png.name}).", ""]
 
 
-def realct_rows(checkpoints: dict, root: Path, poses: int = realct.POSES) -> list[str]:
-    """The real-anatomy validation rows, or why there are none."""
+def realct_rows(checkpoints: dict, root: Path, poses: int = realct.POSES) -> tuple[list[str], dict]:
+    """The real-anatomy validation rows, or why there are none, and {method: 3D summary over both CTs}."""
     lines = ["", "### Real anatomy (validation only)", ""]
     if not realct.available(root):
-        return lines + [f"Skipped: the real CTs are not at {root} (`../shared/realct` beside the project).", ""]
+        return lines + [f"Skipped: the real CTs are not at {root} (`../shared/realct` beside the project).", ""], {}
     from . import metrics
     from .inference import Localizer
     lines += [f"DRR pairs of the two labelled patient CTs in `{os.path.relpath(root)}` ({', '.join(realct.CASES)}), "
@@ -232,16 +237,18 @@ def realct_rows(checkpoints: dict, root: Path, poses: int = realct.POSES) -> lis
               "whose body is cut by a CT's edge is left out (T11 and T12 of the TotalSegmentator example).", "",
               "| method | PCL@10mm | PCL@20mm | MPE mm | AUC | 2D MPE LAT / AP px | vertebrae (missed) |",
               "|---|---|---|---|---|---|---|"]
+    summaries = {}
     for label, ckpt in checkpoints.items():
         localizer = Localizer.from_checkpoint(ckpt)
         per_ct = realct.validation_errors(localizer, root, poses)
         joined = {k: np.concatenate([e[k] for e in per_ct.values()]) for k in ("3d", "ap", "lat")}
         two_d = " / ".join(f"{metrics.summary(joined[v])['mpe']:.2f}" if joined[v].size else "-"
                            for v in ("lat", "ap"))
-        lines.append(_metric_row(f"{label}, real CTs", metrics.summary(joined["3d"]), two_d))
+        summaries[label] = metrics.summary(joined["3d"])
+        lines.append(_metric_row(f"{label}, real CTs", summaries[label], two_d))
         for name, errors in per_ct.items():
             lines.append(_metric_row(f"{label}, {name}", metrics.summary(errors["3d"])))
-    return lines + [""]
+    return lines + [""], summaries
 
 
 def _metric_row(label: str, m: dict, two_d: str = "") -> str:
@@ -254,11 +261,12 @@ REFERENCE_CONFIGS = {PAPER_CONFIG_LATENCY: "paper", "lifting baseline, `baseline
 
 
 def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE_CONFIGS,
-                 realct_root: Path = realct.ROOT, sheet: Path | None = None) -> list[str]:
+                 realct_root: Path = realct.ROOT, sheet: Path | None = None,
+                 synth_seconds: float | None = None) -> list[str]:
     """checkpoints: {method label: path}, the first the shipped X2P-Net, the second the baseline;
     reference_configs: {label: preset} timed at their own size beside them (untrained weights);
     realct_root: the real CTs of the real-anatomy validation rows; sheet: where the realism contact
-    sheet goes (None: none)."""
+    sheet goes (None: none); synth_seconds: the data engine's seconds per 512 x 512 case, for issue 11's goals."""
     from .model.checkpoint import load_model
     from .training.evaluate import evaluate
 
@@ -286,7 +294,8 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
         for kind, m in r["by_field_3d_mm"].items():
             lines.append(_metric_row(f"{label}, {kind}", m))
     lines += [f"| {label} | {' | '.join(map(str, row))} | |" for label, row in PAPER_ROWS.items()]
-    lines += realct_rows(checkpoints, realct_root)
+    real_lines, real = realct_rows(checkpoints, realct_root)
+    lines += real_lines
     if sheet is not None:
         lines += realism_sheet(realct_root, sizes[0], test_cases, sheet)
     lines += ["", "2D errors are the heatmap peaks' in the input image's pixels (256 x 256 here, 512 x 512 in the "
@@ -318,6 +327,35 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
             lines.append(f"| {device} | {label} | {cfg.image_size} | {1000 * seconds:.0f} ms | "
                          f"{peak:.0f} MB ({what}) |")
     lines += ["", *goals_section(results, latency), ""]
+    lines += [*realism_goals(results, real, synth_seconds), ""]
+    return lines
+
+
+# issue 11, "Real anatomy": the shipped X2P-Net on the real-anatomy validation set, with the phantom test
+# split no worse than before the realistic data engine (X2P-Net shipped at commit a0584db, engine 1, the
+# same 40 cases of seed 777 rendered by engine 1: PCL@10 60.3 %, MPE 7.49 mm)
+REAL_GOAL_PCL10, REAL_GOAL_MPE = 0.80, 6.0
+PHANTOM_BEFORE = {"pcl@10": 0.603, "mpe": 7.49}
+
+
+def realism_goals(results: dict, real: dict, synth_seconds: float | None) -> list[str]:
+    label = next(iter(results))  # the shipped X2P-Net
+    lines = ["## The goals (issue 11, real anatomy)", "", "| goal | measured | met |", "|---|---|---|"]
+    m = real.get(label)
+    if m is None:
+        lines.append("| real-anatomy validation: PCL@10 >= 80 %, MPE <= 6 mm | not measured: no real CTs | - |")
+    else:
+        met = m["pcl@10"] >= REAL_GOAL_PCL10 and m["mpe"] <= REAL_GOAL_MPE
+        lines.append(f"| real-anatomy validation (X2P-Net): PCL@10 >= 80 %, MPE <= 6 mm | {100 * m['pcl@10']:.1f} %, "
+                     f"{m['mpe']:.2f} mm ({m['missed']} of {m['n']} missed) | {'yes' if met else 'no'} |")
+    t = results[label]["3d_mm"]
+    no_worse = t["pcl@10"] >= PHANTOM_BEFORE["pcl@10"] and t["mpe"] <= PHANTOM_BEFORE["mpe"]
+    lines.append(f"| phantom test split no worse than before (engine 1: {100 * PHANTOM_BEFORE['pcl@10']:.1f} %, "
+                 f"{PHANTOM_BEFORE['mpe']:.2f} mm) | {100 * t['pcl@10']:.1f} %, {t['mpe']:.2f} mm on this engine's "
+                 f"split | {'yes' if no_worse else 'no'} |")
+    if synth_seconds is not None:
+        lines.append(f"| synthesis under 3 s per 512 x 512 case on 2 cores | {synth_seconds:.2f} s | "
+                     f"{'yes' if synth_seconds < 3 else 'no'} |")
     return lines
 
 
