@@ -258,3 +258,25 @@ def test_build_model_gives_each_method_over_the_same_encoder():
     assert shared and shared == {k for k in lifting.state_dict() if k.startswith(("vfe.", "fe."))}
     with pytest.raises(ValueError, match="build_model"):
         X2PNet(preset("tiny", lifting=True))
+
+
+def test_cell_centred_position_codes_agree_across_grids_and_do_not_alias():
+    """Issue 12: the doubling frequencies on 0..1 (the shipped cpu models) give the same point
+    different codes on the 16 x 16 embedding grid and on a token grid, and alias (a cell farther
+    away can look nearer); the cell-centred codes below Nyquist (the paper config) do neither."""
+    from x2p_ros.model.position_encoding import sine_positions
+
+    def codes(cells, max_cycles):
+        return sine_positions(cells, cells, 64, max_cycles=max_cycles).reshape(cells, cells, 64)
+
+    for max_cycles, same_point, aliasing in ((0.0, False, True), (4.0, True, False)):
+        coarse, fine = codes(16, max_cycles), codes(48, max_cycles)
+        # cell (i, j) of 16 and cell (3i + 1, 3j + 1) of 48 share their centre
+        agree = F.cosine_similarity(coarse[5, 7], fine[16, 22], dim=0).item()
+        assert (agree > 0.999) is same_point, (max_cycles, agree)
+        along_row = [F.cosine_similarity(coarse[8, 0], coarse[8, k], dim=0).item() for k in range(8)]
+        rises = max(b - a for a, b in zip(along_row, along_row[1:]))
+        assert (rises > 0.05) is aliasing, (max_cycles, along_row)
+    assert preset("paper").position_max_cycles == 4.0 and preset("cpu").position_max_cycles == 0.0
+    with pytest.raises(ValueError, match="Nyquist"):
+        preset("cpu", position_max_cycles=9.0)

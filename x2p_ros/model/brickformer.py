@@ -96,9 +96,10 @@ class SCE(nn.Module):
     """f_m (B, d, h, w) -> heatmaps (B, N, S, S) and embeddings (B, N, S*S, d)."""
 
     def __init__(self, d: int, heads: int, layers: int, n_vertebrae: int, embed_size: int, s: int, k: int, mode: str,
-                 ffn_dim: int):
+                 ffn_dim: int, position_max_cycles: float = 0.0):
         super().__init__()
         self.embed_size = embed_size
+        self.position_max_cycles = position_max_cycles
         self.embeddings = nn.Parameter(torch.randn(n_vertebrae, embed_size * embed_size, d) * 0.02)
         self.layers = nn.ModuleList([BrickLayer(d, heads, s, k, mode, ffn_dim) for _ in range(layers)])
         self.norm = nn.LayerNorm(d)
@@ -107,8 +108,9 @@ class SCE(nn.Module):
     def forward(self, f_m):
         B, d, h, w = f_m.shape
         S = self.embed_size
-        pos = sine_positions(h, w, d, f_m.device)
-        e = (self.embeddings + sine_positions(S, S, d, f_m.device))[None].expand(B, -1, -1, -1)  # (B, N, S*S, d)
+        pos = sine_positions(h, w, d, f_m.device, self.position_max_cycles)  # (h*w, d)
+        e = (self.embeddings + sine_positions(S, S, d, f_m.device, self.position_max_cycles)
+             )[None].expand(B, -1, -1, -1)  # (B, N, S*S, d)
         for layer in self.layers:
             e = layer(e, f_m, pos)
         heatmaps = self.heatmap(self.norm(e)).reshape(B, -1, S, S)  # (B, N, S, S)

@@ -35,6 +35,9 @@ class X2PConfig:
     use_sce: bool = True
     use_fusion: bool = True  # False: the volume is built from the heatmaps alone
     sce_attention: str = "brick"  # "brick" | "vanilla" | "sparse"
+    # sine position codes: 0 = DETR's doubling frequencies on 0..1 (the shipped cpu models); > 0 =
+    # cell centres and frequencies up to this many cycles per image side (position_encoding.py)
+    position_max_cycles: float = 0.0
     # the lifting baseline on the same VFE and prompt FE: per-view high-resolution
     # heatmaps, 2D soft-argmax, closed-form two-view triangulation
     lifting: bool = False
@@ -51,6 +54,9 @@ class X2PConfig:
             raise ValueError(f"d_model = {self.d_model} must be divisible by heads = {self.heads}")
         if self.sce_attention not in ("brick", "vanilla", "sparse"):
             raise ValueError(f"sce_attention must be brick, vanilla or sparse, got {self.sce_attention!r}")
+        if not 0 <= self.position_max_cycles <= self.embed_size / 2:
+            raise ValueError(f"position_max_cycles must be 0 to embed_size / 2 = {self.embed_size / 2} (the "
+                             f"embedding grid's Nyquist), got {self.position_max_cycles}")
         if self.hires_stride not in (1, 2, 4, 8):
             raise ValueError(f"hires_stride must be 1, 2, 4 or 8, got {self.hires_stride}")
 
@@ -78,7 +84,7 @@ PRESETS = {
     # the paper's sizes (3.24 M parameters, 130.8 GMACs at 512 x 512; BrickFormer of 4 layers, 8 heads,
     # hidden size 512); the paper leaves the VFE's and the fusion's widths open: these reach its totals
     "paper": X2PConfig(base_channels=32, sce_layers=4, sce_ffn_dim=512, fusion_channels=24,
-                       volume_shape=(96, 64, 64)),
+                       volume_shape=(96, 64, 64), position_max_cycles=4.0),  # the 16 x 16 embedding grid: Nyquist 8
     # trains on a 2-core CPU: 256 px, the same architecture at a smaller width
     "cpu": X2PConfig(image_size=256, base_channels=16, prompt_radius=24, d_model=64, embed_size=16,
                      pool_stride=4, top_k=8, volume_shape=(48, 24, 24)),

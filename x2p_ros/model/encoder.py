@@ -18,7 +18,7 @@ class BiplanarEncoder(nn.Module):
         self.config = cfg = config
         self.vfe = VFE(cfg.base_channels, cfg.hires_stride)
         self.fe = PromptFE(self.vfe.lowres_channels, cfg.d_model, cfg.heads, cfg.fe_layers, cfg.prompt_radius,
-                           cfg.use_prompt)
+                           cfg.use_prompt, cfg.position_max_cycles)
 
     def encode(self, images, prompt):
         """-> high (B*V, c_hi, H/s, W/s) and f_m (B*V, d, H/8, W/8), views along the batch."""

@@ -29,8 +29,10 @@ class AttentionLayer(nn.Module):
 class PromptFE(nn.Module):
     """(B, C, h, w) stride-8 features and a prompt per image (B, 2) px -> f_m (B, d, h, w)."""
 
-    def __init__(self, c_in: int, d: int, heads: int, layers: int, prompt_radius: int, use_prompt: bool = True):
+    def __init__(self, c_in: int, d: int, heads: int, layers: int, prompt_radius: int, use_prompt: bool = True,
+                 position_max_cycles: float = 0.0):
         super().__init__()
+        self.position_max_cycles = position_max_cycles
         self.proj = nn.Conv2d(c_in, d, 1)
         self.use_prompt = use_prompt
         self.radius = prompt_radius
@@ -43,7 +45,7 @@ class PromptFE(nn.Module):
         if not self.use_prompt:
             return f
         d = f.shape[1]
-        pos = sine_positions(h, w, d, f.device)  # (h*w, d)
+        pos = sine_positions(h, w, d, f.device, self.position_max_cycles)  # (h*w, d)
         tokens = f.flatten(2).transpose(1, 2) + pos  # (B, h*w, d)
         # Prompt features f_p: the tokens under the square mask M_p, gathered at
         # fixed size with grid_sample; cells outside the image are padding.

@@ -20,7 +20,7 @@ class X2PNet(BiplanarEncoder):
         super().__init__(config)
         cfg = config
         self.sce = SCE(cfg.d_model, cfg.heads, cfg.sce_layers, cfg.n_vertebrae, cfg.embed_size, cfg.pool_stride,
-                       cfg.top_k, cfg.sce_attention, cfg.sce_ffn_dim) if cfg.use_sce else None
+                       cfg.top_k, cfg.sce_attention, cfg.sce_ffn_dim, cfg.position_max_cycles) if cfg.use_sce else None
         # Fusion input: heatmaps (unless no SCE) and the high-resolution features
         # with the masked features upsampled (unless "no fusion": heatmaps alone).
         c_in = (cfg.n_vertebrae if cfg.use_sce else 0)
