@@ -35,7 +35,7 @@ def main(run: str, data: str, name: str = "default") -> int:
         prior = len(list(csv.DictReader(init_log.open())))
     elif init_record and init_record.is_file():  # a shipped model: its provenance says how it was trained
         trained = json.loads(init_record.read_text())["training"]
-        prior = trained["epochs_before_fine_tune"] + trained["epochs_run"]
+        prior = trained.get("epochs_before_fine_tune", 0) + trained["epochs_run"]
     else:
         prior = 0
     epochs = f"{prior} + {len(log)} epochs (fine-tuned from {init})" if init else f"{len(log)} epochs"
