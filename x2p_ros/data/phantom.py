@@ -469,7 +469,8 @@ def make_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
     lo = np.array([0.0, 0.0, bottom[2] - margin_z])
     hi = np.array([0.0, 0.0, top[2] + margin_top])
     half_w, front, back = _torso_outline(spec, centres, np.linspace(lo[2], hi[2], 32))
-    arms_beside = spec.arms_down and idx[0] <= CHAIN.index("T12") and idx[-1] >= CHAIN.index("C7")
+    # hanging arms reach from the shoulders (C7-T1) to the elbows (about T10)
+    arms_beside = spec.arms_down and idx[0] <= CHAIN.index("T10") and idx[-1] >= CHAIN.index("C7")
     arm_room = 110.0 * spec.torso_scale if arms_beside else 0.0
     lo[:2] = -half_w.max() - 5 - arm_room, front.min() - 5 - spec.table_mm
     hi[:2] = half_w.max() + 5 + arm_room, back.max() + 5
