@@ -197,11 +197,15 @@ def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_config(sm
 
 
 def test_the_shipped_models_can_be_fine_tuned(small_data, tmp_path):
-    """Their configs were saved before later fields (sce_ffn_dim) existed: those take the
-    defaults that keep the architecture, for fine-tuning as for loading."""
+    """Both, and each as if saved before later fields (sce_ffn_dim, position_max_cycles)
+    existed: those take the defaults that keep the architecture, for fine-tuning as for loading."""
     from x2p_ros.models import baseline_checkpoint, default_checkpoint
-    for path, config in ((default_checkpoint(), "cpu"), (baseline_checkpoint(), "cpu-baseline")):
-        assert "sce_ffn_dim" not in checkpoint.read(path)["config"]
+    for shipped, config in ((default_checkpoint(), "cpu"), (baseline_checkpoint(), "cpu-baseline")):
+        state = checkpoint.read(shipped)
+        for later in ("sce_ffn_dim", "position_max_cycles"):
+            state["config"].pop(later, None)
+        path = tmp_path / f"{config}-older.pt"
+        torch.save(state, path)
         assert main(["train", "--data", str(small_data), "--config", config, "--out", str(tmp_path / config),
                      "--epochs", "1", "--lr", "0", "--workers", "0", "--quiet", "--init", str(path)]) == 0
         tuned = checkpoint.read(tmp_path / config / "best.pt")["model"]

@@ -97,16 +97,16 @@ def _random_crop(rng: np.random.Generator, full_share: float):
     in training than in whole images (issue 12)."""
     if rng.uniform() < full_share:
         return None
-    return rng.uniform(0.7, 1.0), rng.uniform(), rng.uniform(size=2)
+    # zoom in to 0.7 of the side, or out to 1.3: fields framed loosely show the spine smaller
+    return rng.uniform(0.7, 1.3), rng.uniform(), rng.uniform(size=2)
 
 
 def _crop_box(full_box, size, side_share: float, vertical: float, horizontal: float):
-    """The crop of one view: a square of side_share of the full box's side, placed inside the image."""
-    x0, y0, side = full_box
-    side *= side_share
-    x0 += horizontal * max(size[0] - side, 0)
-    y0 += vertical * max(size[1] - side, 0)
-    return x0, y0, side
+    """The crop of one view: a square of side_share of the full box's side, inside the image
+    (zoomed in) or around it (zoomed out)."""
+    side = full_box[2] * side_share
+    # from one edge to the other: inside the image when smaller, around it when larger
+    return horizontal * (size[0] - side), vertical * (size[1] - side), side
 
 
 def _intensity_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
