@@ -15,6 +15,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from x2p_ros.data import case_io, realct  # noqa: E402
+from x2p_ros.data.patient_pairs import sha256  # noqa: E402
 from x2p_ros.model import checkpoint  # noqa: E402
 from x2p_ros.models import baseline_checkpoint, default_checkpoint  # noqa: E402
 
@@ -27,6 +29,15 @@ def main(run: str, data: str, name: str = "default") -> int:
     run, data = Path(run), Path(data)
     model, meta = checkpoint.load_model(run / "best.pt")
     dataset = json.loads((data / "dataset.json").read_text())
+    # the real-anatomy validation CTs are never trained on: `x2p data add-ct` names its cases ct<sha256[:12]>_...
+    seen = {n for split in ("train", "val") for n in case_io.read_split(data, split)}
+    patient_cases = sorted(n for n in seen if n.startswith("ct"))
+    validation_cts = {sha256(realct.ROOT / name / "ct.nii.gz")[:12]: name for name in realct.CASES
+                      if realct.available()}
+    leaked = sorted({validation_cts[n[2:14]] for n in patient_cases if n[2:14] in validation_cts})
+    if leaked:
+        raise SystemExit(f"ship_model: {data} trains on the real-anatomy validation CT(s) {', '.join(leaked)}: "
+                         "never ship such a model")
     log = list(csv.DictReader((run / "log.csv").open()))
     init = meta.get("init")  # a fine-tune: count the epochs of the run (or the shipped model) it started from
     init_log = Path(init).parent / "log.csv" if init else None
@@ -43,6 +54,7 @@ def main(run: str, data: str, name: str = "default") -> int:
     record = {
         "config": meta.get("config_name"), "config_values": model.config.to_dict(),
         "training_data": {"generator": "x2p data synth", "engine": dataset.get("engine", 1),
+                          "patient_ct_cases": len(patient_cases), "real_anatomy_validation_cts": False,
                           "cases": dataset["cases"], "seed": dataset["seed"],
                           "size": dataset["config"]["size"], "folder": data.name,
                           "vertebrae_per_case": dataset["vertebrae_per_case"], "synth_config": dataset["config"]},
