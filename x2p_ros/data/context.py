@@ -22,9 +22,7 @@ class Landmarks:
     chain: list[str]  # level names, superior first
     centres: np.ndarray  # (L, 3) body centres of the chain, mm
     dims: np.ndarray  # (L, 4) width, depth, height, disc below
-    half_width: callable  # z (mm) -> the body's half width there
-    front: callable  # z -> the skin's y in front
-    back: callable  # z -> the skin's y behind
+    front: callable  # z (mm) -> the skin's y in front
     torso_scale: float
     bone_density: float
 

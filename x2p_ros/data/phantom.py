@@ -446,8 +446,7 @@ def spine_landmarks(spec: PhantomSpec) -> context.Landmarks:
     """What the context painters need of a phantom's spine and outline."""
     centres, _, dims = spine_curve(spec)
     return context.Landmarks(
-        CHAIN, centres, dims, half_width=lambda z: _torso_outline(spec, centres, z)[0],
-        front=lambda z: _torso_outline(spec, centres, z)[1], back=lambda z: _torso_outline(spec, centres, z)[2],
+        CHAIN, centres, dims, front=lambda z: _torso_outline(spec, centres, z)[1],
         torso_scale=spec.torso_scale, bone_density=spec.bone_density)
 
 
