@@ -8,8 +8,8 @@ import torch
 
 from x2p_ros import geometry
 from x2p_ros.data import carm, case_io, drr
-from x2p_ros.data.phantom import CHAIN, VERSE_NUMBER, PhantomSpec, make_phantom
-from x2p_ros.data.synth import SynthConfig, make_case, synthesize
+from x2p_ros.data.phantom import CHAIN, VERSE_NUMBER, PhantomSpec, make_phantom, spine_curve
+from x2p_ros.data.synth import SynthConfig, field, make_case, synthesize
 from x2p_ros.data.volume import Volume
 from x2p_ros.geometry import carm_view
 
@@ -146,6 +146,25 @@ def test_projected_ground_truth_is_inside_the_image_and_on_bone(monkeypatch):
     # ribs, scapulae and arms overlap some centres, as in real views; a projection off by a
     # vertebra's width scores about half
     assert brighter / total >= 0.75, f"only {brighter}/{total} vertebra centres are brighter than their surroundings"
+
+
+def test_fields_are_framed_with_random_room_that_keeps_the_next_vertebra_out():
+    # engine 3 framed every field alike (half a gap each side): the spine's size in the image was a constant
+    curve = spine_curve(PhantomSpec.sample(np.random.default_rng(0), CHAIN))[0]
+    gaps = np.linalg.norm(np.diff(curve, axis=0), axis=1)
+    rng = np.random.default_rng(1)
+    room_above, room_below = [], []
+    for first, n in [(3, 5), (10, 7), (15, 4), (18, 6)]:
+        for _ in range(100):
+            centre, fov = field(curve, first, n, rng)
+            top, bottom = centre[2] + fov / 2, centre[2] - fov / 2
+            room_above.append((top - curve[first, 2]) / gaps[first - 1])
+            room_below.append((curve[first + n - 1, 2] - bottom) / gaps[first + n - 1])
+            assert np.allclose(centre[:2], curve[first:first + n, :2].mean(axis=0))
+    for room in (np.array(room_above), np.array(room_below)):
+        assert room.min() >= 0.3 - 1e-9 and room.max() < 1.0  # every vertebra in, the next one out
+        assert room.max() - room.min() > 0.45  # not one framing
+    assert abs(np.corrcoef(room_above, room_below)[0, 1]) < 0.2  # each edge drawn on its own
 
 
 def test_phantom_ground_truth_is_the_body_centroid_inside_its_own_vertebra():

@@ -24,8 +24,8 @@ from .phantom import CHAIN, PhantomSpec, make_phantom, spine_curve
 MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
 # Raised whenever the same seed and config would render other images, so that a data set is
 # never completed, nor a cached one reused, with cases of another engine (2: the C-arm chain and context
-# anatomy; 3: arms beside the chest only in fields that reach above T11).
-ENGINE_VERSION = 3
+# anatomy; 3: arms beside the chest only in fields that reach above T11; 4: fields framed with random margins).
+ENGINE_VERSION = 4
 
 
 @dataclass
@@ -47,6 +47,10 @@ class SynthConfig:
     # the rest (flat panels, thoracic and cervical fields): at most the model's
     # N = 10 per patch (docs/design.md, section 2); longer spines are tall films for the sliding window
     long_field: tuple[int, int] = (7, 10)
+    # room between the field's edge and the top-most (bottom-most) vertebra, in gaps to the next one, drawn for
+    # each edge: a C-arm is not framed on a vertebra count, and a field framed always alike teaches the model
+    # the spine's scale in the image instead of reading it. Below one gap, so the next vertebra stays outside.
+    field_margin: tuple[float, float] = (0.3, 0.85)
 
     def __post_init__(self):
         if not MIN_SIZE <= self.size <= MAX_SIZE:
@@ -106,6 +110,19 @@ def render_pair(volume, vertebrae: list[dict], centre, fov: float, rng: np.rando
     return images, Ps, spacings, kept, looks
 
 
+def field(curve: np.ndarray, first: int, n_visible: int, rng: np.random.Generator,
+          config: SynthConfig = SynthConfig()) -> tuple[np.ndarray, float]:
+    """The field of view of the vertebrae curve[first:first + n_visible] (centres of the whole
+    CHAIN, mm, z up): its centre and its height (mm, at least 100), with random room above and
+    below of config.field_margin gaps to the next vertebra."""
+    centres = curve[first:first + n_visible]
+    gaps = np.linalg.norm(np.diff(curve, axis=0), axis=1)
+    gap_above, gap_below = gaps[max(first - 1, 0)], gaps[min(first + n_visible - 1, len(gaps) - 1)]
+    top = centres[0, 2] + rng.uniform(*config.field_margin) * gap_above
+    bottom = centres[-1, 2] - rng.uniform(*config.field_margin) * gap_below
+    return np.array([*centres[:, :2].mean(axis=0), (top + bottom) / 2]), float(max(top - bottom, 100.0))
+
+
 def make_case(seed: int, config: SynthConfig = SynthConfig(), device: str = "cpu"):
     """Everything of one case from its own seed: (images, Ps, spacings, vertebrae, info)."""
     rng = np.random.default_rng(seed)
@@ -115,15 +132,12 @@ def make_case(seed: int, config: SynthConfig = SynthConfig(), device: str = "cpu
     rendered = CHAIN[max(first - 1, 0):min(first + n_visible + 1, len(CHAIN))]
     spec = PhantomSpec.sample(rng, rendered)
     curve = spine_curve(spec)[0]
-    centres = curve[first:first + n_visible]
-    gaps = np.linalg.norm(np.diff(curve, axis=0), axis=1)
-    # the field reaches half-way to the next vertebra above and below
-    fov = max(np.ptp(centres[:, 2]) + 1.1 * gaps[max(first - 1, 0):first + n_visible].mean(), 100.0)
+    field_centre, fov = field(curve, first, n_visible, rng, config)
     spec.voxel_mm = float(max(1.0, fov / 400.0))
     phantom = make_phantom(spec, rng)
     blur_mm = float(rng.uniform(*config.ct_blur_mm))
-    images, Ps, spacings, vertebrae, looks = render_pair(phantom.volume, phantom.vertebrae, centres.mean(axis=0),
-                                                         fov, rng, config, device, blur_mm)
+    images, Ps, spacings, vertebrae, looks = render_pair(phantom.volume, phantom.vertebrae, field_centre, fov, rng,
+                                                         config, device, blur_mm)
     info = {"phantom": {"levels_rendered": rendered, "scoliosis": bool(spec.scoliosis_mm != 0.0),
                         "fractures": sorted(spec.fractures), "implants": list(spec.implant_levels),
                         "voxel_mm": spec.voxel_mm, "ct_blur_mm": round(blur_mm, 3)},
