@@ -11,7 +11,7 @@ from x2p_ros import geometry
 from x2p_ros.geometry import carm_view
 from x2p_ros.model import X2PNet, build_model, preset
 from x2p_ros.model.brickformer import SCE, BrickLayer, brick_token_indices
-from x2p_ros.model.fusion import unproject, volume_frame, voxel_centres
+from x2p_ros.model.fusion import Fusion3D, unproject, volume_frame, voxel_centres
 from x2p_ros.model.prompt_fe import PromptFE
 from x2p_ros.model.summary import example_inputs
 from x2p_ros.model.vfe import VFE
@@ -118,9 +118,10 @@ def test_the_paper_config_has_the_papers_sizes():
     assert total["gmacs"] == pytest.approx(130.8, rel=0.05)  # paper: 130.8 GMACs at 512 x 512
 
 
-def test_gradients_reach_every_parameter():
+@pytest.mark.parametrize("heatmap_prior", [False, True])
+def test_gradients_reach_every_parameter(heatmap_prior):
     torch.manual_seed(0)
-    cfg = preset("tiny")
+    cfg = preset("tiny", heatmap_prior=heatmap_prior)
     model = X2PNet(cfg)
     images, P, prompt = example_inputs(cfg, batch=2)
     out = model(images, P, prompt)
@@ -176,6 +177,36 @@ def test_unprojection_puts_a_known_points_feature_in_its_voxel():
         feats.append(torch.exp(-((uu - pu) ** 2 + (vv - pv) ** 2) / 2.0))
     volume = unproject(torch.stack(feats)[None, :, None], P, points, (H, W)).prod(1)[0, 0]  # both views agree
     assert np.unravel_index(int(volume.argmax()), volume.shape) == target
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_heatmap_prior_puts_each_vertebra_where_its_own_heatmaps_meet(seed):
+    # issue 12: unprojected among the other feature channels, the SCE heatmaps did not move the 3D estimates
+    from x2p_ros.training.losses import gaussian_heatmaps
+    W = H = 64
+    P = _views(W, H).float()
+    anchor = torch.tensor([[0.0, 0.0, 30.0]])
+    torch.manual_seed(seed)
+    features = torch.randn(1, 2, 6, 16, 16)
+    points = voxel_centres(anchor, *volume_frame(P, (H, W), anchor, 0.5), (16, 12, 12))[0]  # (16, 12, 12, 3)
+    rng = np.random.default_rng(seed)
+
+    def estimates(fusion, xyz):  # each vertebra's heatmaps: Gaussians at its projections
+        pixels = torch.stack([geometry.project_torch(P[:, k], xyz[None])[0][0] for k in range(2)])[None]
+        maps = gaussian_heatmaps(pixels, torch.ones(1, 3), 16, (H, W), sigma_px=4.0)  # (1, 2, 3, 16, 16)
+        return fusion(features, P, anchor, (H, W), maps)[1][0]
+
+    for prior in (True, False):
+        torch.manual_seed(seed)
+        fusion = Fusion3D(6, 4, 3, (16, 12, 12), 0.5, heatmap_prior=prior).eval()
+        for _ in range(2):  # three vertebrae in the middle of the volume, then elsewhere
+            xyz = points[tuple(rng.integers([3, 3, 3], [13, 9, 9], size=(3, 3)).T)]  # (3, 3) mm
+            step = (points[1, 1, 1] - points[0, 0, 0]).norm()  # a voxel's diagonal
+            error = (estimates(fusion, xyz) - xyz).norm(dim=-1)
+            if prior:
+                assert error.max() < step, error
+            else:  # what the fusion did without it: nothing brings it there
+                assert error.max() > 2 * step, error
 
 
 def test_training_a_few_cases_drives_their_3d_error_below_2mm(tmp_path):

@@ -34,6 +34,9 @@ class X2PConfig:
     use_prompt: bool = True
     use_sce: bool = True
     use_fusion: bool = True  # False: the volume is built from the heatmaps alone
+    # each vertebra's 3D logits plus the log of its own 2D heatmaps at the voxels' projections (fusion.py);
+    # False in the cpu models shipped before it
+    heatmap_prior: bool = False
     sce_attention: str = "brick"  # "brick" | "vanilla" | "sparse"
     # sine position codes: 0 = DETR's doubling frequencies on 0..1 (the shipped cpu models); > 0 =
     # cell centres and frequencies up to this many cycles per image side (position_encoding.py)
@@ -57,6 +60,8 @@ class X2PConfig:
         if not 0 <= self.position_max_cycles <= self.embed_size / 2:
             raise ValueError(f"position_max_cycles must be 0 to embed_size / 2 = {self.embed_size / 2} (the "
                              f"embedding grid's Nyquist), got {self.position_max_cycles}")
+        if self.heatmap_prior and not self.use_sce:
+            raise ValueError("heatmap_prior needs the SCE's heatmaps (use_sce)")
         if self.hires_stride not in (1, 2, 4, 8):
             raise ValueError(f"hires_stride must be 1, 2, 4 or 8, got {self.hires_stride}")
 
@@ -84,7 +89,8 @@ PRESETS = {
     # the paper's sizes (3.24 M parameters, 130.8 GMACs at 512 x 512; BrickFormer of 4 layers, 8 heads,
     # hidden size 512); the paper leaves the VFE's and the fusion's widths open: these reach its totals
     "paper": X2PConfig(base_channels=32, sce_layers=4, sce_ffn_dim=512, fusion_channels=24,
-                       volume_shape=(96, 64, 64), position_max_cycles=4.0),  # the 16 x 16 embedding grid: Nyquist 8
+                       volume_shape=(96, 64, 64), position_max_cycles=4.0,  # the 16 x 16 embedding grid: Nyquist 8
+                       heatmap_prior=True),
     # trains on a 2-core CPU: 256 px, the same architecture at a smaller width
     "cpu": X2PConfig(image_size=256, base_channels=16, prompt_radius=24, d_model=64, embed_size=16,
                      pool_stride=4, top_k=8, volume_shape=(48, 24, 24)),
@@ -93,9 +99,9 @@ PRESETS = {
                       n_vertebrae=4, embed_size=4, sce_layers=1, sce_ffn_dim=32, pool_stride=2, top_k=2,
                       fusion_channels=4, volume_shape=(8, 6, 6)),
 }
-PRESETS["baseline"] = replace(PRESETS["paper"], lifting=True)
+PRESETS["baseline"] = replace(PRESETS["paper"], lifting=True, heatmap_prior=False)
 PRESETS["cpu-baseline"] = replace(PRESETS["cpu"], lifting=True)
-for _name, _changes in {"no-prompt": dict(use_prompt=False), "no-sce": dict(use_sce=False),
+for _name, _changes in {"no-prompt": dict(use_prompt=False), "no-sce": dict(use_sce=False, heatmap_prior=False),
                         "no-fusion": dict(use_fusion=False), "vanilla": dict(sce_attention="vanilla"),
                         "sparse": dict(sce_attention="sparse")}.items():
     PRESETS[_name] = replace(PRESETS["paper"], **_changes)

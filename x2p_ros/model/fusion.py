@@ -2,6 +2,13 @@
 pseudo-3D volume anchored at the triangulated prompt, 3D convolutions to N
 heatmaps, soft-argmax to N points (mm, reference frame).
 
+With a heatmap prior, vertebra n's 3D logits also get, at every voxel, the
+sum over the views of the log of n's own 2D heatmap at the voxel's
+projection, times a learned weight: the volume peaks where both views'
+heatmaps of that vertebra back-project and meet. Unprojected among 100 other
+feature channels and mixed by a 1x1 convolution, the heatmaps alone left the
+3D estimates unchanged when swapped for zeros (issue 12).
+
 The volume's axes come from the views: e_z is the images' common "up", e_y
 the AP viewing direction made orthogonal to it, e_x = e_y x e_z. It spans the
 vertical field of view at the prompt's depth, from a little above the prompt
@@ -25,6 +32,7 @@ from torch import nn
 from .. import geometry
 
 TOP_MARGIN = 0.1  # share of the vertical extent kept above the prompt
+PRIOR_FLOOR = 1e-3  # heatmap value whose log bounds the prior: a view without the vertebra cannot veto a voxel
 HEIGHT_RANGE_MM = (10.0, 3000.0)  # the vertical extent stays finite and positive whatever the geometry
 
 
@@ -93,9 +101,12 @@ def conv3d_block(c_in, c_out, stride=1):
 class Fusion3D(nn.Module):
     """View features (B, V, C, h, w) -> 3D heatmap logits (B, N, D, Hy, Wx) and points (B, N, 3)."""
 
-    def __init__(self, c_in: int, channels: int, n_vertebrae: int, volume_shape, width: float):
+    def __init__(self, c_in: int, channels: int, n_vertebrae: int, volume_shape, width: float,
+                 heatmap_prior: bool = False):
         super().__init__()
         self.reduce = nn.Conv2d(c_in, channels, 1)
+        # weight of the heatmaps' log prior on the logits, learned; 1: the prior as it is
+        self.prior_weight = nn.Parameter(torch.ones(())) if heatmap_prior else None
         self.volume_shape, self.width = tuple(volume_shape), width
         c = 2 * channels
         self.enc = conv3d_block(channels, c)
@@ -104,7 +115,8 @@ class Fusion3D(nn.Module):
         self.dec = conv3d_block(2 * c, c)
         self.head = nn.Conv3d(c, n_vertebrae, 1)
 
-    def forward(self, features, P, anchor, image_hw):
+    def forward(self, features, P, anchor, image_hw, heatmaps=None):
+        """heatmaps (B, V, N, S, S) in [0, 1]: the 2D heatmaps of the prior (needed with one)."""
         B, V = features.shape[:2]
         f = self.reduce(features.flatten(0, 1))  # (B*V, c, h, w)
         f = f.reshape(B, V, *f.shape[1:])
@@ -117,6 +129,9 @@ class Fusion3D(nn.Module):
         x = self.dec(torch.cat([self.up(self.down(x)), x], dim=1))
         logits = self.head(x)  # (B, N, D, Hy, Wx)
         with torch.autocast(logits.device.type, enabled=False):
+            if self.prior_weight is not None:
+                sampled = unproject(heatmaps.float(), P, points, image_hw)  # (B, V, N, D, Hy, Wx)
+                logits = logits.float() + self.prior_weight * sampled.clamp_min(PRIOR_FLOOR).log().sum(1)
             prob = logits.flatten(2).float().softmax(-1)  # (B, N, X)
             xyz = prob @ points.reshape(B, -1, 3)  # soft-argmax (B, N, 3)
         return logits, xyz

@@ -26,7 +26,8 @@ class X2PNet(BiplanarEncoder):
         c_in = (cfg.n_vertebrae if cfg.use_sce else 0)
         if cfg.use_fusion or not cfg.use_sce:
             c_in += self.vfe.hires_channels + cfg.d_model
-        self.fusion = Fusion3D(c_in, cfg.fusion_channels, cfg.n_vertebrae, cfg.volume_shape, cfg.volume_width)
+        self.fusion = Fusion3D(c_in, cfg.fusion_channels, cfg.n_vertebrae, cfg.volume_shape, cfg.volume_width,
+                               cfg.heatmap_prior)
 
     def forward(self, images, P, prompt):
         """images (B, V, 1, H, W) normalised; P (B, V, 3, 4) mm -> px; prompt (B, V, 2) px.
@@ -48,7 +49,7 @@ class X2PNet(BiplanarEncoder):
         features = torch.cat(parts, dim=1)
         features = features.reshape(B, V, *features.shape[1:])  # (B, V, C, h, w)
         anchor = geometry.triangulate_torch(P.double(), prompt.double()[:, :, None])[:, 0].to(P.dtype)  # (B, 3)
-        out["volume_logits"], out["xyz"] = self.fusion(features, P, anchor, (H, W))
+        out["volume_logits"], out["xyz"] = self.fusion(features, P, anchor, (H, W), out.get("heatmaps"))
         if self.sce is None:
             out["presence"] = torch.ones(out["xyz"].shape[:2], device=images.device)
         return out
