@@ -77,3 +77,54 @@ def test_the_shipped_model_through_the_node_within_10mm(tmp_path):
     errors_mm = geometry.MM_PER_M * metrics.match_errors(pred, [v.present for v in va.vertebrae], truth)
     detected = errors_mm[np.isfinite(errors_mm)]
     assert len(detected) >= 2 and detected.mean() < 10.0, f"3D errors {np.round(errors_mm, 1)} mm"
+
+
+def _ship_model_tool():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "tools" / "ship_model.py"
+    spec = importlib.util.spec_from_file_location("ship_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ship_model_refuses_a_data_set_with_pairs_of_the_validation_cts(tmp_path, monkeypatch):
+    import torch
+
+    from x2p_ros.data import realct
+    from x2p_ros.data.patient_pairs import sha256
+    from x2p_ros.model import build_model, checkpoint, preset
+    tool = _ship_model_tool()
+    # stand-ins for the validation CTs: ship_model knows them by their files' SHA-256
+    for k, name in enumerate(realct.CASES):
+        (tmp_path / "realct" / name).mkdir(parents=True)
+        (tmp_path / "realct" / name / "ct.nii.gz").write_bytes(bytes([k]) * 100)
+    monkeypatch.setattr(realct, "ROOT", tmp_path / "realct")
+    shipped = tmp_path / "models" / "default.pt"
+    monkeypatch.setitem(tool.TARGETS, "default", lambda: shipped)
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    checkpoint.save(run / "best.pt", build_model(preset("tiny")), meta={"config_name": "tiny", "epoch": 1})
+    (run / "log.csv").write_text("epoch,seconds\n1,2.0\n")
+    validation_ct = sha256(tmp_path / "realct" / next(iter(realct.CASES)) / "ct.nii.gz")[:12]
+    other_ct = sha256(tmp_path / "run" / "log.csv")[:12]
+
+    def data_set(name, train):
+        data = tmp_path / name
+        data.mkdir()
+        (data / "dataset.json").write_text(json.dumps({"cases": 3, "seed": 1, "engine": 4, "config": {"size": 64},
+                                                       "vertebrae_per_case": {"min": 3, "median": 4, "max": 5}}))
+        for split, names in {"train": train, "val": ["case_00001"], "test": ["case_00002"]}.items():
+            (data / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+        return data
+
+    leaky = data_set("leaky", ["case_00000", f"ct{validation_ct}_pair0003"])
+    with pytest.raises(SystemExit, match=f"trains on the real-anatomy validation CT.*{next(iter(realct.CASES))}"):
+        tool.main(str(run), str(leaky))
+    assert not shipped.exists()
+    # another patient's CT may train a model: shipped, and counted in its provenance
+    fine = data_set("fine", ["case_00000", f"ct{other_ct}_pair0000", f"ct{other_ct}_pair0001"])
+    assert tool.main(str(run), str(fine)) == 0
+    record = json.loads(shipped.with_suffix(".json").read_text())["training_data"]
+    assert record["patient_ct_cases"] == 2 and record["real_anatomy_validation_cts"] is False

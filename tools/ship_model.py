@@ -33,7 +33,7 @@ def main(run: str, data: str, name: str = "default") -> int:
     seen = {n for split in ("train", "val") for n in case_io.read_split(data, split)}
     patient_cases = sorted(n for n in seen if n.startswith("ct"))
     validation_cts = {sha256(realct.ROOT / name / "ct.nii.gz")[:12]: name for name in realct.CASES
-                      if realct.available()}
+                      if realct.available(realct.ROOT)}
     leaked = sorted({validation_cts[n[2:14]] for n in patient_cases if n[2:14] in validation_cts})
     if leaked:
         raise SystemExit(f"ship_model: {data} trains on the real-anatomy validation CT(s) {', '.join(leaked)}: "
