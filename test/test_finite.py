@@ -136,17 +136,20 @@ def test_absent_vertebrae_with_nan_targets_leave_the_losses_finite():
     cfg = preset("tiny")
     N = cfg.n_vertebrae
     out = {"xyz": torch.zeros(1, N, 3, requires_grad=True),
-           "heatmaps": torch.zeros(1, 2, N, cfg.embed_size, cfg.embed_size, requires_grad=True)}
+           "heatmaps": torch.zeros(1, 2, N, cfg.embed_size, cfg.embed_size, requires_grad=True),
+           "volume_logits": torch.zeros(1, N, 4, 3, 3, requires_grad=True),
+           "volume_points": torch.randn(1, 4, 3, 3, 3) * 50}
     present = torch.tensor([[True] + [False] * (N - 1)])
     xyz = torch.full((1, N, 3), float("nan"))
     xyz[0, 0] = torch.tensor([1.0, 2.0, 3.0])
     pixels = torch.full((1, 2, N, 2), float("nan"))
     pixels[0, :, 0] = 30.0
     batch = {"present": present, "xyz": xyz, "pixels": pixels, "images": torch.zeros(1, 2, 1, S, S)}
-    losses = x2p_losses(out, batch, cfg.heatmap_sigma_px, cfg.loss_3d_scale_mm)
+    losses = x2p_losses(out, batch, cfg.heatmap_sigma_px, cfg.loss_3d_scale_mm, peak_sigma_mm=6.0, peak_weight=0.1)
     losses["total"].backward()
-    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["peak"] > 0
     assert torch.isfinite(out["xyz"].grad).all() and torch.isfinite(out["heatmaps"].grad).all()
+    assert torch.isfinite(out["volume_logits"].grad).all() and not out["volume_logits"].grad[0, 1:].any()
     assert losses["3d"].item() == pytest.approx((1 + 4 + 9) / cfg.loss_3d_scale_mm ** 2)  # the present one counts
 
 

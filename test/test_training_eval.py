@@ -310,3 +310,29 @@ def test_bad_localisation_input_is_refused_with_a_reason(change, message):
     change(images, Ps, prompts)
     with pytest.raises(InputError, match=message):
         Localizer(model).localize(images, Ps, prompts)
+
+
+def test_the_peaked_3d_target_tells_a_peak_from_a_blob_the_squared_error_cannot():
+    # issue 12: the fusion's volumes were blobs wider than the gap between vertebrae; the soft-argmax
+    # of a symmetric blob is its centre, so the squared 3D error gave no reason to sharpen it
+    from x2p_ros.training.losses import peak_3d_loss, x2p_losses
+    g = torch.arange(-10.0, 11.0) * 3.0  # 21 voxels of 3 mm per axis
+    points = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), dim=-1)[None]  # (1, 21, 21, 21, 3)
+    truth = torch.tensor([[[0.0, 0.0, 0.0]]])
+    r2 = points.square().sum(-1)[None]  # (1, 1, 21, 21, 21)
+    batch = {"present": torch.ones(1, 1, dtype=torch.bool), "xyz": truth, "pixels": torch.zeros(1, 2, 1, 2),
+             "images": torch.zeros(1, 2, 1, 64, 64)}
+    terms = {}
+    for name, sigma in (("peak", 6.0), ("blob", 30.0)):
+        logits = -r2 / (2 * sigma ** 2)
+        xyz = logits.flatten(2).softmax(-1) @ points.reshape(1, -1, 3)
+        terms[name] = x2p_losses({"xyz": xyz, "volume_logits": logits, "volume_points": points}, batch,
+                                 4.0, 30.0, peak_sigma_mm=6.0, peak_weight=0.1)
+    assert terms["peak"]["3d"] == pytest.approx(terms["blob"]["3d"], abs=1e-6)  # both centred on the truth
+    assert terms["peak"]["peak"] == pytest.approx(0.0, abs=1e-5)  # the target itself
+    assert terms["blob"]["peak"] > 0.1
+    assert "peak" not in x2p_losses({"xyz": xyz, "volume_logits": logits, "volume_points": points}, batch, 4.0, 30.0)
+    # a peak off by a vertebra costs more than the blob over it
+    off = -((points - torch.tensor([0.0, 0.0, 30.0])).square().sum(-1)[None]) / (2 * 6.0 ** 2)
+    assert peak_3d_loss(off, points, truth, torch.ones(1, 1), 6.0) > peak_3d_loss(logits, points, truth,
+                                                                                 torch.ones(1, 1), 6.0)

@@ -99,7 +99,8 @@ def conv3d_block(c_in, c_out, stride=1):
 
 
 class Fusion3D(nn.Module):
-    """View features (B, V, C, h, w) -> 3D heatmap logits (B, N, D, Hy, Wx) and points (B, N, 3)."""
+    """View features (B, V, C, h, w) -> 3D heatmap logits (B, N, D, Hy, Wx), points (B, N, 3) and
+    the voxel centres (B, D, Hy, Wx, 3)."""
 
     def __init__(self, c_in: int, channels: int, n_vertebrae: int, volume_shape, width: float,
                  heatmap_prior: bool = False):
@@ -134,4 +135,4 @@ class Fusion3D(nn.Module):
                 logits = logits.float() + self.prior_weight * sampled.clamp_min(PRIOR_FLOOR).log().sum(1)
             prob = logits.flatten(2).float().softmax(-1)  # (B, N, X)
             xyz = prob @ points.reshape(B, -1, 3)  # soft-argmax (B, N, 3)
-        return logits, xyz
+        return logits, xyz, points

@@ -33,7 +33,8 @@ class X2PNet(BiplanarEncoder):
         """images (B, V, 1, H, W) normalised; P (B, V, 3, 4) mm -> px; prompt (B, V, 2) px.
 
         Returns a dict: xyz (B, N, 3) mm; heatmaps (B, V, N, S, S) (absent without
-        SCE); presence (B, N) in [0, 1]; pixels (B, V, N, 2) heatmap peaks."""
+        SCE); presence (B, N) in [0, 1]; pixels (B, V, N, 2) heatmap peaks; the 3D
+        volume's logits (B, N, D, Hy, Wx) and voxel centres (B, D, Hy, Wx, 3) mm."""
         cfg = self.config
         B, V, _, H, W = images.shape
         high, f_m = self.encode(images, prompt)  # (B*V, c_hi, H/s, W/s), (B*V, d, H/8, W/8)
@@ -49,7 +50,8 @@ class X2PNet(BiplanarEncoder):
         features = torch.cat(parts, dim=1)
         features = features.reshape(B, V, *features.shape[1:])  # (B, V, C, h, w)
         anchor = geometry.triangulate_torch(P.double(), prompt.double()[:, :, None])[:, 0].to(P.dtype)  # (B, 3)
-        out["volume_logits"], out["xyz"] = self.fusion(features, P, anchor, (H, W), out.get("heatmaps"))
+        out["volume_logits"], out["xyz"], out["volume_points"] = self.fusion(features, P, anchor, (H, W),
+                                                                             out.get("heatmaps"))
         if self.sce is None:
             out["presence"] = torch.ones(out["xyz"].shape[:2], device=images.device)
         return out

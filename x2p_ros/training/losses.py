@@ -1,6 +1,6 @@
 """Losses (docs/design.md, section 2): per view MSE + Dice between predicted and
 Gaussian ground-truth heatmaps, plus the mean squared 3D error over the
-vertebrae present."""
+vertebrae present, and optionally a peaked 3D target for the fusion's volume."""
 from __future__ import annotations
 
 import torch
@@ -27,7 +27,21 @@ def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma_px: float):
     return g * present[:, None, :, None, None]
 
 
-def x2p_losses(out: dict, batch: dict, sigma_px: float, scale_mm: float) -> dict:
+def peak_3d_loss(logits, points, xyz_true, present, sigma_mm: float):
+    """Mean over the vertebrae present of KL(target || volume): the target is a Gaussian of
+    sigma_mm around the true point over the voxel centres (B, D, Hy, Wx, 3), normalised on
+    them (a point outside the volume pulls the mass to its nearest voxels); the volume is the
+    softmax of logits (B, N, D, Hy, Wx). 0 when the volume is the target."""
+    B, N = logits.shape[:2]
+    d2 = torch.cdist(xyz_true.float(), points.reshape(B, -1, 3).float()).square()  # (B, N, X)
+    log_q = (-d2 / (2 * sigma_mm ** 2)).log_softmax(-1)
+    log_p = logits.reshape(B, N, -1).float().log_softmax(-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # (B, N)
+    return (kl * present).sum() / present.sum().clamp_min(1.0)
+
+
+def x2p_losses(out: dict, batch: dict, sigma_px: float, scale_mm: float, peak_sigma_mm: float = 0.0,
+               peak_weight: float = 0.0) -> dict:
     """Each term and their sum ('total').
 
     The targets of absent vertebrae are zeroed before use: whatever a data set
@@ -51,5 +65,8 @@ def x2p_losses(out: dict, batch: dict, sigma_px: float, scale_mm: float) -> dict
         terms["dice"] = dice.mean()
     err2 = (((out["xyz"].float() - xyz_true) / scale_mm) ** 2).sum(-1)  # (B, N)
     terms["3d"] = (err2 * present).sum() / present.sum().clamp_min(1.0)
+    if peak_sigma_mm > 0 and "volume_logits" in out:
+        terms["peak"] = peak_weight * peak_3d_loss(out["volume_logits"], out["volume_points"], xyz_true, present,
+                                                   peak_sigma_mm)
     terms["total"] = sum(terms.values())
     return terms
