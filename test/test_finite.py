@@ -3,6 +3,7 @@ one bad batch cannot destroy: property tests of the model and losses in fp32
 and bf16 autocast, the trainer's step check, checkpoints, and evaluation of a
 model whose output is not finite."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def non_finite(name, batch, bf16):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = net(batch["images"], batch["P"], batch["prompt"])
     cfg = net.config
-    losses = x2p_losses(out, batch, cfg.heatmap_sigma_px, cfg.loss_3d_scale_mm)
+    losses = x2p_losses(out, batch, cfg)
     losses["total"].backward()
     bad = [k for k, v in out.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
     bad += [f"loss {k}" for k, v in losses.items() if not torch.isfinite(v)]
@@ -145,7 +146,7 @@ def test_absent_vertebrae_with_nan_targets_leave_the_losses_finite():
     pixels = torch.full((1, 2, N, 2), float("nan"))
     pixels[0, :, 0] = 30.0
     batch = {"present": present, "xyz": xyz, "pixels": pixels, "images": torch.zeros(1, 2, 1, S, S)}
-    losses = x2p_losses(out, batch, cfg.heatmap_sigma_px, cfg.loss_3d_scale_mm, peak_sigma_mm=6.0, peak_weight=0.1)
+    losses = x2p_losses(out, batch, replace(cfg, loss_3d_peak_sigma_mm=6.0))
     losses["total"].backward()
     assert all(torch.isfinite(v) for v in losses.values()) and losses["peak"] > 0
     assert torch.isfinite(out["xyz"].grad).all() and torch.isfinite(out["heatmaps"].grad).all()

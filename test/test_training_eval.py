@@ -327,11 +327,12 @@ def test_the_peaked_3d_target_tells_a_peak_from_a_blob_the_squared_error_cannot(
         logits = -r2 / (2 * sigma ** 2)
         xyz = logits.flatten(2).softmax(-1) @ points.reshape(1, -1, 3)
         terms[name] = x2p_losses({"xyz": xyz, "volume_logits": logits, "volume_points": points}, batch,
-                                 4.0, 30.0, peak_sigma_mm=6.0, peak_weight=0.1)
+                                 preset("tiny", loss_3d_peak_sigma_mm=6.0, loss_3d_peak_weight=0.1))
     assert terms["peak"]["3d"] == pytest.approx(terms["blob"]["3d"], abs=1e-6)  # both centred on the truth
     assert terms["peak"]["peak"] == pytest.approx(0.0, abs=1e-5)  # the target itself
     assert terms["blob"]["peak"] > 0.1
-    assert "peak" not in x2p_losses({"xyz": xyz, "volume_logits": logits, "volume_points": points}, batch, 4.0, 30.0)
+    assert "peak" not in x2p_losses({"xyz": xyz, "volume_logits": logits, "volume_points": points}, batch,
+                                    preset("tiny"))
     # a peak off by a vertebra costs more than the blob over it
     off = -((points - torch.tensor([0.0, 0.0, 30.0])).square().sum(-1)[None]) / (2 * 6.0 ** 2)
     assert peak_3d_loss(off, points, truth, torch.ones(1, 1), 6.0) > peak_3d_loss(logits, points, truth,

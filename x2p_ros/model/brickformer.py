@@ -9,6 +9,12 @@ look at the masked features f_m (B, d, h, w) through two attentions per layer:
          with log Attn1 of each token's brick added to the logits, so the fine
          attention is conditioned on the coarse one (and Attn1 learns through it).
 
+Each layer's routing, Attn1 averaged over heads and queries (the distribution
+its top-k is taken from), is returned for an auxiliary loss that teaches it
+to find the vertebra (training/losses.py): learned through Attn2 alone, the
+routing of the shipped model picked the true vertebra's brick little more
+often than chance (issue 12).
+
 Cost per layer O(hw M d / s^2 + k s^2 M d) for M = N S^2 query tokens, instead
 of O(hw M d) for attention over all tokens ("vanilla"). "sparse" attends to a
 fixed strided subset of tokens instead. Linear heads turn each embedding into
@@ -50,16 +56,18 @@ class BrickLayer(nn.Module):
         return x.reshape(B, N, T, self.heads, -1).transpose(2, 3)
 
     def forward(self, e, f_m, pos):
-        """e: (B, N, Q, d) embeddings; f_m: (B, d, h, w); pos: (h*w, d). Returns e."""
+        """e: (B, N, Q, d) embeddings; f_m: (B, d, h, w); pos: (h*w, d). Returns e and the
+        routing (B, N, (h/s)(w/s)) over the bricks, or None without bricks."""
         B, N, Q, d = e.shape
         q = self.norm_q(e)
         tokens = self.norm_kv(f_m.flatten(2).transpose(1, 2) + pos)  # (B, h*w, d)
         select = {"brick": self._brick_keys, "sparse": self._sparse_keys, "vanilla": self._all_keys}[self.mode]
-        keys, bias = select(q, tokens, f_m, pos)  # (B, N, T, d), additive logits (B, N, heads, Q, T) or None
+        # (B, N, T, d), additive logits (B, N, heads, Q, T) or None, routing (B, N, P) or None
+        keys, bias, routing = select(q, tokens, f_m, pos)
         out = F.scaled_dot_product_attention(self._split(self.q2(q)), self._split(self.k2(keys)),
                                              self._split(self.v2(keys)), attn_mask=bias)  # (B, N, heads, Q, d/h)
         e = e + self.out(out.transpose(2, 3).reshape(B, N, Q, d))
-        return e + self.ff(self.norm_ff(e))
+        return e + self.ff(self.norm_ff(e)), routing
 
     def _brick_keys(self, q, tokens, f_m, pos):
         """Attn1 over the pooled bricks, then the tokens under each embedding's
@@ -72,28 +80,30 @@ class BrickLayer(nn.Module):
         bricks = self.norm_kv((pooled + pooled_pos).flatten(2).transpose(1, 2))  # (B, P, d)
         logits1 = self._split(self.q1(q)) @ self._split(self.k1(bricks)[:, None]).transpose(-1, -2)
         attn1 = (logits1 / (d / self.heads) ** 0.5).softmax(-1)  # (B, N, heads, Q, P)
-        cells = attn1.mean(dim=(2, 3)).topk(self.k, dim=-1).indices  # (B, N, k)
+        routing = attn1.mean(dim=(2, 3))  # (B, N, P)
+        cells = routing.topk(self.k, dim=-1).indices  # (B, N, k)
         index = brick_token_indices(cells, w, s).reshape(B, N, -1)  # (B, N, k*s*s)
         keys = torch.gather(tokens[:, None].expand(B, N, h * w, d), 2, index[..., None].expand(-1, -1, -1, d))
         # log Attn1 of each gathered token's brick, per head and query: (B, N, heads, Q, k*s*s)
         brick_attn = torch.gather(attn1, -1, cells[:, :, None, None, :].expand(-1, -1, self.heads, Q, -1))
-        return keys, brick_attn.clamp_min(1e-6).log().repeat_interleave(s * s, dim=-1)
+        return keys, brick_attn.clamp_min(1e-6).log().repeat_interleave(s * s, dim=-1), routing
 
     def _sparse_keys(self, q, tokens, f_m, pos):
         """A fixed strided subset of the tokens (every s-th row and column)."""
         B, N = q.shape[:2]
         h, w = f_m.shape[-2:]
         keys = tokens.reshape(B, h, w, -1)[:, ::self.s, ::self.s].reshape(B, 1, -1, tokens.shape[-1])
-        return keys.expand(B, N, -1, -1), None
+        return keys.expand(B, N, -1, -1), None, None
 
     def _all_keys(self, q, tokens, f_m, pos):
         """Vanilla attention: every token."""
         B, N = q.shape[:2]
-        return tokens[:, None].expand(B, N, -1, -1), None
+        return tokens[:, None].expand(B, N, -1, -1), None, None
 
 
 class SCE(nn.Module):
-    """f_m (B, d, h, w) -> heatmaps (B, N, S, S) and embeddings (B, N, S*S, d)."""
+    """f_m (B, d, h, w) -> heatmaps (B, N, S, S), embeddings (B, N, S*S, d) and each layer's
+    routing (B, layers, N, (h/s)(w/s)) (None without bricks)."""
 
     def __init__(self, d: int, heads: int, layers: int, n_vertebrae: int, embed_size: int, s: int, k: int, mode: str,
                  ffn_dim: int, position_max_cycles: float = 0.0):
@@ -111,7 +121,9 @@ class SCE(nn.Module):
         pos = sine_positions(h, w, d, f_m.device, self.position_max_cycles)  # (h*w, d)
         e = (self.embeddings + sine_positions(S, S, d, f_m.device, self.position_max_cycles)
              )[None].expand(B, -1, -1, -1)  # (B, N, S*S, d)
+        routings = []
         for layer in self.layers:
-            e = layer(e, f_m, pos)
+            e, routing = layer(e, f_m, pos)
+            routings.append(routing)
         heatmaps = self.heatmap(self.norm(e)).reshape(B, -1, S, S)  # (B, N, S, S)
-        return heatmaps, e
+        return heatmaps, e, torch.stack(routings, dim=1) if routings[0] is not None else None

@@ -35,6 +35,9 @@ class X2PConfig:
     # the soft-argmax alone is as low for a blob over three vertebrae as for a peak, if both are centred
     loss_3d_peak_sigma_mm: float = 0.0
     loss_3d_peak_weight: float = 0.1
+    # weight of the cross-entropy of each BrickFormer layer's routing against the bricks under the vertebra
+    # (brick attention only); 0: none (the shipped cpu models)
+    loss_routing_weight: float = 0.0
     # ablations (paper, Table 3 and section 4.4)
     use_prompt: bool = True
     use_sce: bool = True
@@ -97,7 +100,7 @@ PRESETS = {
     # hidden size 512); the paper leaves the VFE's and the fusion's widths open: these reach its totals
     "paper": X2PConfig(base_channels=32, sce_layers=4, sce_ffn_dim=512, fusion_channels=24,
                        volume_shape=(96, 64, 64), position_max_cycles=4.0,  # the 16 x 16 embedding grid: Nyquist 8
-                       heatmap_prior=True, loss_3d_peak_sigma_mm=6.0),
+                       heatmap_prior=True, loss_3d_peak_sigma_mm=6.0, loss_routing_weight=0.1),
     # trains on a 2-core CPU: 256 px, the same architecture at a smaller width
     "cpu": X2PConfig(image_size=256, base_channels=16, prompt_radius=24, d_model=64, embed_size=16,
                      pool_stride=4, top_k=8, volume_shape=(48, 24, 24)),
@@ -106,7 +109,8 @@ PRESETS = {
                       n_vertebrae=4, embed_size=4, sce_layers=1, sce_ffn_dim=32, pool_stride=2, top_k=2,
                       fusion_channels=4, volume_shape=(8, 6, 6)),
 }
-PRESETS["baseline"] = replace(PRESETS["paper"], lifting=True, heatmap_prior=False, loss_3d_peak_sigma_mm=0.0)
+PRESETS["baseline"] = replace(PRESETS["paper"], lifting=True, heatmap_prior=False, loss_3d_peak_sigma_mm=0.0,
+                              loss_routing_weight=0.0)
 PRESETS["cpu-baseline"] = replace(PRESETS["cpu"], lifting=True)
 for _name, _changes in {"no-prompt": dict(use_prompt=False), "no-sce": dict(use_sce=False, heatmap_prior=False),
                         "no-fusion": dict(use_fusion=False), "vanilla": dict(sce_attention="vanilla"),

@@ -34,14 +34,17 @@ class X2PNet(BiplanarEncoder):
 
         Returns a dict: xyz (B, N, 3) mm; heatmaps (B, V, N, S, S) (absent without
         SCE); presence (B, N) in [0, 1]; pixels (B, V, N, 2) heatmap peaks; the 3D
-        volume's logits (B, N, D, Hy, Wx) and voxel centres (B, D, Hy, Wx, 3) mm."""
+        volume's logits (B, N, D, Hy, Wx) and voxel centres (B, D, Hy, Wx, 3) mm; the
+        BrickFormer's routing (B, V, layers, N, P) over its P bricks (brick attention only)."""
         cfg = self.config
         B, V, _, H, W = images.shape
         high, f_m = self.encode(images, prompt)  # (B*V, c_hi, H/s, W/s), (B*V, d, H/8, W/8)
         parts, out = [], {}
         if self.sce is not None:
-            maps, _ = self.sce(f_m)  # (B*V, N, S, S)
+            maps, _, routing = self.sce(f_m)  # (B*V, N, S, S), (B*V, layers, N, P) or None
             out["heatmaps"] = maps.reshape(B, V, *maps.shape[1:])
+            if routing is not None:
+                out["routing"] = routing.reshape(B, V, *routing.shape[1:])  # (B, V, layers, N, P)
             out["presence"] = presence(out["heatmaps"])  # (B, N)
             out["pixels"] = heatmap_peaks(out["heatmaps"], (H, W))
             parts.append(F.interpolate(maps, size=high.shape[-2:], mode="bilinear", align_corners=False))

@@ -143,9 +143,7 @@ def _epoch_seconds(model, data: Path, train_names: list[str], val: list[str], co
     for _ in range(2):  # the first step warms up
         start = time.perf_counter()
         out = model(batch["images"], batch["P"], batch["prompt"])
-        cfg = model.config
-        x2p_losses(out, batch, cfg.heatmap_sigma_px, cfg.loss_3d_scale_mm, cfg.loss_3d_peak_sigma_mm,
-                   cfg.loss_3d_peak_weight)["total"].backward()
+        x2p_losses(out, batch, model.config)["total"].backward()
         seconds.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
     steps = -(-len(train_names) // config.batch_size)

@@ -1,6 +1,7 @@
 """Losses (docs/design.md, section 2): per view MSE + Dice between predicted and
 Gaussian ground-truth heatmaps, plus the mean squared 3D error over the
-vertebrae present, and optionally a peaked 3D target for the fusion's volume."""
+vertebrae present; optionally a peaked 3D target for the fusion's volume and a
+target for the BrickFormer's routing (X2PConfig's loss_* fields)."""
 from __future__ import annotations
 
 import torch
@@ -40,9 +41,23 @@ def peak_3d_loss(logits, points, xyz_true, present, sigma_mm: float):
     return (kl * present).sum() / present.sum().clamp_min(1.0)
 
 
-def x2p_losses(out: dict, batch: dict, sigma_px: float, scale_mm: float, peak_sigma_mm: float = 0.0,
-               peak_weight: float = 0.0) -> dict:
-    """Each term and their sum ('total').
+def routing_loss(routing, pixels, present, image_hw):
+    """Mean over the vertebrae present, views and layers of the cross-entropy of the
+    BrickFormer's routing (B, V, layers, N, P) over its square grid of P bricks against
+    the brick under each vertebra's pixels (B, V, N, 2), softened by a Gaussian of half
+    a brick so that a vertebra on a brick's edge shares it with its neighbour."""
+    side = round(routing.shape[-1] ** 0.5)
+    if side * side != routing.shape[-1]:
+        raise ValueError(f"the routing grid must be square, got {routing.shape[-1]} bricks")
+    target = gaussian_heatmaps(pixels, present, side, image_hw, sigma_px=0.5 * image_hw[1] / side)
+    target = target.flatten(-2) / target.flatten(-2).sum(-1, keepdim=True).clamp_min(1e-12)  # (B, V, N, P)
+    ce = -(target[:, :, None] * routing.float().clamp_min(1e-8).log()).sum(-1)  # (B, V, layers, N)
+    weight = present[:, None, None, :].expand_as(ce)
+    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def x2p_losses(out: dict, batch: dict, config) -> dict:
+    """Each term and their sum ('total'), weighted as the X2PConfig says.
 
     The targets of absent vertebrae are zeroed before use: whatever a data set
     holds there (NaN for a vertebra behind a source, say) would survive a
@@ -51,10 +66,11 @@ def x2p_losses(out: dict, batch: dict, sigma_px: float, scale_mm: float, peak_si
     present = present_mask.float()
     xyz_true = torch.where(present_mask[..., None], batch["xyz"], 0.0)  # (B, N, 3)
     pixels_true = torch.where(present_mask[:, None, :, None], batch["pixels"], 0.0)  # (B, V, N, 2)
+    image_hw = batch["images"].shape[-2:]
     terms = {}
     if "heatmaps" in out:
         maps = out["heatmaps"].float()
-        target = gaussian_heatmaps(pixels_true, present, maps.shape[-1], batch["images"].shape[-2:], sigma_px)
+        target = gaussian_heatmaps(pixels_true, present, maps.shape[-1], image_hw, config.heatmap_sigma_px)
         # the few cells under a vertebra weigh as much as the many around it, or the
         # maps learn "nothing anywhere" first and the peaks come slowly
         weight = 1.0 + POSITIVE_WEIGHT * target
@@ -63,10 +79,12 @@ def x2p_losses(out: dict, batch: dict, sigma_px: float, scale_mm: float, peak_si
         inter = (prob * target).sum((-1, -2))
         dice = 1 - (2 * inter + 1.0) / (prob.sum((-1, -2)) + target.sum((-1, -2)) + 1.0)  # (B, V, N)
         terms["dice"] = dice.mean()
-    err2 = (((out["xyz"].float() - xyz_true) / scale_mm) ** 2).sum(-1)  # (B, N)
+    err2 = (((out["xyz"].float() - xyz_true) / config.loss_3d_scale_mm) ** 2).sum(-1)  # (B, N)
     terms["3d"] = (err2 * present).sum() / present.sum().clamp_min(1.0)
-    if peak_sigma_mm > 0 and "volume_logits" in out:
-        terms["peak"] = peak_weight * peak_3d_loss(out["volume_logits"], out["volume_points"], xyz_true, present,
-                                                   peak_sigma_mm)
+    if config.loss_3d_peak_sigma_mm > 0 and "volume_logits" in out:
+        terms["peak"] = config.loss_3d_peak_weight * peak_3d_loss(
+            out["volume_logits"], out["volume_points"], xyz_true, present, config.loss_3d_peak_sigma_mm)
+    if config.loss_routing_weight > 0 and "routing" in out:
+        terms["routing"] = config.loss_routing_weight * routing_loss(out["routing"], pixels_true, present, image_hw)
     terms["total"] = sum(terms.values())
     return terms

@@ -28,8 +28,8 @@ from ..model import X2PConfig, build_model, checkpoint, preset
 from .data import BiplanarDataset
 from .losses import x2p_losses
 
-LOG_FIELDS = ["epoch", "step", "lr", "loss", "mse", "dice", "3d", "peak", "skipped", "val_mpe_mm", "val_pcl10",
-              "seconds"]
+LOG_FIELDS = ["epoch", "step", "lr", "loss", "mse", "dice", "3d", "peak", "routing", "skipped", "val_mpe_mm",
+              "val_pcl10", "seconds"]
 
 
 class TrainingError(RuntimeError):
@@ -160,8 +160,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
         batch = to_device(batch, run.device)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
             out = run.net(batch["images"], batch["P"], batch["prompt"])
-        losses = x2p_losses(out, batch, cfg.heatmap_sigma_px, cfg.loss_3d_scale_mm, cfg.loss_3d_peak_sigma_mm,
-                            cfg.loss_3d_peak_weight)
+        losses = x2p_losses(out, batch, cfg)
         run.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()  # every rank, always: DDP's gradient all-reduce waits for all
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
@@ -194,7 +193,8 @@ def end_epoch(run: Run, epoch: int, stats: dict, seconds: float):
     mean = stats["losses"]
     row = {"epoch": epoch, "step": run.step, "lr": run.scheduler.get_last_lr()[0],
            "loss": mean.get("total", float("nan")), "mse": mean.get("mse", 0.0), "dice": mean.get("dice", 0.0),
-           "3d": mean.get("3d", float("nan")), "peak": mean.get("peak", 0.0), "skipped": stats["skipped"],
+           "3d": mean.get("3d", float("nan")), "peak": mean.get("peak", 0.0),
+           "routing": mean.get("routing", 0.0), "skipped": stats["skipped"],
            **validate(run.model, run.val_loader, run.device), "seconds": round(seconds, 1)}
     _append_log(run.out / "log.csv", row)
     if math.isfinite(row["val_mpe_mm"]) and row["val_mpe_mm"] < run.best["val_mpe_mm"]:
@@ -280,7 +280,7 @@ def _plot_log(csv_path: Path, png_path: Path):
     rows = list(csv.DictReader(csv_path.open()))
     epochs = [int(r["epoch"]) for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    losses = {key: [float(r[key] or 0.0) for r in rows] for key in ("loss", "mse", "dice", "3d", "peak")}
+    losses = {key: [float(r[key] or 0.0) for r in rows] for key in ("loss", "mse", "dice", "3d", "peak", "routing")}
     for key, values in losses.items():
         a.plot(epochs, values, label=key)
     if any(v > 0 for values in losses.values() for v in values):  # epochs whose every step was skipped are NaN
