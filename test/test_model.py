@@ -162,6 +162,18 @@ def test_unprojection_samples_each_voxel_at_its_projection_on_non_square_images(
         torch.testing.assert_close(got[inner], uv[0, inner], atol=1e-6, rtol=0)
 
 
+def test_the_paper_volume_holds_a_short_lordotic_run():
+    # issue 12: 2 % of the vertebrae lay outside the fusion volume in depth, mostly in short fields
+    from x2p_ros.model.fusion import TOP_MARGIN
+    P = torch.tensor(np.stack([carm_view(v, 550.0, 1000.0, 100.0, 512)[0] for v in ("ap", "lat")]))[None]
+    prompted, lowest = torch.tensor([[0.0, 0.0, 40.0]], dtype=torch.float64), torch.tensor([0.0, 30.0, -40.0])
+    for width, holds in ((0.5, False), (preset("paper").volume_width, True)):
+        axes, extents = volume_frame(P, (512, 512), prompted, width)
+        x, y, z = ((lowest - prompted[0]) @ axes[0]).tolist()
+        inside = abs(x) <= extents[0, 0] / 2 and abs(y) <= extents[0, 1] / 2 and -(1 - TOP_MARGIN) * extents[0, 2] <= z
+        assert inside == holds, (width, y, extents)
+
+
 def test_unprojection_puts_a_known_points_feature_in_its_voxel():
     W, H = 96, 64
     P = _views(W, H)
