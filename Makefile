@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.x2p-installed
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 
-.PHONY: venv demo test bench bench-adapt colcon clean
+.PHONY: venv demo test bench bench-adapt bench-ablation colcon clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,13 @@ bench: $(STAMP)
 # x2p adapt on each real CT (30 minutes each on a CPU); make bench reports docs/adapt_result.json
 bench-adapt: $(STAMP)
 	$(PY) -m x2p_ros.adapt_bench --minutes $(or $(MINUTES),30) --json docs/adapt_result.json
+
+# The paper's Table 3 by one recipe: X2P-Net, its ablations and the lifting baseline trained on DATA (a data set
+# of `x2p data synth`) and measured alike; on a GPU at the paper's sizes. make bench reports docs/ablation_result.json
+bench-ablation: $(STAMP)
+	@test -n "$(DATA)" || { echo "make bench-ablation DATA=folder [SIZES=paper|cpu] [EPOCHS=60]"; exit 2; }
+	$(PY) -m x2p_ros.ablation_bench --data $(DATA) --sizes $(or $(SIZES),paper) --epochs $(or $(EPOCHS),60) \
+		--json docs/ablation_result.json
 
 # The ROS user's build path, exercised with colcon from the same venv.
 colcon: $(STAMP)

@@ -1,8 +1,11 @@
 """`make bench`'s accuracy, latency and goals sections on two tiny seeded
 models: the rows carry the evaluation's own numbers for both methods and both
-field kinds, and the goals table says what was met."""
+field kinds, and the goals table says what was met; the ablation bench."""
+import csv
+import json
 import tempfile
 
+import pytest
 import torch
 
 from x2p_ros import bench
@@ -135,3 +138,33 @@ def test_the_real_anatomy_goal_is_met_only_within_both_bounds():
                 f"{real['mpe']:.2f} mm (1 of 48 missed) | {met} |") in rows
         assert "| 70.0 %, 6.00 mm on this engine's split | yes |" in rows
         assert "| 3.20 s | no |" in rows
+
+
+def test_the_ablation_bench_trains_every_variant_by_one_recipe_and_resumes(tmp_path, capsys):
+    from x2p_ros import ablation_bench
+    from x2p_ros.data.synth import SynthConfig, synthesize
+    data, runs, out = tmp_path / "data", tmp_path / "runs", tmp_path / "ablation.json"
+    synthesize(data, 8, seed=3, config=SynthConfig(size=64), workers=1, progress=False)
+    argv = ["--data", str(data), "--sizes", "tiny", "--epochs", "1", "--batch-size", "2", "--device", "cpu",
+            "--workers", "0", "--runs", str(runs), "--json", str(out), "--no-realct", "--quiet"]
+    assert ablation_bench.main(argv + ["--only", "x2p,no-sce"]) == 0
+    assert ablation_bench.main(argv + ["--only", "baseline,no-sce"]) == 0  # no-sce is done: measured, not retrained
+    result = json.loads(out.read_text())
+    assert list(result["variants"]) == ["x2p", "no-sce", "baseline"]  # gathered from both runs, in table order
+    for key, v in result["variants"].items():
+        assert v["recipe"] == result["recipe"] and v["epochs_run"] == 1
+        assert v["test"]["n"] > 0 and v["prompt_20px_max_mpe_change_mm"] >= 0
+        config = json.loads((runs / key / "recipe.json").read_text())
+        assert config == result["recipe"]
+    assert result["variants"]["x2p"]["parameters"] != result["variants"]["no-sce"]["parameters"]
+    assert len(list(csv.DictReader((runs / "no-sce" / "log.csv").open()))) == 1  # trained once
+    table = ablation_bench.section(out)
+    rows = [line for line in table if line.startswith("| ") and not line.startswith("| variant")]
+    assert [r.split(" | ")[0] for r in rows] == ["| X2P-Net", "| no SCE", "| lifting baseline"]
+    # another recipe in the same run folders would mix two trainings
+    with pytest.raises(SystemExit) as stop:
+        ablation_bench.main([a if a != "1" else "2" for a in argv] + ["--only", "x2p"])
+    assert stop.value.code == 2 and "another recipe" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablation_bench.main(argv + ["--only", "x2p,no-such-thing"])
+    assert ablation_bench.section(tmp_path / "none.json")[2].startswith("Not run yet")

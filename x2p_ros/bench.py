@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import adapt_bench
+from . import ablation_bench, adapt_bench
 from .data import realct
 from .data.synth import SynthConfig, make_case, synthesize
 from .model import preset
@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     else:
         sections += bench_models(checkpoints, args.test_cases, sheet=args.out.parent / "realism_sheet.png",
                                  synth_seconds=synth_seconds)
+    sections += ablation_bench.section(args.out.parent / "ablation_result.json")
     sections += adapt_bench.section(args.out.parent / "adapt_result.json")
     sections += soak_section(args.out.parent / "soak_result.json")
     write_report(args.out, sections)
