@@ -163,7 +163,7 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     test_names = case_io.read_split(small_data, "test")
     assert result["split"] == "test" and result["cases"] == len(test_names)
     out = capsys.readouterr().out
-    assert f"{len(test_names)} cases of split 'test'" in out and "real anatomy: not measured" in out
+    assert f"{len(test_names)} cases of split 'test'" in out and "real anatomy: not measured (--no-realct)" in out
     assert "real_anatomy" not in result
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--split", "all",
                  "--no-realct", "--out", str(tmp_path / "all")]) == 0

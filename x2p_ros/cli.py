@@ -107,6 +107,8 @@ def _evaluate(args):
         m = r["3d_mm"]
         print(f"real anatomy (validation only: {r['pairs']} pairs of the CTs in {r['root']}): PCL@10 "
               f"{100 * m['pcl@10']:.1f} %  MPE {m['mpe']:.2f} mm  ({m['n']} vertebrae, {m['missed']} missed)")
+    elif args.no_realct:
+        print("real anatomy: not measured (--no-realct)")
     else:
         print("real anatomy: not measured (the real CTs are not at ../shared/realct; --realct DIR names them)")
     if args.sweep:
