@@ -36,7 +36,8 @@ def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path
         assert f"| {label} | {r['prompt_sweep_max_mpe_change_mm']:.3f} |" in report
         first = r["per_index_3d_mm"][0]
         found = m["n"] - m["missed"]
-        assert f"| {label} | {first['mpe']:.1f} ({first['n']}, {first['missed']}) |" in report
+        mpe = f"{first['mpe']:.1f}" if first["mpe"] == first["mpe"] else "none found"  # an untrained model may miss all
+        assert f"| {label} | {mpe} ({first['n']}, {first['missed']}) |" in report
         assert f"| {r['identity_swaps']} / {found} |" in report
     for row in ("X2P-Net (shipped) | 64", "X2P-Net, same architecture | 512", "lifting baseline (shipped) | 64",
                 f"{bench.PAPER_CONFIG_LATENCY} | 64"):

@@ -239,7 +239,7 @@ def test_the_routing_loss_teaches_each_embedding_the_brick_of_its_own_vertebra()
         for b in range(batch):
             for n in range(N):
                 f_m[b, :, rc[b, n, 0], rc[b, n, 1]] += markers[n]
-        pixels = (rc.flip(-1).float() + 0.5) * size / h - 0.5  # token centres, (u, v) input pixels
+        pixels = geometry.cell_to_pixel(rc.flip(-1).float(), h, size)  # token centres, (u, v) input pixels
         return f_m, cells, pixels[:, None]  # (batch, 1 view, N, 2)
 
     def hit_rate():
