@@ -154,7 +154,7 @@ def test_the_ablation_bench_trains_every_variant_by_one_recipe_and_resumes(tmp_p
     assert list(result["variants"]) == ["x2p", "no-sce", "baseline"]  # gathered from both runs, in table order
     for key, v in result["variants"].items():
         assert v["recipe"] == result["recipe"] and v["epochs_run"] == 1
-        assert v["test"]["n"] > 0 and v["prompt_20px_max_mpe_change_mm"] >= 0
+        assert v["test"]["n"] > 0 and v["prompt_sweep_max_mpe_change_mm"] >= 0
         config = json.loads((runs / key / "recipe.json").read_text())
         assert config == result["recipe"]
     assert result["variants"]["x2p"]["parameters"] != result["variants"]["no-sce"]["parameters"]

@@ -18,9 +18,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
-from . import metrics
 from .data import case_io, realct
 
 # key: (row label, preset at the paper's sizes, preset at the cpu sizes)
@@ -38,7 +35,6 @@ VARIANTS = {
 SIZE_FIELDS = ("image_size", "base_channels", "prompt_radius", "d_model", "heads", "fe_layers", "n_vertebrae",
                "embed_size", "sce_layers", "sce_ffn_dim", "pool_stride", "top_k", "fusion_channels", "volume_shape",
                "position_max_cycles")
-PROMPT_SHIFTS_PX = ((20.0, 0.0), (-20.0, 0.0), (0.0, 20.0), (0.0, -20.0))  # at 512 x 512 (paper, Figure 9)
 
 
 def variant_config(key: str, sizes: str) -> tuple[str, dict]:
@@ -51,20 +47,15 @@ def variant_config(key: str, sizes: str) -> tuple[str, dict]:
     return {"paper": paper, "cpu": cpu}[sizes], {}
 
 
-def measure(checkpoint: Path, data: Path, test: list[str], realct_root: Path | None) -> dict:
-    """Test-split and real-CT figures of one trained variant."""
-    from .inference import Localizer
-    from .training.evaluate import evaluate_cases, report
-    localizer = Localizer.from_checkpoint(checkpoint)
-    errors = evaluate_cases(localizer, data, test)
-    rep = report(errors)
-    per_index = {k: v["mpe"] for k, v in rep["per_index_3d_mm"].items() if v["n"] - v["missed"] > 0}
-    shifted = [metrics.mpe(evaluate_cases(localizer, data, test, prompt_offset_px=s)["3d"]) for s in PROMPT_SHIFTS_PX]
-    result = {"test": rep["3d_mm"], "identity_swaps": rep["identity_swaps"], "per_index_mpe_mm": per_index,
-              "prompt_20px_max_mpe_change_mm": float(max(abs(m - rep["3d_mm"]["mpe"]) for m in shifted))}
-    if realct_root is not None:
-        per_ct = realct.validation_errors(localizer, realct_root)
-        result["real_cts"] = metrics.summary(np.concatenate([e["3d"] for e in per_ct.values()]))
+def measure(checkpoint: Path, data: Path, realct_root: Path | None) -> dict:
+    """Test-split and real-CT figures of one trained variant, as `x2p evaluate --sweep` gives them."""
+    from .training.evaluate import evaluate
+    r = evaluate(data, checkpoint, split="test", sweep=True, realct_root=realct_root)
+    result = {"test": r["3d_mm"], "identity_swaps": r["identity_swaps"],
+              "per_index_mpe_mm": {k: v["mpe"] for k, v in r["per_index_3d_mm"].items() if v["n"] > v["missed"]},
+              "prompt_sweep_max_mpe_change_mm": r["prompt_sweep_max_mpe_change_mm"]}
+    if "real_anatomy" in r:
+        result["real_cts"] = r["real_anatomy"]["3d_mm"]
     return result
 
 
@@ -98,10 +89,11 @@ def section(path: Path) -> list[str]:
     lines += [f"`{r['command']}` on {r['machine']}: every row trained from scratch on `{rec['data']}` (engine "
               f"{rec['engine']}, {rec['cases']} cases, seed {rec['seed']}) for {rec['epochs']} epochs at batch "
               f"{rec['batch_size']}, lr {rec['lr']:g}, seed {rec['train_seed']}, `{rec['sizes']}` sizes; best epoch "
-              "by the validation split. Test split: every case. Prompt 20 px: the largest change of the MPE when "
-              "the prompt moves 20 px (at 512 px) left, right, up or down. k = 0 / last: the MPE of the prompted "
+              "by the validation split. Test split: every case. Prompt sweep: the largest change of the MPE when "
+              "the prompt moves up to 20 px (at 512 px) sideways or 10 px up or down (`x2p evaluate --sweep`, "
+              "the paper's Figure 9). k = 0 / last: the MPE of the prompted "
               "vertebra and of the last index with found vertebrae.", "",
-              "| variant | parameters | PCL@10mm | MPE mm | missed | swaps | MPE k = 0 / last | prompt 20 px | "
+              "| variant | parameters | PCL@10mm | MPE mm | missed | swaps | MPE k = 0 / last | prompt sweep | "
               "real CTs PCL@10 / MPE |", "|---|---|---|---|---|---|---|---|---|"]
     for key, v in r["variants"].items():
         t, idx = v["test"], v["per_index_mpe_mm"]
@@ -111,7 +103,7 @@ def section(path: Path) -> list[str]:
         real = f"{100 * real['pcl@10']:.1f} % / {real['mpe']:.2f}" if real else "-"
         lines.append(f"| {VARIANTS[key][0]} | {v['parameters']:,} | {100 * t['pcl@10']:.1f} | {t['mpe']:.2f} | "
                      f"{t['missed']} of {t['n']} | {v['identity_swaps']} | {k} | "
-                     f"{v['prompt_20px_max_mpe_change_mm']:.2f} | {real} |")
+                     f"{v['prompt_sweep_max_mpe_change_mm']:.2f} | {real} |")
     return lines + [""]
 
 
@@ -140,7 +132,7 @@ def main(argv=None) -> int:
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     try:
-        test = case_io.read_split(args.data, "test")
+        case_io.read_split(args.data, "test")
         recipe = recipe_of(args, args.data)
     except (case_io.DatasetError, OSError, KeyError, ValueError) as e:
         parser.exit(2, f"ablation_bench: {args.data}: not a data set made by `x2p data synth` ({e})\n")
@@ -170,7 +162,7 @@ def main(argv=None) -> int:
         model, _ = checkpoint.load_model(out / "best.pt")
         result = {"recipe": recipe, "epochs_run": epochs_run, "parameters": sum(p.numel() for p in model.parameters()),
                   "config": name, "overrides": overrides,
-                  **measure(out / "best.pt", args.data, test, realct_root)}
+                  **measure(out / "best.pt", args.data, realct_root)}
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1, default=list))
         os.replace(tmp, done)
