@@ -8,7 +8,8 @@ import torch
 
 from x2p_ros import geometry
 from x2p_ros.data import carm, context, drr
-from x2p_ros.data.phantom import CHAIN, VERSE_NUMBER, PhantomSpec, _Canvas, make_phantom, spine_curve, spine_landmarks
+from x2p_ros.data.phantom import (CHAIN, HU_LUNG, VERSE_NUMBER, PhantomSpec, _Canvas, make_phantom, spine_curve,
+                                  spine_landmarks)
 from x2p_ros.data.synth import SynthConfig, make_case
 
 # --- physics -----------------------------------------------------------------
@@ -49,7 +50,9 @@ def test_polychromatic_primary_hardens_the_beam_and_bone_contrast_falls_with_kvp
 
 def _phantom_lines(size=128):
     rng = np.random.default_rng(4)
-    phantom = make_phantom(PhantomSpec.sample(rng, ["L1", "L2", "L3"], voxel_mm=1.5), rng)
+    spec = PhantomSpec.sample(rng, ["L1", "L2", "L3"], voxel_mm=1.5)
+    spec.colon_gas = 0  # a dense middle (the spine) between soft tissue: what the scatter test needs
+    phantom = make_phantom(spec, rng)
     centre = np.mean([v["xyz_mm"] for v in phantom.vertebrae], axis=0)
     volume = phantom.volume.transformed(np.vstack([np.c_[np.eye(3), -centre], [0, 0, 0, 1]]))
     P, _ = geometry.carm_view("ap", 550.0, 1000.0, 160.0, size)
@@ -292,3 +295,50 @@ def test_organs_sit_where_anatomy_puts_them():
                                            [:, ::-1])
     near_c2 = front[np.abs(front[:, 2] - c2[2]) < 30]
     assert np.any(near_c2[:, 1] < c2[1] - 40)  # the mandible, in front of the neck
+
+
+def test_lung_vessels_branch_from_the_hila_through_aerated_lung_only():
+    thorax = _phantom(["T5", "T6", "T7"], seed=4)
+    canvas = _Canvas.of(thorax.volume)
+    before = canvas.hu.copy()
+    context.paint_lung_vessels(canvas, spine_landmarks(thorax.spec), np.random.default_rng(1))
+    changed = canvas.hu != before
+    assert changed.sum() > 2000
+    assert np.all(before[changed] == HU_LUNG) and np.all(canvas.hu[changed] == context.HU_BLOOD)
+    # dense near the hila (beside T5-T7, in front of the spine), sparse towards the lungs' rims
+    marks, scale = spine_landmarks(thorax.spec), thorax.spec.torso_scale
+    hila = np.array([marks.at(k) + [side * 40.0 * scale, -60.0 * scale, 0.0] for side in (-1, 1)
+                     for k in np.linspace(marks.level("T5"), marks.level("T7"), 9)])
+    lung = thorax.volume.voxel_to_world(np.argwhere(before == HU_LUNG)[:, ::-1])
+    from_hilum = cdist_min(lung, hila)
+    now_blood = changed[before == HU_LUNG]
+    assert now_blood[from_hilum < 25].mean() > 2 * now_blood[from_hilum > 60].mean() > 0
+
+
+def test_colon_follows_its_frame_and_its_gas_has_haustral_folds():
+    marks = spine_landmarks(PhantomSpec(levels=["L1", "L2", "L3"]))
+    frame = context.colon_frame(marks)
+    spine = {name: marks.at(marks.level(name)) for name in ("T12", "L3", "S1")}
+    assert frame[0, 0] < -40 and frame[0, 2] < spine["L3"][2]  # the caecum: right, low
+    transverse = frame[np.argmin(frame[:, 1])]
+    assert transverse[1] < spine["L3"][1] - 90  # the transverse colon: the most anterior part
+    assert frame[:, 2].max() > spine["L3"][2] and frame[np.argmax(frame[:, 2]), 0] > 40  # splenic flexure: left, high
+    assert frame[-1, 2] < spine["S1"][2]  # the sigmoid, into the pelvis
+
+    abdomen = _phantom(["L1", "L2", "L3"], seed=8, colon_gas=0, bowel_loops=0, stool=0, gas_blobs=0)
+    canvas = _Canvas.of(abdomen.volume)
+    before, labels = canvas.hu.copy(), canvas.labels
+    context.paint_colon(canvas, marks, np.random.default_rng(3), 3)
+    gas = (canvas.hu <= -800) & (before > -500)
+    fold = (canvas.hu == context.HU_MUSCLE) & (before != context.HU_MUSCLE)
+    assert gas.sum() > 10000 and fold.sum() > 200
+    assert not np.any((gas | fold) & (labels > 0))
+    # a fold lies across the gas: gas on both of its sides along the colon
+    k, j, i = np.argwhere(fold)[len(np.argwhere(fold)) // 2]
+    assert np.any(gas[k - 4:k + 5, j - 4:j + 5, i - 4:i + 5])
+    far = cdist_min(abdomen.volume.voxel_to_world(np.argwhere(fold)[:, ::-1]), frame)
+    assert far.max() <= 28.0 * marks.torso_scale + 2.0  # within the colon's radius of its course
+
+
+def cdist_min(points, path):
+    return np.min(np.linalg.norm(points[:, None, :] - path[None, :, :], axis=2), axis=1)

@@ -1,7 +1,7 @@
 """What a spine radiograph shows besides the spine, painted into a phantom's
 canvas (x2p_ros/data/phantom.py: patient frame x left, y posterior, z superior,
-mm): the heart, aorta, liver, kidneys, psoas muscles, stomach and bowel gas,
-the shoulder girdle (clavicles, scapulae, sternum), the arms, the mandible, the
+mm): the heart, aorta, the lungs' vessels, liver, kidneys, psoas muscles,
+stomach and bowel gas, the colon with its haustra, the shoulder girdle (clavicles, scapulae, sternum), the arms, the mandible, the
 hips (femoral heads and necks, pubic rami) and the operating table.
 
 Each painter takes the spine's landmarks (`Landmarks`: a centre per level and
@@ -78,6 +78,14 @@ def _soft_or_lung(hu):
     return (hu > -950.0) & (hu < 100.0)  # inside the body (lungs included), not bone
 
 
+def _aerated_lung(hu):
+    return (hu > -900.0) & (hu < -700.0)
+
+
+def _gas(hu):
+    return hu < -500.0
+
+
 def paint_thorax(canvas, m: Landmarks, rng: np.random.Generator):
     """Heart between the lungs, the aorta down the spine's left front (calcified in some patients)."""
     t6, t9 = m.at(m.level("T6")), m.at(m.level("T9"))
@@ -97,6 +105,93 @@ def paint_thorax(canvas, m: Landmarks, rng: np.random.Generator):
             spot = wall + radius * np.array([np.cos(a), np.sin(a), 0.0])
             tube(canvas, [spot, spot + np.array([0.0, 0.0, rng.uniform(2, 8)])], rng.uniform(0.8, 2.0),
                  rng.uniform(400, 900))
+
+
+def paint_lung_vessels(canvas, m: Landmarks, rng: np.random.Generator):
+    """The pulmonary arteries and veins: from each hilum (beside T5-T7, in front of the spine)
+    trees of branching tubes, tapering by 0.68 a generation down to 1 mm (Murray's law for two equal
+    daughters gives 0.79; faster here, as vessels fade from sight in the lung's outer third). Blood
+    only in aerated lung, so they give the lung fields their streaks and nothing else changes."""
+    s = m.torso_scale
+    for side in (-1, 1):
+        hilum = m.at(rng.uniform(m.level("T5"), m.level("T7"))) + np.array([side * 40.0 * s, -60.0 * s, 0.0])
+        starts, ends, generation = [], [], []
+        for _ in range(int(rng.integers(5, 8))):  # lobar and segmental trunks, fanning out sideways
+            direction = np.array([side * rng.uniform(0.3, 1.0), rng.uniform(-0.6, 0.6), rng.uniform(-1.0, 1.0)])
+            tips = [(hilum, direction / np.linalg.norm(direction))]
+            length = rng.uniform(25.0, 35.0) * s
+            for g in range(6):
+                children = []
+                for start, d in tips:
+                    end = start + d * length
+                    starts.append(start)
+                    ends.append(end)
+                    generation.append(g)
+                    for _ in range(2):
+                        child = d + rng.normal(0.0, 0.45, size=3)
+                        children.append((end, child / np.linalg.norm(child)))
+                tips, length = children, length * 0.75
+        starts, ends, generation = np.array(starts), np.array(ends), np.array(generation)
+        radius = rng.uniform(5.0, 8.0)
+        for g in range(6):
+            r = radius * 0.68 ** g
+            if r < max(1.0, 0.5 * canvas.voxel):
+                break
+            idx = canvas.segments(starts[generation == g], ends[generation == g], r)
+            keep = (canvas.labels[idx] == 0) & _aerated_lung(canvas.hu[idx])
+            canvas.hu[tuple(a[keep] for a in idx)] = HU_BLOOD
+
+
+def ring(canvas, centre, axis, r_inner: float, r_outer: float, half_thickness: float, value: float, where=None):
+    """Paints a flat ring (a fold across a tube whose axis is `axis`, a unit vector) over voxels
+    without a vertebra and, if given, where where(hu) holds."""
+    centre = np.asarray(centre, dtype=np.float64)
+    sl, X, Y, Z = canvas.axes(centre - r_outer - half_thickness, centre + r_outer + half_thickness)
+    if canvas.hu[sl].size == 0:
+        return
+    d = (X - centre[0], Y - centre[1], Z - centre[2])
+    along = d[0] * axis[0] + d[1] * axis[1] + d[2] * axis[2]
+    radial2 = d[0] ** 2 + d[1] ** 2 + d[2] ** 2 - along ** 2
+    mask = (np.abs(along) <= half_thickness) & (radial2 >= r_inner ** 2) & (radial2 <= r_outer ** 2)
+    mask &= canvas.labels[sl] == 0
+    if where is not None:
+        mask &= where(canvas.hu[sl])
+    canvas.hu[sl][mask] = value
+
+
+def colon_frame(m: Landmarks) -> np.ndarray:
+    """The colon's course (K, 3) mm, 5 mm apart: caecum in the right iliac fossa, ascending colon
+    up the right flank, hepatic flexure under the liver, the transverse colon sagging in front,
+    splenic flexure high on the left, descending colon down the left flank, sigmoid into the pelvis."""
+    s = m.torso_scale
+    at = lambda name, x, y, z: m.at(m.level(name)) + np.array([x * s, y * s, z])  # noqa: E731
+    stations = np.array([at("L5", -65, -70, -15), at("L3", -85, -45, 0), at("L1", -80, -55, 0),
+                         at("L2", -30, -110, -10), at("L3", 10, -115, 0), at("L1", 60, -80, 0),
+                         at("T12", 85, -40, 0), at("L2", 85, -35, 0), at("L4", 80, -40, 0),
+                         at("S1", 55, -55, -15), at("S1", 15, -75, -45)])
+    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(stations, axis=0), axis=1))])
+    t = np.arange(0.0, arc[-1], 5.0)
+    return np.stack([np.interp(t, arc, stations[:, a]) for a in range(3)], axis=1)
+
+
+def paint_colon(canvas, m: Landmarks, rng: np.random.Generator, stretches: int):
+    """Gas in `stretches` stretches of the colon, each 6-16 cm long, with haustral folds: rings of
+    wall reaching into the gas every 15-30 mm (the colon's sacculations, which give bowel gas on a
+    radiograph its scalloped, segmented look)."""
+    frame = colon_frame(m)
+    for _ in range(stretches):
+        n = int(rng.uniform(60.0, 160.0) / 5.0)
+        start = int(rng.integers(0, max(len(frame) - n, 1)))
+        path = frame[start:start + n]
+        radius = rng.uniform(12.0, 28.0) * m.torso_scale
+        tube(canvas, path, radius, rng.uniform(-950.0, -800.0), where=_inside_body)
+        walked, next_fold = 0.0, rng.uniform(15.0, 30.0)
+        for a, b in zip(path[:-1], path[1:]):
+            walked += float(np.linalg.norm(b - a))
+            if walked < next_fold:
+                continue
+            walked, next_fold, axis = 0.0, rng.uniform(15.0, 30.0), (b - a) / np.linalg.norm(b - a)
+            ring(canvas, b, axis, radius * rng.uniform(0.4, 0.7), radius + 1.0, 1.5, HU_MUSCLE, where=_gas)
 
 
 def paint_abdomen(canvas, m: Landmarks, rng: np.random.Generator, bowel_loops: int, stool: int):

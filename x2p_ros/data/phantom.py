@@ -8,7 +8,7 @@ plates, as a cortical shell around textured trabecular bone, and the posterior
 elements (pedicles, laminae, articular, spinous and transverse processes) as
 tubes. Around the column: discs, ribs on T1-T12, lungs, sacrum and iliac wings
 below L5, the skull base above C1, soft tissue with a fat layer, air, and what
-x2p_ros/data/context.py adds (organs, gas, shoulder girdle, arms, mandible,
+x2p_ros/data/context.py adds (organs, lung vessels, gas, colon, shoulder girdle, arms, mandible,
 hips, table). Variability: patient size and habitus, bone density (down to
 osteoporosis), sagittal curves, scoliosis with axial rotation, wedge and burst
 fractures, degenerated discs with osteophytes, pedicle screws with rods,
@@ -79,6 +79,7 @@ class PhantomSpec:
     gas_blobs: int = 0
     bowel_loops: int = 0
     stool: int = 0  # stretches of colon with mottled gas
+    colon_gas: int = 0  # stretches of colon filled with gas, haustra and all
     arms_down: bool = False
     table_mm: float = 0.0  # thickness of the table in front of a prone patient; 0: none
     voxel_mm: float = 1.0
@@ -93,7 +94,8 @@ class PhantomSpec:
                    bowel_loops=int(rng.integers(0, 40)), stool=int(rng.integers(0, 6)),
                    cortical_hu=rng.uniform(600, 1400), trabecular_hu=rng.uniform(80, 300),
                    texture=rng.uniform(0.1, 0.5), endplate_mm=rng.uniform(0.5, 3.0),
-                   arms_down=bool(rng.random() < 0.3), table_mm=rng.uniform(15, 40) if rng.random() < 0.6 else 0.0)
+                   arms_down=bool(rng.random() < 0.3), table_mm=rng.uniform(15, 40) if rng.random() < 0.6 else 0.0,
+                   colon_gas=int(rng.integers(0, 5)))
         if rng.random() < 0.2:
             spec.scoliosis_mm = rng.uniform(10, 40) * rng.choice([-1, 1])
             spec.scoliosis_phase = rng.uniform(-0.3, 0.3)
@@ -176,10 +178,15 @@ class _Canvas:
     def tube(self, points: np.ndarray, radius: float) -> tuple[np.ndarray, ...]:
         """Voxel indices (k, j, i) of a tube of `radius` mm along a polyline (N, 3) mm."""
         points = np.asarray(points, dtype=np.float64)
-        seg = np.diff(points, axis=0)
+        return self.segments(points[:-1], points[1:], radius)
+
+    def segments(self, starts: np.ndarray, ends: np.ndarray, radius: float) -> tuple[np.ndarray, ...]:
+        """Voxel indices (k, j, i) of tubes of `radius` mm around the straight segments
+        starts[i] -> ends[i] ((N, 3) mm each): balls on points half a voxel apart."""
+        starts, ends = (np.asarray(p, dtype=np.float64).reshape(-1, 3) for p in (starts, ends))
+        seg = ends - starts
         n = np.maximum(np.ceil(np.linalg.norm(seg, axis=1) / (0.5 * self.voxel)).astype(int), 1)
-        dense = np.concatenate([p + seg_i * np.linspace(0, 1, k, endpoint=False)[:, None]
-                                for p, seg_i, k in zip(points[:-1], seg, n)] + [points[-1:]])
+        dense = np.concatenate([p + s * np.linspace(0, 1, k + 1)[:, None] for p, s, k in zip(starts, seg, n)])
         centres = np.unique(np.round((dense - self.origin) / self.voxel).astype(int)[:, ::-1], axis=0)
         idx = (centres[:, None, :] + _ball_offsets(round(radius / self.voxel * 2) / 2)[None]).reshape(-1, 3)
         shape = np.array(self.hu.shape)
@@ -477,7 +484,11 @@ def make_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
     _paint_soft_tissue(canvas, spec, centres, rng)
     landmarks = spine_landmarks(spec)
     context.paint_thorax(canvas, landmarks, rng)
+    z = canvas.axes()[3]
+    if z.max() > centres[CHAIN.index("T11"), 2] and z.min() < centres[CHAIN.index("T1"), 2]:  # lungs in the canvas
+        context.paint_lung_vessels(canvas, landmarks, rng)
     context.paint_abdomen(canvas, landmarks, rng, spec.bowel_loops, spec.stool)
+    context.paint_colon(canvas, landmarks, rng, spec.colon_gas)
     vertebrae = []
     for i in idx:
         centroid = _paint_vertebra(canvas, spec, CHAIN[i], centres[i], frames[i], dims[i], rng)

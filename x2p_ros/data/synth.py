@@ -24,8 +24,9 @@ from .phantom import CHAIN, PhantomSpec, make_phantom, spine_curve
 MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
 # Raised whenever the same seed and config would render other images, so that a data set is
 # never completed, nor a cached one reused, with cases of another engine (2: the C-arm chain and context
-# anatomy; 3: arms beside the chest only in fields that reach above T11; 4: fields framed with random margins).
-ENGINE_VERSION = 4
+# anatomy; 3: arms beside the chest only in fields that reach above T11; 4: fields framed with random margins;
+# 5: vessels in the lungs, gas-filled colon with haustra).
+ENGINE_VERSION = 5
 
 
 @dataclass
