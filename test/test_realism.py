@@ -8,8 +8,16 @@ import torch
 
 from x2p_ros import geometry
 from x2p_ros.data import carm, context, drr
-from x2p_ros.data.phantom import (CHAIN, HU_LUNG, VERSE_NUMBER, PhantomSpec, _Canvas, make_phantom, spine_curve,
-                                  spine_landmarks)
+from x2p_ros.data.phantom import (
+    CHAIN,
+    HU_LUNG,
+    VERSE_NUMBER,
+    PhantomSpec,
+    _Canvas,
+    make_phantom,
+    spine_curve,
+    spine_landmarks,
+)
 from x2p_ros.data.synth import SynthConfig, make_case
 
 # --- physics -----------------------------------------------------------------
