@@ -206,6 +206,7 @@ def test_end_plates_are_dished_and_a_burst_fracture_crushes_and_spreads_the_body
 def test_degenerated_discs_narrow_and_osteophytes_and_cages_are_painted():
     rng = np.random.default_rng(0)
     spec = PhantomSpec.sample(rng, ["L3", "L4", "L5"])
+    spec.degenerated, spec.fractures = {}, {}  # whatever the seed drew
     healthy = np.linalg.norm(np.diff(spine_curve(spec)[0], axis=0), axis=1)[CHAIN.index("L4")]
     spec.degenerated = {"L4": 0.4}
     narrowed = np.linalg.norm(np.diff(spine_curve(spec)[0], axis=0), axis=1)[CHAIN.index("L4")]
@@ -350,3 +351,18 @@ def test_colon_follows_its_frame_and_its_gas_has_haustral_folds():
 
 def cdist_min(points, path):
     return np.min(np.linalg.norm(points[:, None, :] - path[None, :, :], axis=2), axis=1)
+
+
+def test_costal_cartilage_joins_the_true_ribs_to_the_sternum_and_floating_ribs_have_none():
+    marker = 333.0  # no other tissue has it
+    thorax = _phantom(["T4", "T5", "T6", "T7"], seed=1, cartilage_hu=marker)
+    vol = thorax.volume
+    cartilage = vol.voxel_to_world(np.argwhere((vol.hu == marker) & (vol.labels == 0))[:, ::-1])
+    assert len(cartilage) > 1000 and not np.any((vol.hu == marker) & (vol.labels > 0))
+    t5 = next(v["xyz_mm"] for v in thorax.vertebrae if v["label"] == "T5")
+    assert np.all(cartilage[:, 1] < t5[1] - 60)  # in the front of the chest
+    for side in (-1, 1):  # from the ribs' ends at the side to the sternum's edge
+        half = cartilage[side * cartilage[:, 0] > 0]
+        assert np.abs(half[:, 0]).min() < 25 and np.abs(half[:, 0]).max() > 60
+    floating = _phantom(["T11", "T12", "L1"], seed=1, cartilage_hu=marker)
+    assert not np.any(floating.volume.hu == marker)

@@ -1,8 +1,9 @@
 """What a spine radiograph shows besides the spine, painted into a phantom's
 canvas (x2p_ros/data/phantom.py: patient frame x left, y posterior, z superior,
-mm): the heart, aorta, the lungs' vessels, liver, kidneys, psoas muscles,
-stomach and bowel gas, the colon with its haustra, the shoulder girdle (clavicles, scapulae, sternum), the arms, the mandible, the
-hips (femoral heads and necks, pubic rami) and the operating table.
+mm): costal cartilage, the heart, aorta, the lungs' vessels, liver, kidneys,
+psoas muscles, stomach and bowel gas, the colon with its haustra, the shoulder
+girdle (clavicles, scapulae, sternum), the arms, the mandible, the hips
+(femoral heads and necks, pubic rami) and the operating table.
 
 Each painter takes the spine's landmarks (`Landmarks`: a centre per level and
 the body's outline) and writes Hounsfield units only where no vertebra is
@@ -260,6 +261,25 @@ def paint_shoulders(canvas, m: Landmarks, rng: np.random.Generator, arms_down: b
             elbow = shoulder + np.array([side * 40.0, -60.0, 260.0]) * s
         tube(canvas, [shoulder, elbow], 11.0 * s, 800.0 * bone)
         ellipsoid(canvas, shoulder, np.full(3, 24.0 * s), 650.0 * bone)  # the humeral head
+
+
+def paint_costal_cartilage(canvas, m: Landmarks, rib_ends: dict, hu: float):
+    """Costal cartilage from each rib's front end (rib_ends[(level, side)], mm) onwards: ribs 1-7
+    to the sternum's edge, each a step lower on it; ribs 8-10 up and inwards to the costal margin
+    (the cartilage of the rib above); ribs 11 and 12 float free."""
+    s = m.torso_scale
+    top, bottom = m.at(m.level("T3"))[2] + 10.0, m.at(m.level("T9"))[2]  # the sternum, as paint_shoulders has it
+    for (name, side), end in rib_ends.items():
+        k = m.level(name) - m.level("T1")  # the rib's number - 1
+        if k <= 6:
+            z = top + (bottom - top) * k / 6.0
+            target = np.array([side * 15.0, m.front(z) + 12.0, z])
+        elif k <= 9:
+            target = end + np.array([-side * 45.0 * s, -10.0, 35.0])
+        else:
+            continue
+        bend = (end + target) / 2 + np.array([side * 10.0 * s, -5.0, 0.0])  # bowed outwards along the chest wall
+        tube(canvas, [end, bend, target], 4.0 * s, hu, where=_inside_body)
 
 
 def paint_mandible(canvas, m: Landmarks):

@@ -8,7 +8,7 @@ plates, as a cortical shell around textured trabecular bone, and the posterior
 elements (pedicles, laminae, articular, spinous and transverse processes) as
 tubes. Around the column: discs, ribs on T1-T12, lungs, sacrum and iliac wings
 below L5, the skull base above C1, soft tissue with a fat layer, air, and what
-x2p_ros/data/context.py adds (organs, lung vessels, gas, colon, shoulder girdle, arms, mandible,
+x2p_ros/data/context.py adds (costal cartilage, organs, lung vessels, gas, colon, shoulder girdle, arms, mandible,
 hips, table). Variability: patient size and habitus, bone density (down to
 osteoporosis), sagittal curves, scoliosis with axial rotation, wedge and burst
 fractures, degenerated discs with osteophytes, pedicle screws with rods,
@@ -80,6 +80,7 @@ class PhantomSpec:
     bowel_loops: int = 0
     stool: int = 0  # stretches of colon with mottled gas
     colon_gas: int = 0  # stretches of colon filled with gas, haustra and all
+    cartilage_hu: float = 120.0  # costal cartilage: hyaline, or calcified (300-600) as in many older patients
     arms_down: bool = False
     table_mm: float = 0.0  # thickness of the table in front of a prone patient; 0: none
     voxel_mm: float = 1.0
@@ -95,7 +96,8 @@ class PhantomSpec:
                    cortical_hu=rng.uniform(600, 1400), trabecular_hu=rng.uniform(80, 300),
                    texture=rng.uniform(0.1, 0.5), endplate_mm=rng.uniform(0.5, 3.0),
                    arms_down=bool(rng.random() < 0.3), table_mm=rng.uniform(15, 40) if rng.random() < 0.6 else 0.0,
-                   colon_gas=int(rng.integers(0, 5)))
+                   colon_gas=int(rng.integers(0, 5)),
+                   cartilage_hu=120.0 if rng.random() < 0.6 else rng.uniform(300, 600))
         if rng.random() < 0.2:
             spec.scoliosis_mm = rng.uniform(10, 40) * rng.choice([-1, 1])
             spec.scoliosis_phase = rng.uniform(-0.3, 0.3)
@@ -274,8 +276,10 @@ def _paint_soft_tissue(canvas: _Canvas, spec: PhantomSpec, centres, rng):
         hu[bsl][m] = -900.0
 
 
-def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rng) -> np.ndarray | None:
-    """Paints one vertebra; returns its body centroid (mm), or None if the body is off the canvas."""
+def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rng,
+                    rib_ends: dict | None = None) -> np.ndarray | None:
+    """Paints one vertebra; returns its body centroid (mm), or None if the body is off the canvas.
+    A thoracic vertebra's ribs are painted too, their front ends put in rib_ends[(name, side)]."""
     W, D, H, _ = dim
     density = spec.bone_density
     label = VERSE_NUMBER[name]
@@ -356,7 +360,9 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
         tip = (side * (W / 2 + tp_len), y1 + (6 if region == "T" else -2), zp)
         paint([(side * xp, y1, zp), tip], max(2.0, 0.09 * W))  # transverse process
         if region == "T":
-            _paint_rib(canvas, spec, name, world(tip), side)
+            end = _paint_rib(canvas, spec, name, world(tip), side)
+            if rib_ends is not None:
+                rib_ends[(name, side)] = end
     sp = [(0, y1 + l_len, 0), (0, y1 + l_len + sp_len * s, -sp_drop * s)]
     paint(sp, 3.0 * s)
     paint([(p[0], p[1], p[2] - 4 * s) for p in sp], 3.0 * s)
@@ -367,7 +373,8 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
     return centroid
 
 
-def _paint_rib(canvas, spec, name, tp_tip, side):
+def _paint_rib(canvas, spec, name, tp_tip, side) -> np.ndarray:
+    """Paints a rib from a transverse process's tip around the chest; returns its front end (mm)."""
     level = CHAIN.index(name) - CHAIN.index("T1")  # 0..11
     a = spec.torso_scale * np.interp(level, [0, 3, 7, 11], [70, 115, 135, 130])
     b = spec.torso_scale * np.interp(level, [0, 3, 7, 11], [55, 85, 100, 95])
@@ -383,6 +390,7 @@ def _paint_rib(canvas, spec, name, tp_tip, side):
     keep = canvas.labels[idx] == 0
     idx = tuple(i[keep] for i in idx)
     canvas.hu[idx] = 550.0 * spec.bone_density
+    return pts[-1]
 
 
 def _paint_sacrum(canvas, spec, c, F, dim, world, paint):
@@ -489,12 +497,13 @@ def make_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
         context.paint_lung_vessels(canvas, landmarks, rng)
     context.paint_abdomen(canvas, landmarks, rng, spec.bowel_loops, spec.stool)
     context.paint_colon(canvas, landmarks, rng, spec.colon_gas)
-    vertebrae = []
+    vertebrae, rib_ends = [], {}
     for i in idx:
-        centroid = _paint_vertebra(canvas, spec, CHAIN[i], centres[i], frames[i], dims[i], rng)
+        centroid = _paint_vertebra(canvas, spec, CHAIN[i], centres[i], frames[i], dims[i], rng, rib_ends)
         if centroid is not None:
             vertebrae.append({"label": CHAIN[i], "xyz_mm": centroid.tolist()})
     _paint_discs(canvas, spec, centres, frames, dims, set(spec.levels))
+    context.paint_costal_cartilage(canvas, landmarks, rib_ends, spec.cartilage_hu)
     if "C1" in spec.levels:
         _paint_skull(canvas, spec, centres)
     _paint_rods(canvas, spec, centres, frames, dims)

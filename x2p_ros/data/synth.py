@@ -25,8 +25,8 @@ MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
 # Raised whenever the same seed and config would render other images, so that a data set is
 # never completed, nor a cached one reused, with cases of another engine (2: the C-arm chain and context
 # anatomy; 3: arms beside the chest only in fields that reach above T11; 4: fields framed with random margins;
-# 5: vessels in the lungs, gas-filled colon with haustra).
-ENGINE_VERSION = 5
+# 5: vessels in the lungs, gas-filled colon with haustra; 6: costal cartilage).
+ENGINE_VERSION = 6
 
 
 @dataclass
