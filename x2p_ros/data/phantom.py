@@ -8,11 +8,11 @@ plates, as a cortical shell around textured trabecular bone, and the posterior
 elements (pedicles, laminae, articular, spinous and transverse processes) as
 tubes. Around the column: discs, ribs on T1-T12, lungs, sacrum and iliac wings
 below L5, the skull base above C1, soft tissue with a fat layer, air, and what
-x2p_ros/data/context.py adds (costal cartilage, organs, lung vessels, gas, colon, shoulder girdle, arms, mandible,
-hips, table). Variability: patient size and habitus, bone density (down to
-osteoporosis), sagittal curves, scoliosis with axial rotation, wedge and burst
-fractures, degenerated discs with osteophytes, pedicle screws with rods,
-interbody cages.
+x2p_ros/data/context.py adds (costal cartilage, organs, lung vessels, gas,
+colon, shoulder girdle, arms, mandible, hips, table). Variability: patient size
+and habitus, bone density (down to osteoporosis), sagittal curves, scoliosis
+with axial rotation, wedge and burst fractures, degenerated discs with
+osteophytes, pedicle screws with rods, interbody cages.
 """
 from __future__ import annotations
 
@@ -277,7 +277,7 @@ def _paint_soft_tissue(canvas: _Canvas, spec: PhantomSpec, centres, rng):
 
 
 def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rng,
-                    rib_ends: dict | None = None) -> np.ndarray | None:
+                    rib_ends: dict) -> np.ndarray | None:
     """Paints one vertebra; returns its body centroid (mm), or None if the body is off the canvas.
     A thoracic vertebra's ribs are painted too, their front ends put in rib_ends[(name, side)]."""
     W, D, H, _ = dim
@@ -360,9 +360,7 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
         tip = (side * (W / 2 + tp_len), y1 + (6 if region == "T" else -2), zp)
         paint([(side * xp, y1, zp), tip], max(2.0, 0.09 * W))  # transverse process
         if region == "T":
-            end = _paint_rib(canvas, spec, name, world(tip), side)
-            if rib_ends is not None:
-                rib_ends[(name, side)] = end
+            rib_ends[(name, side)] = _paint_rib(canvas, spec, name, world(tip), side)
     sp = [(0, y1 + l_len, 0), (0, y1 + l_len + sp_len * s, -sp_drop * s)]
     paint(sp, 3.0 * s)
     paint([(p[0], p[1], p[2] - 4 * s) for p in sp], 3.0 * s)
