@@ -239,7 +239,8 @@ def _torso_outline(spec: PhantomSpec, centres, z):
     return half_w, back - 2 * half_d, back
 
 
-def _paint_soft_tissue(canvas: _Canvas, spec: PhantomSpec, centres, rng):
+def _paint_soft_tissue(canvas: _Canvas, spec: PhantomSpec, centres, rng) -> bool:
+    """Fat, muscle, the lungs beside the thoracic column and gas blobs; returns whether lungs were painted."""
     sl, X, Y, Z = canvas.axes()
     half_w, front, back = (a.astype(np.float32)[:, None, None] for a in _torso_outline(spec, centres, Z[:, 0, 0]))
     half_d = (back - front) / 2
@@ -254,7 +255,8 @@ def _paint_soft_tissue(canvas: _Canvas, spec: PhantomSpec, centres, rng):
     np.copyto(hu, HU_SOFT, where=ax_ <= muscle_x)
     # lungs beside the thoracic column
     zt, zb = centres[CHAIN.index("T1"), 2] + 10, centres[CHAIN.index("T11"), 2]
-    if Z.max() > zb and Z.min() < zt:
+    lungs = bool(Z.max() > zb and Z.min() < zt)
+    if lungs:
         zc, hz = (zt + zb) / 2, (zt - zb) / 2
         w = spec.torso_scale * 140.0
         spine_y = np.interp(zc, centres[::-1, 2], centres[::-1, 1])
@@ -274,6 +276,7 @@ def _paint_soft_tissue(canvas: _Canvas, spec: PhantomSpec, centres, rng):
         bsl, bX, bY, bZ = canvas.axes(c - ax, c + ax)
         m = ((bX - c[0]) / ax[0]) ** 2 + ((bY - c[1]) / ax[1]) ** 2 + ((bZ - c[2]) / ax[2]) ** 2 <= 1
         hu[bsl][m] = -900.0
+    return lungs
 
 
 def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rng,
@@ -487,11 +490,10 @@ def make_phantom(spec: PhantomSpec, rng: np.random.Generator) -> Phantom:
     lo[:2] = -half_w.max() - 5 - arm_room, front.min() - 5 - spec.table_mm
     hi[:2] = half_w.max() + 5 + arm_room, back.max() + 5
     canvas = _Canvas(lo, hi, spec.voxel_mm)
-    _paint_soft_tissue(canvas, spec, centres, rng)
+    lungs = _paint_soft_tissue(canvas, spec, centres, rng)
     landmarks = spine_landmarks(spec)
     context.paint_thorax(canvas, landmarks, rng)
-    z = canvas.axes()[3]
-    if z.max() > centres[CHAIN.index("T11"), 2] and z.min() < centres[CHAIN.index("T1"), 2]:  # lungs in the canvas
+    if lungs:
         context.paint_lung_vessels(canvas, landmarks, rng)
     context.paint_abdomen(canvas, landmarks, rng, spec.bowel_loops, spec.stool)
     context.paint_colon(canvas, landmarks, rng, spec.colon_gas)
