@@ -40,3 +40,12 @@ def phantom_ct(tmp_path_factory):
     nib.save(labels, root / "seg.nii.gz")
     truth = {v["label"]: np.array(v["xyz_mm"]) for v in phantom.vertebrae}
     return root, ct, truth
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """Five small synthetic cases (96 x 96) for training and evaluation tests."""
+    from x2p_ros.data.synth import SynthConfig, synthesize
+    root = tmp_path_factory.mktemp("train")
+    synthesize(root, 5, seed=2, config=SynthConfig(size=96), workers=1, progress=False)
+    return root

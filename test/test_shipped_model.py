@@ -105,7 +105,8 @@ def test_ship_model_refuses_a_data_set_with_pairs_of_the_validation_cts(tmp_path
     monkeypatch.setitem(tool.TARGETS, "default", lambda: shipped)
     torch.manual_seed(0)
     run = tmp_path / "run"
-    checkpoint.save(run / "best.pt", build_model(preset("tiny")), meta={"config_name": "tiny", "epoch": 1})
+    checkpoint.save(run / "best.pt", build_model(preset("tiny")), meta={"config_name": "tiny", "epoch": 1,
+                                                                                   "augment": "strong"})
     (run / "log.csv").write_text("epoch,seconds\n1,2.0\n")
     validation_ct = sha256(tmp_path / "realct" / next(iter(realct.CASES)) / "ct.nii.gz")[:12]
     other_ct = sha256(tmp_path / "run" / "log.csv")[:12]
@@ -126,5 +127,7 @@ def test_ship_model_refuses_a_data_set_with_pairs_of_the_validation_cts(tmp_path
     # another patient's CT may train a model: shipped, and counted in its provenance
     fine = data_set("fine", ["case_00000", f"ct{other_ct}_pair0000", f"ct{other_ct}_pair0001"])
     assert tool.main(str(run), str(fine)) == 0
-    record = json.loads(shipped.with_suffix(".json").read_text())["training_data"]
-    assert record["patient_ct_cases"] == 2 and record["real_anatomy_validation_cts"] is False
+    record = json.loads(shipped.with_suffix(".json").read_text())
+    assert record["training_data"]["patient_ct_cases"] == 2
+    assert record["training_data"]["real_anatomy_validation_cts"] is False
+    assert record["training"]["augment"] == "strong"

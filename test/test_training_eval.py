@@ -101,14 +101,6 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
     assert "this must never run" not in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    from x2p_ros.data.synth import SynthConfig, synthesize
-    root = tmp_path_factory.mktemp("train")
-    synthesize(root, 5, seed=2, config=SynthConfig(size=96), workers=1, progress=False)
-    return root
-
-
 def test_training_crops_train_every_index_the_whole_images_show(small_data):
     """Crops keep the same vertical band in both views and a share of samples is
     uncropped: each index is present in training at least a third as often as in
@@ -150,6 +142,7 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     rows = (run / "log.csv").read_text().strip().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
     assert (run / "loss.png").stat().st_size > 1000 and (run / "best.pt").is_file()
+    assert checkpoint.read(run / "best.pt")["meta"]["augment"] == "strong"  # the default, recorded for shipping
 
     capsys.readouterr()
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--realct",

@@ -62,7 +62,7 @@ def main(run: str, data: str, name: str = "default") -> int:
                      "epochs_before_fine_tune": prior,
                      "fine_tuned_from_record": json.loads(init_record.read_text())
                      if init_record and init_record.is_file() else None,
-                     "optimizer": "AdamW wd 0.05",
+                     "optimizer": "AdamW wd 0.05", "augment": meta.get("augment", "mild"),
                      "seconds": float(log[-1]["seconds"]) if log else None, "device": "cpu",
                      "machine": f"{platform.machine()}, torch {torch.__version__}"},
         "validation": {"mpe_mm": meta.get("val_mpe_mm"), "pcl10": meta.get("val_pcl10")},

@@ -62,7 +62,7 @@ def _train(args):
     from .training.train import train
     best = train(args.data, args.config, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  workers=args.workers, device=args.device, seed=args.seed, time_limit_min=args.time_limit,
-                 progress=not args.quiet, init=args.init, max_bad_steps=args.max_bad_steps)
+                 progress=not args.quiet, init=args.init, max_bad_steps=args.max_bad_steps, augment=args.augment)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 validates and writes
         print(f"best validation: {json.dumps(best)}")
     return 0
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="checkpoint of the same config to start from (fine-tune, new schedule)")
     p.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
+    p.add_argument("--augment", default="strong", choices=["mild", "strong"],
+                   help="appearance randomisation of the training images (x2p_ros/training/augment.py)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)
 

@@ -13,8 +13,8 @@ def normalize(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image, dtype=np.float32)
     if not np.all(np.isfinite(image)):
         raise ValueError("image contains NaN or Inf")
-    lo, hi = np.percentile(image, [1.0, 99.5])
-    return ((image - lo) / max(float(hi - lo), 1e-6) * 2.0 - 1.0).clip(-1.5, 1.5)
+    lo, hi = (float(p) for p in np.percentile(image, [1.0, 99.5]))  # Python floats keep float32 (NEP 50)
+    return ((image - lo) / max(hi - lo, 1e-6) * 2.0 - 1.0).clip(-1.5, 1.5)
 
 
 def to_display_8bit(image: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:

@@ -15,12 +15,17 @@ from torch.utils.data import Dataset
 
 from .. import geometry, preprocess
 from ..data import case_io
+from . import augment as appearance
 
 
 class BiplanarDataset(Dataset):
     def __init__(self, root, names: list[str], image_size: int, n_vertebrae: int, train: bool = False,
-                 prompt_jitter=(20.0 / 512, 10.0 / 512), seed: int = 0, full_share: float = 0.2):
+                 prompt_jitter=(20.0 / 512, 10.0 / 512), seed: int = 0, full_share: float = 0.2,
+                 augment: str = "strong"):
+        if augment not in appearance.KINDS:
+            raise ValueError(f"augmentation must be one of {', '.join(appearance.KINDS)}, got {augment!r}")
         self.root, self.names = Path(root), list(names)
+        self.augment = augment  # appearance randomisation of training images (training/augment.py)
         self.size, self.n, self.train = image_size, n_vertebrae, train
         self.jitter = prompt_jitter  # half range of the prompt jitter (x, y) as a share of the window
         self.seed = seed
@@ -50,7 +55,7 @@ class BiplanarDataset(Dataset):
             image, P, _ = preprocess.window(v.image.astype(np.float32), v.P, box, self.size)
             image = preprocess.normalize(image)
             if rng is not None:
-                image = _intensity_augment(image, rng)
+                image = appearance.augment(self.augment, image, rng)
             images.append(image)
             Ps.append(P)
             if len(case.labels):
@@ -107,11 +112,3 @@ def _crop_box(full_box, size, side_share: float, vertical: float, horizontal: fl
     side = full_box[2] * side_share
     # from one edge to the other: inside the image when smaller, around it when larger
     return horizontal * (size[0] - side), vertical * (size[1] - side), side
-
-
-def _intensity_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    x = (image.clip(-1, 1) + 1) / 2
-    x = x ** rng.uniform(0.7, 1.4)  # gamma
-    x = x * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)  # contrast, brightness
-    x = x + rng.normal(0, rng.uniform(0, 0.03), size=x.shape)  # detector noise
-    return (x * 2 - 1).astype(np.float32)

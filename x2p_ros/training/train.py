@@ -103,7 +103,8 @@ class Run:
 
 
 def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: float, workers: int, device: str,
-          seed: int, init: str | None, max_bad_steps: int, progress: bool, **config_overrides) -> Run:
+          seed: int, init: str | None, max_bad_steps: int, progress: bool, augment: str = "strong",
+          **config_overrides) -> Run:
     """Data, model, optimizer and schedule of a run; continues RUN/last.pt when there is one."""
     if max_bad_steps < 1:
         raise TrainingError(f"max_bad_steps must be at least 1, got {max_bad_steps}")
@@ -113,7 +114,8 @@ def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: fl
     out = Path(out)
     cfg = preset(config, **config_overrides)
     names = {s: case_io.read_split(data, s) for s in ("train", "val")}
-    train_set = BiplanarDataset(data, names["train"], cfg.image_size, cfg.n_vertebrae, train=True, seed=seed)
+    train_set = BiplanarDataset(data, names["train"], cfg.image_size, cfg.n_vertebrae, train=True, seed=seed,
+                                augment=augment)
     val_set = BiplanarDataset(data, names["val"] or names["train"][:2], cfg.image_size, cfg.n_vertebrae)
     sampler = DistributedSampler(train_set, world, rank, seed=seed) if world > 1 else None
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
@@ -200,7 +202,8 @@ def end_epoch(run: Run, epoch: int, stats: dict, seconds: float):
     if math.isfinite(row["val_mpe_mm"]) and row["val_mpe_mm"] < run.best["val_mpe_mm"]:
         run.best = {"val_mpe_mm": row["val_mpe_mm"], "val_pcl10": row["val_pcl10"], "epoch": epoch}
         checkpoint.save(run.out / "best.pt", run.model, meta={"config_name": run.config_name, "data": str(run.data),
-                                                              "init": run.init, **run.best})
+                                                              "init": run.init, "augment": run.train_set.augment,
+                                                              **run.best})
     checkpoint.save(run.out / "last.pt", run.model, meta={"config_name": run.config_name},
                     optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), epoch=epoch,
                     step=run.step, best=run.best)
@@ -212,10 +215,11 @@ def end_epoch(run: Run, epoch: int, stats: dict, seconds: float):
 
 def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int = 2, lr: float = 5e-4,
           workers: int = 2, device: str = "auto", seed: int = 0, time_limit_min: float | None = None,
-          progress: bool = True, init: str | None = None, max_bad_steps: int = 20, **config_overrides) -> dict:
+          progress: bool = True, init: str | None = None, max_bad_steps: int = 20, augment: str = "strong",
+          **config_overrides) -> dict:
     """Trains (or resumes) a run; returns its best validation."""
     run = setup(data, config, out, epochs, batch_size, lr, workers, device, seed, init, max_bad_steps, progress,
-                **config_overrides)
+                augment, **config_overrides)
     started = time.monotonic()
     for epoch in range(run.start_epoch, epochs):
         stats = train_one_epoch(run, epoch)
