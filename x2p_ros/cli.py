@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_data_check)
 
     from .model.config import PRESETS
+    from .training import appearance
     p = commands.add_parser("train", help="train X2P-Net (resumes from OUT/last.pt; torchrun for several GPUs)")
     p.add_argument("--data", required=True)
     p.add_argument("--config", default="cpu", choices=sorted(PRESETS))
@@ -219,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="checkpoint of the same config to start from (fine-tune, new schedule)")
     p.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
-    p.add_argument("--augment", default="strong", choices=["mild", "strong"],
-                   help="appearance randomisation of the training images (x2p_ros/training/augment.py)")
+    p.add_argument("--augment", default="strong", choices=appearance.KINDS,
+                   help="appearance randomisation of the training images (x2p_ros/training/appearance.py)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)
 

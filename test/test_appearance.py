@@ -1,4 +1,4 @@
-"""Appearance randomisation of training images (x2p_ros/training/augment.py):
+"""Appearance randomisation of training images (x2p_ros/training/appearance.py):
 deterministic, windowed as at inference, strong, and never moving anything."""
 import cv2
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 from x2p_ros import preprocess
 from x2p_ros.data import case_io
-from x2p_ros.training import augment
+from x2p_ros.training import appearance
 
 
 def _radiograph(size: int = 128) -> np.ndarray:
@@ -25,15 +25,15 @@ def _high_pass(x):
 
 def test_strong_is_deterministic_per_generator_and_differs_between_draws():
     image = _radiograph()
-    a = augment.strong(image, np.random.default_rng(5))
-    np.testing.assert_array_equal(a, augment.strong(image, np.random.default_rng(5)))
-    assert not np.allclose(a, augment.strong(image, np.random.default_rng(6)))
+    a = appearance.strong(image, np.random.default_rng(5))
+    np.testing.assert_array_equal(a, appearance.strong(image, np.random.default_rng(5)))
+    assert not np.allclose(a, appearance.strong(image, np.random.default_rng(6)))
 
 
 def test_strong_output_is_windowed_as_inference_windows_every_image():
     image = _radiograph()
     for seed in range(30):
-        x = augment.strong(image, np.random.default_rng(seed))
+        x = appearance.strong(image, np.random.default_rng(seed))
         assert x.dtype == np.float32 and x.shape == image.shape and np.isfinite(x).all()
         assert x.min() >= -1.5 and x.max() <= 1.5
         lo, hi = np.percentile(x, [1.0, 99.5])
@@ -47,13 +47,13 @@ def test_strong_changes_the_look_far_more_than_mild_but_keeps_the_structure_in_p
     in almost every draw; a shift of half a square would make it negative)."""
     image = _radiograph()
     loss = {}
-    for kind in augment.KINDS:
-        corr = [np.corrcoef(augment.augment(kind, image, np.random.default_rng(s)).ravel(), image.ravel())[0, 1]
+    for kind in appearance.KINDS:
+        corr = [np.corrcoef(appearance.randomise(kind, image, np.random.default_rng(s)).ravel(), image.ravel())[0, 1]
                 for s in range(200)]
         loss[kind] = 1.0 - np.mean(corr)
     assert loss["strong"] > 3 * loss["mild"], loss
     edges = _high_pass(image).ravel()
-    kept = [np.corrcoef(_high_pass(augment.strong(image, np.random.default_rng(s))).ravel(), edges)[0, 1]
+    kept = [np.corrcoef(_high_pass(appearance.strong(image, np.random.default_rng(s))).ravel(), edges)[0, 1]
             for s in range(200)]
     assert np.mean(np.array(kept) > 0.3) > 0.9 and np.median(kept) > 0.5
     shifted = np.roll(image, 8, axis=0)
@@ -62,24 +62,24 @@ def test_strong_changes_the_look_far_more_than_mild_but_keeps_the_structure_in_p
 
 def test_each_strong_operation_stays_in_its_bounds():
     rng = np.random.default_rng(0)
-    field = augment._smooth_field(rng, (64, 80), 4)
+    field = appearance._smooth_field(rng, (64, 80), 4)
     assert field.shape == (64, 80) and 0.3 < field.std() < 3.0
     # a smooth field: neighbouring pixels nearly equal
     assert np.abs(np.diff(field, axis=1)).max() < 0.5
-    blobs = augment._blobs(rng, (100, 100), 3)
+    blobs = appearance._blobs(rng, (100, 100), 3)
     assert np.abs(blobs).max() <= 3 * 0.3 + 1e-6 and (np.abs(blobs) < 1e-3).mean() > 0.2  # soft, local
     x = np.linspace(0, 1, 100 * 100, dtype=np.float32).reshape(100, 100)
-    boxed = augment._boxes(x, rng, 2)
+    boxed = appearance._boxes(x, rng, 2)
     changed = boxed != x
     assert 0 < changed.mean() <= 2 * 0.2 * 0.2 + 0.01  # at most two boxes of a fifth of each side
-    equalised = augment._clahe(x ** 3, 3.0, 4)
+    equalised = appearance._clahe(x ** 3, 3.0, 4)
     assert equalised.min() >= 0 and equalised.max() <= 1 and np.median(equalised) > np.median(x ** 3)
 
 
 def test_an_unknown_augmentation_is_refused(small_data):
     from x2p_ros.training.data import BiplanarDataset
     with pytest.raises(ValueError, match="augmentation must be one of mild, strong"):
-        augment.augment("heavy", _radiograph(), np.random.default_rng(0))
+        appearance.randomise("heavy", _radiograph(), np.random.default_rng(0))
     with pytest.raises(ValueError, match="augmentation must be one of mild, strong"):
         BiplanarDataset(small_data, case_io.list_cases(small_data), 64, 10, train=True, augment="heavy")
 

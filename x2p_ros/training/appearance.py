@@ -107,7 +107,12 @@ def _boxes(x, rng, count: int) -> np.ndarray:
     return x
 
 
-def augment(kind: str, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def randomise(kind: str, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The `mild` or `strong` randomisation of a normalised training image."""
+    check_kind(kind)
+    return strong(image, rng) if kind == "strong" else mild(image, rng)
+
+
+def check_kind(kind: str):
     if kind not in KINDS:
         raise ValueError(f"augmentation must be one of {', '.join(KINDS)}, got {kind!r}")
-    return strong(image, rng) if kind == "strong" else mild(image, rng)
