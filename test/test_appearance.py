@@ -97,3 +97,19 @@ def test_training_samples_differ_only_in_their_images_between_augmentations(smal
         jitter = 2 * torch.tensor(mild.jitter) * 64
         assert ((a["prompt"] - b["prompt"]).abs() <= jitter + 1e-4).all()
         assert not torch.allclose(a["images"], b["images"])
+
+
+def test_inference_windowing_maps_the_percentiles_to_unit_range_in_float32():
+    """preprocess.normalize, which strong's output must match: float32 for 8-bit,
+    16-bit and float input alike (NumPy 2 would promote to float64 through the
+    percentile scalars), 1st and 99.5th percentiles to -1 and 1, clipped at 1.5."""
+    rng = np.random.default_rng(0)
+    for image in (rng.integers(0, 256, (40, 50)).astype(np.uint8), rng.integers(0, 65536, (40, 50)).astype(np.uint16),
+                  rng.normal(size=(40, 50)).astype(np.float32), rng.normal(size=(40, 50))):
+        x = preprocess.normalize(image)
+        assert x.dtype == np.float32
+        lo, hi = np.percentile(x, [1.0, 99.5])
+        assert lo == pytest.approx(-1.0, abs=1e-5) and hi == pytest.approx(1.0, abs=1e-5)
+        assert x.min() >= -1.5 and x.max() <= 1.5
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        preprocess.normalize(np.array([[0.0, np.nan]]))
