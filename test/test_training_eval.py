@@ -143,6 +143,10 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
     assert (run / "loss.png").stat().st_size > 1000 and (run / "best.pt").is_file()
     assert checkpoint.read(run / "best.pt")["meta"]["augment"] == "strong"  # the default, recorded for shipping
+    capsys.readouterr()
+    assert main(args + ["--epochs", "4", "--augment", "mild"]) == 2  # a run keeps the look it started with
+    assert "was trained with --augment strong; resume it with the same" in capsys.readouterr().err
+    assert checkpoint.read(run / "last.pt")["epoch"] == 2
 
     capsys.readouterr()
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--realct",

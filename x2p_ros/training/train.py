@@ -137,6 +137,10 @@ def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: fl
               loader, val_loader, max_bad_steps, progress)
     if (out / "last.pt").is_file():  # resume
         state = _load_weights(model, out / "last.pt", config)
+        started_with = state["meta"].get("augment", "mild")  # runs from before the choice trained with mild
+        if started_with != augment:
+            raise TrainingError(f"{out} was trained with --augment {started_with}; resume it with the same, "
+                                f"or use a new --out for --augment {augment}")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         run.start_epoch, run.step, run.best = state["epoch"] + 1, state["step"], state["best"]
@@ -204,7 +208,8 @@ def end_epoch(run: Run, epoch: int, stats: dict, seconds: float):
         checkpoint.save(run.out / "best.pt", run.model, meta={"config_name": run.config_name, "data": str(run.data),
                                                               "init": run.init, "augment": run.train_set.augment,
                                                               **run.best})
-    checkpoint.save(run.out / "last.pt", run.model, meta={"config_name": run.config_name},
+    checkpoint.save(run.out / "last.pt", run.model,
+                    meta={"config_name": run.config_name, "augment": run.train_set.augment},
                     optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), epoch=epoch,
                     step=run.step, best=run.best)
     _plot_log(run.out / "log.csv", run.out / "loss.png")
