@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="checkpoint of the same config to start from (fine-tune, new schedule)")
     p.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
-    p.add_argument("--augment", default="strong", choices=appearance.KINDS,
+    p.add_argument("--augment", default="strong", choices=list(appearance.KINDS),
                    help="appearance randomisation of the training images (x2p_ros/training/appearance.py)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)

@@ -30,8 +30,6 @@ import numpy as np
 
 from .. import preprocess
 
-KINDS = ("mild", "strong")
-
 
 def mild(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Gamma, contrast, brightness and noise of a normalised image ([-1, 1])."""
@@ -107,12 +105,11 @@ def _boxes(x, rng, count: int) -> np.ndarray:
     return x
 
 
-def randomise(kind: str, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The `mild` or `strong` randomisation of a normalised training image."""
-    check_kind(kind)
-    return strong(image, rng) if kind == "strong" else mild(image, rng)
+KINDS = {"mild": mild, "strong": strong}
 
 
-def check_kind(kind: str):
+def randomiser(kind: str):
+    """The randomisation called `kind`: a function (normalised image, generator) -> image."""
     if kind not in KINDS:
         raise ValueError(f"augmentation must be one of {', '.join(KINDS)}, got {kind!r}")
+    return KINDS[kind]

@@ -22,9 +22,9 @@ class BiplanarDataset(Dataset):
     def __init__(self, root, names: list[str], image_size: int, n_vertebrae: int, train: bool = False,
                  prompt_jitter=(20.0 / 512, 10.0 / 512), seed: int = 0, full_share: float = 0.2,
                  augment: str = "strong"):
-        appearance.check_kind(augment)
+        self.randomise = appearance.randomiser(augment)  # of training images' look (training/appearance.py)
+        self.augment = augment
         self.root, self.names = Path(root), list(names)
-        self.augment = augment  # appearance randomisation of training images (training/appearance.py)
         self.size, self.n, self.train = image_size, n_vertebrae, train
         self.jitter = prompt_jitter  # half range of the prompt jitter (x, y) as a share of the window
         self.seed = seed
@@ -54,7 +54,7 @@ class BiplanarDataset(Dataset):
             image, P, _ = preprocess.window(v.image.astype(np.float32), v.P, box, self.size)
             image = preprocess.normalize(image)
             if rng is not None:
-                image = appearance.randomise(self.augment, image, rng)
+                image = self.randomise(image, rng)
             images.append(image)
             Ps.append(P)
             if len(case.labels):
