@@ -169,3 +169,25 @@ def test_the_ablation_bench_trains_every_variant_by_one_recipe_and_resumes(tmp_p
     with pytest.raises(SystemExit):
         ablation_bench.main(argv + ["--only", "x2p,no-such-thing"])
     assert ablation_bench.section(tmp_path / "none.json")[2].startswith("Not run yet")
+
+
+def test_the_gpu_latency_section_names_the_node_default_and_whether_the_goal_is_met(tmp_path, capsys):
+    path = tmp_path / "gpu_latency.json"
+    assert "Not measured yet" in "\n".join(bench.gpu_latency_section(path))
+
+    def write(ms: dict):
+        rows = [{"config": c, "mode": mode, "ms": t, "peak_mb": 300.0} for c in ("paper", "baseline")
+                for mode, t in ms.items()]
+        path.write_text(json.dumps({"command": "c", "machine": "m", "torch": "t", "date": "d", "rows": rows}))
+        return "\n".join(bench.gpu_latency_section(path))
+
+    modes = dict.fromkeys(bench.GPU_MODES, 9.0)
+    assert "Met: no." in write(modes)
+    text = write({**modes, "bf16, CUDA graph": 4.0})
+    assert "Met: with `precision: bf16` (bf16, CUDA graph)." in text
+    assert "| `paper` | bf16, CUDA graph | 4.00 ms" in text
+    assert "Met: yes." in write({**modes, "fp32, CUDA graph": 4.5})
+    if not torch.cuda.is_available():  # the measurement itself needs a GPU, and says so
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--gpu-latency", str(tmp_path / "x.json")])
+        assert stop.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err

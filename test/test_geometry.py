@@ -165,3 +165,18 @@ def test_pixel_convention_helpers_against_hand_computed_values():
     assert g.inside_image(uv, (10, 6)).tolist() == [True, False, True, False, True]
     assert g.inside_image(uv, (10, 6), margin=1.0).tolist() == [False, False, False, False, True]
     assert g.inside_image([2.0, 2.0], (10, 6))  # one point
+
+
+def test_closed_form_3x3_solve_and_determinant_match_torch_linalg(views):
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(50, 3, 3, generator=gen, dtype=torch.float64) + 2 * torch.eye(3, dtype=torch.float64)
+    b = torch.randn(50, 3, generator=gen, dtype=torch.float64)
+    assert torch.allclose(g.solve3_torch(M, b), torch.linalg.solve(M, b), atol=1e-9)
+    assert torch.allclose(g.det3_torch(M), torch.linalg.det(M), atol=1e-9)
+    # a C-arm's M (focal length in pixels), float32 as the model has it, with b broadcast
+    M = torch.as_tensor(np.stack(views)[:, :, :3], dtype=torch.float32)  # (2, 3, 3)
+    b = torch.tensor([0.0, 1.0, 0.0])
+    x = g.solve3_torch(M, b)
+    assert torch.allclose(x, torch.linalg.solve(M, b.expand(2, 3)), rtol=1e-4, atol=1e-9)
+    assert torch.equal(torch.sign(g.det3_torch(M)), torch.sign(torch.linalg.det(M)))

@@ -2,40 +2,77 @@
 # Issue 12's training on a lent GPU machine (the `device` tool: 30 minutes a session, 10 per call, a fresh
 # machine after 30 s idle), by the ablation bench's recipe, so that nothing is lost with the machine:
 #
-#   tools/gpu_session.sh start [EPOCHS] [VARIANTS]   # first call: data at 512 px (about 6 minutes on 16
-#                                                    # cores), then one background training per variant
-#   tools/gpu_session.sh wait [SECONDS]              # each later call: waits, tails the logs
+#   tools/gpu_session.sh start [EPOCHS] [VARIANTS] [SECONDS]  # first call: data at 512 px (about 6 minutes on
+#                                                             # 16 cores), one background training per variant,
+#                                                             # then waits until SECONDS after the call began
+#   tools/gpu_session.sh wait [SECONDS]                       # each later call: waits, tails the logs
+#   tools/gpu_session.sh finish [SECONDS]                     # last call: waits (at most SECONDS) for the
+#                                                             # trainings to end, then measures
 #
-# Every call ends by copying the runs' checkpoints, logs and results to $OUT. Carried back into runs/ablation-gpu
-# (the `carry` of the device tool), a fresh machine resumes them after `start` has made the data again (the same
-# seed makes the same cases). VARIANTS: keys of x2p_ros/ablation_bench.py (default: "x2p baseline").
+# `finish` evaluates each run's best.pt and the shipped models on the data's validation split (the shipping
+# rule) and its best.pt on the test split with the prompt sweep, times the GPU forward
+# (`bench --gpu-latency`) and runs the CUDA tests. Every call ends by copying what it has to $OUT, within the
+# device tool's 8 files: each run's best.pt, and one runs.tgz of the logs, results and the data's split lists.
+# The real CTs travel in .realct (copy ../shared/realct there, carry it) for the ablation table's
+# real-anatomy column only: they are measured, never trained on.
+# VARIANTS: keys of x2p_ros/ablation_bench.py (default: "x2p baseline").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 SIZE=${SIZE:-512} CASES=${CASES:-1200} SIZES=${SIZES:-paper} DEVICE=${DEVICE:-cuda}  # a dry run: tiny, 64, cpu
 DATA=${DATA:-data/gpu-$SIZE-s1000}
 RUNS=${RUNS:-runs/ablation-gpu}
 OUT=${OUT:-/tmp/gpu_session_out}
+WORKERS=${WORKERS:-15}  # synthesis processes; each training gets 7 loaders (the strong look randomisation)
+began=$SECONDS
 
 case ${1:-wait} in
 start)
-    epochs=${2:-40}
+    epochs=${2:-30}
     variants=${3:-x2p baseline}
-    python3 -m x2p_ros.cli data synth --out "$DATA" --cases "$CASES" --size "$SIZE" --seed 1000 --workers "${WORKERS:-15}" \
+    if [ -d .realct ] && [ ! -e ../shared/realct ]; then
+        mkdir -p ../shared && cp -r .realct ../shared/realct
+    fi
+    python3 -m x2p_ros.cli data synth --out "$DATA" --cases "$CASES" --size "$SIZE" --seed 1000 --workers "$WORKERS" \
         --quiet
     mkdir -p "$RUNS"
     for v in $variants; do
         setsid nohup python3 -m x2p_ros.ablation_bench --data "$DATA" --sizes "$SIZES" --epochs "$epochs" \
-            --batch-size 8 --device "$DEVICE" --runs "$RUNS" --json "$RUNS/ablation_result.json" --only "$v" --quiet \
-            >"$RUNS/$v.log" 2>&1 &
+            --batch-size 8 --device "$DEVICE" --workers "${LOADERS:-7}" --runs "$RUNS" \
+            --json "$RUNS/ablation_result.json" --only "$v" --quiet >"$RUNS/$v.log" 2>&1 &
     done
-    sleep 30
+    sleep $(( ${4:-60} > SECONDS - began ? ${4:-60} - (SECONDS - began) : 1 ))
     ;;
 wait)
     sleep "${2:-540}"
     ;;
+finish)
+    limit=${2:-300}
+    while pgrep -f x2p_ros.ablation_bench >/dev/null && (( SECONDS - began < limit )); do sleep 5; done
+    pkill -f x2p_ros.ablation_bench || true  # past the limit: best.pt stands as it is
+    mkdir -p "$RUNS/eval"
+    for run in "$RUNS"/*/; do
+        name=$(basename "$run")
+        [ -f "$run/best.pt" ] || continue
+        python3 -m x2p_ros.cli evaluate --data "$DATA" --checkpoint "$run/best.pt" --split val --no-realct \
+            --device "$DEVICE" --out "$RUNS/eval/$name-val" >/dev/null
+        [ -f "$run/result.json" ] || python3 -m x2p_ros.cli evaluate --data "$DATA" --checkpoint "$run/best.pt" \
+            --split test --sweep --no-realct --device "$DEVICE" --out "$RUNS/eval/$name-test" >/dev/null
+    done
+    for shipped in default baseline; do
+        python3 -m x2p_ros.cli evaluate --data "$DATA" --checkpoint "x2p_ros/models/$shipped.pt" --split val \
+            --no-realct --device "$DEVICE" --out "$RUNS/eval/shipped-$shipped-val" >/dev/null
+    done
+    python3 -c 'import json, sys
+for p in sys.argv[1:]:
+    m = json.load(open(p))["3d_mm"]
+    print("{}: PCL@10 {:.1f} %, MPE {:.2f} mm, missed {} of {}".format(p, 100 * m["pcl@10"], m["mpe"], m["missed"], m["n"]))' \
+        "$RUNS"/eval/*/metrics.json || true
+    python3 -m x2p_ros.bench --gpu-latency "$RUNS/gpu_latency.json" || true
+    python3 -m pytest -q -p no:cacheprovider test/test_cuda_graph.py 2>&1 | tail -n 5 || true
+    ;;
 *)
-    echo "usage: $0 start [EPOCHS] [VARIANTS] | wait [SECONDS]" >&2
+    echo "usage: $0 start [EPOCHS] [VARIANTS] [SECONDS] | wait [SECONDS] | finish [SECONDS]" >&2
     exit 2
     ;;
 esac
@@ -48,6 +85,8 @@ for run in "$RUNS"/*/; do
     [ -f "$run/log.csv" ] && { echo "== $run"; tail -n 2 "$run/log.csv"; }
 done
 mkdir -p "$OUT"
-(cd "$RUNS" && find . -maxdepth 2 \( -name '*.pt' -o -name '*.csv' -o -name '*.json' -o -name '*.log' \) \
-    -exec cp --parents {} "$OUT" \;)
-echo "copied to $OUT"
+for run in "$RUNS"/*/; do
+    [ -f "$run/best.pt" ] && cp "$run/best.pt" "$OUT/$(basename "$run")-best.pt"
+done
+tar czf "$OUT/runs.tgz" --exclude='*.pt' "$RUNS" "$DATA"/dataset.json "$DATA"/*.txt 2>/dev/null || true
+echo "copied to $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -47,10 +47,10 @@ def variant_config(key: str, sizes: str) -> tuple[str, dict]:
     return {"paper": paper, "cpu": cpu}[sizes], {}
 
 
-def measure(checkpoint: Path, data: Path, realct_root: Path | None) -> dict:
+def measure(checkpoint: Path, data: Path, realct_root: Path | None, device: str = "cpu") -> dict:
     """Test-split and real-CT figures of one trained variant, as `x2p evaluate --sweep` gives them."""
     from .training.evaluate import evaluate
-    r = evaluate(data, checkpoint, split="test", sweep=True, realct_root=realct_root)
+    r = evaluate(data, checkpoint, split="test", device=device, sweep=True, realct_root=realct_root)
     result = {"test": r["3d_mm"], "identity_swaps": r["identity_swaps"],
               "per_index_mpe_mm": {k: v["mpe"] for k, v in r["per_index_3d_mm"].items() if v["n"] > v["missed"]},
               "prompt_sweep_max_mpe_change_mm": r["prompt_sweep_max_mpe_change_mm"]}
@@ -138,8 +138,11 @@ def main(argv=None) -> int:
         parser.exit(2, f"ablation_bench: {args.data}: not a data set made by `x2p data synth` ({e})\n")
     realct_root = None if args.no_realct or not realct.available() else realct.ROOT
 
+    import torch
+
     from .bench import machine
     from .model import checkpoint
+    measure_device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     from .training.train import train
     for key in keys:
         out = args.runs / key
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
         model, _ = checkpoint.load_model(out / "best.pt")
         result = {"recipe": recipe, "epochs_run": epochs_run, "parameters": sum(p.numel() for p in model.parameters()),
                   "config": name, "overrides": overrides,
-                  **measure(out / "best.pt", args.data, realct_root)}
+                  **measure(out / "best.pt", args.data, realct_root, measure_device)}
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1, default=list))
         os.replace(tmp, done)

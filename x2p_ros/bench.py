@@ -77,28 +77,73 @@ def bench_synth(cases: int, size: int) -> tuple[list[str], float]:
     return rows, one_process
 
 
-def bench_latency(config: dict, device: str, repeats: int = 10) -> tuple[float, float]:
+def bench_latency(config: dict, device: str, repeats: int = 10, bf16: bool = False, graph: bool = False
+                  ) -> tuple[float, float]:
     """Median seconds per pair after warm-up, and peak memory in MB (GPU: allocator
-    peak; CPU: the resident peak of the fresh process that measures it)."""
+    peak; CPU: the resident peak of the fresh process that measures it). On CUDA, bf16
+    and graph choose how the Localizer runs the forward (bfloat16 autocast, a CUDA graph)."""
+    from .inference import Localizer
     from .model import build_model
     from .model.config import X2PConfig
-    model = build_model(X2PConfig.from_dict(config)).to(device).eval()
-    images, P, prompt = (t.to(device) for t in example_inputs(model.config))
+    localizer = Localizer(build_model(X2PConfig.from_dict(config)), device, bf16=bf16, cuda_graph=graph)
+    images, P, prompt = (t.to(device) for t in example_inputs(localizer.config))
     times = []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        for i in range(repeats + 2):
+        for i in range(repeats + 3):
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model(images, P, prompt)
+            localizer.forward(images, P, prompt)
             if device == "cuda":
                 torch.cuda.synchronize()
-            if i >= 2:
+            if i >= 3:  # the first calls choose kernels and capture the graph
                 times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else resident_peak_mb()
     return float(np.median(times)), peak
+
+
+# how the Localizer can run the forward on a GPU: (bf16, CUDA graph); the node's default is fp32 with a graph
+GPU_MODES = {"fp32, eager": (False, False), "bf16, eager": (True, False), "fp32, CUDA graph": (False, True),
+             "bf16, CUDA graph": (True, True)}
+GPU_LATENCY_GOAL_MS = 5.0  # issue 12: per 512 x 512 pair at the paper's sizes
+
+
+def gpu_latency(out: Path) -> dict:
+    """`python -m x2p_ros.bench --gpu-latency JSON` on a GPU machine: every GPU_MODES row for the
+    `paper` and `baseline` configs (untrained weights: the time does not depend on them)."""
+    rows = []
+    for name in ("paper", "baseline"):
+        for mode, (bf16, graph) in GPU_MODES.items():
+            seconds, peak = bench_latency(preset(name).to_dict(), "cuda", repeats=100, bf16=bf16, graph=graph)
+            rows.append({"config": name, "mode": mode, "ms": 1000 * seconds, "peak_mb": peak})
+            print(f"{name:9s} {mode:17s} {1000 * seconds:7.2f} ms {peak:7.0f} MB", flush=True)
+    result = {"command": f"python -m x2p_ros.bench --gpu-latency {out}", "machine": machine(),
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def gpu_latency_section(path: Path) -> list[str]:
+    lines = ["## GPU latency (issue 12)", ""]
+    if not path.is_file():
+        return lines + [f"Not measured yet: `python -m x2p_ros.bench --gpu-latency {path}` on a GPU machine.", ""]
+    r = json.loads(path.read_text())
+    lines += [f"`{r['command']}` on {r['machine']} (torch {r['torch']}, {r['date']}). The Localizer's forward for one "
+              "512 x 512 AP/LAT pair (batch 1), median of 100 after 3 warm-up calls; memory: the allocator's peak. "
+              "The node runs fp32 with a CUDA graph unless its `precision` is bf16.", "",
+              "| config | how | median latency | peak memory |", "|---|---|---|---|"]
+    lines += [f"| `{row['config']}` | {row['mode']} | {row['ms']:.2f} ms | {row['peak_mb']:.0f} MB |"
+              for row in r["rows"]]
+    paper = {row["mode"]: row["ms"] for row in r["rows"] if row["config"] == "paper"}
+    best = min(paper, key=paper.get)
+    met = "yes" if paper["fp32, CUDA graph"] <= GPU_LATENCY_GOAL_MS else (
+        f"with `precision: bf16` ({best})" if paper[best] <= GPU_LATENCY_GOAL_MS else "no")
+    lines += ["", f"Goal: at most {GPU_LATENCY_GOAL_MS:g} ms per pair at the paper's sizes. Node default (fp32, CUDA "
+              f"graph): {paper['fp32, CUDA graph']:.2f} ms; fastest ({best}): {paper[best]:.2f} ms. Met: {met}.", ""]
+    return lines
 
 
 def resident_peak_mb() -> float:
@@ -132,7 +177,14 @@ def main(argv=None) -> int:
     parser.add_argument("--test-cases", type=int, default=40)
     parser.add_argument("--checkpoint", default=None, help="X2P-Net; default: the shipped model")
     parser.add_argument("--baseline", default=None, help="the lifting baseline; default: the shipped one")
+    parser.add_argument("--gpu-latency", type=Path, metavar="JSON",
+                        help="only measure the GPU latency table (on a GPU machine) into this JSON")
     args = parser.parse_args(argv)
+    if args.gpu_latency:
+        if not torch.cuda.is_available():
+            parser.exit(2, "bench: --gpu-latency needs a CUDA GPU, and this machine has none\n")
+        gpu_latency(args.gpu_latency)
+        return 0
     torch.manual_seed(0)
     sections = ["# Benchmarks", "",
                 f"Made by `make bench` (`python -m x2p_ros.bench --out {args.out}`) on {time.strftime('%Y-%m-%d')}.",
@@ -164,6 +216,7 @@ def main(argv=None) -> int:
     else:
         sections += bench_models(checkpoints, args.test_cases, sheet=args.out.parent / "realism_sheet.png",
                                  synth_seconds=synth_seconds)
+    sections += gpu_latency_section(args.out.parent / "gpu_latency.json")
     sections += ablation_bench.section(args.out.parent / "ablation_result.json")
     sections += adapt_bench.section(args.out.parent / "adapt_result.json")
     sections += soak_section(args.out.parent / "soak_result.json")

@@ -303,18 +303,37 @@ def project_torch(P, points):
     return h[..., :2] / h[..., 2:3], depth
 
 
+# 3 x 3 determinants and solves in closed form (cross products): elementwise, so that a CUDA graph can
+# hold them (torch.linalg's solvers check their results on the CPU, which ends a capture), and no slower
+# at these sizes. Callers pass well-conditioned matrices (a P's M, a sum of ray projectors).
+
+def det3_torch(M):
+    """(..., 3, 3) -> determinants (...)."""
+    import torch
+    return (M[..., 0, :] * torch.linalg.cross(M[..., 1, :], M[..., 2, :])).sum(-1)
+
+
+def solve3_torch(M, b):
+    """M (..., 3, 3), b (..., 3) -> x (..., 3) with M x = b (broadcast): the adjugate over the determinant."""
+    import torch
+    r0, r1, r2 = M[..., 0, :], M[..., 1, :], M[..., 2, :]
+    c0, c1, c2 = torch.linalg.cross(r1, r2), torch.linalg.cross(r2, r0), torch.linalg.cross(r0, r1)  # inv(M)'s columns
+    det = (r0 * c0).sum(-1, keepdim=True)
+    return (c0 * b[..., 0:1] + c1 * b[..., 1:2] + c2 * b[..., 2:3]) / det
+
+
 def _sign_det_torch(P):
     import torch
-    return torch.sign(torch.linalg.det(P[..., :3]))
+    return torch.sign(det3_torch(P[..., :3]))
 
 
 def backproject_torch(P, pixels):
     """P (..., 3, 4), pixels (..., M, 2) -> source (..., 3), unit directions (..., M, 3)."""
     import torch
     M = P[..., :3]
-    source = -torch.linalg.solve(M, P[..., 3:])[..., 0]
+    source = -solve3_torch(M, P[..., 3])
     homog = torch.cat([pixels, torch.ones_like(pixels[..., :1])], dim=-1)  # (..., M, 3)
-    d = torch.linalg.solve(M[..., None, :, :], homog[..., None])[..., 0] * _sign_det_torch(P)[..., None, None]
+    d = solve3_torch(M[..., None, :, :], homog) * _sign_det_torch(P)[..., None, None]
     return source, d / d.norm(dim=-1, keepdim=True)
 
 
@@ -324,9 +343,9 @@ def triangulate_torch(P, pixels):
     import torch
     c, d = backproject_torch(P, pixels)  # (B, V, 3), (B, V, M, 3)
     proj = torch.eye(3, dtype=P.dtype, device=P.device) - d[..., :, None] * d[..., None, :]  # (B, V, M, 3, 3)
-    A = proj.sum(1)
-    b = (proj @ c[:, :, None, :, None]).sum(1)
-    return torch.linalg.solve(A, b)[..., 0]
+    A = proj.sum(1)  # (B, M, 3, 3)
+    b = (proj @ c[:, :, None, :, None]).sum(1)[..., 0]  # (B, M, 3)
+    return solve3_torch(A, b)
 
 
 def spine_orientations(points) -> np.ndarray:

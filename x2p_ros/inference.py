@@ -10,12 +10,14 @@ found, a smaller window (the share of the image that training crops cover)
 from just above the last one found gives the next N."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import geometry, preprocess
+from .cuda_graph import GraphedForward
 from .geometry import VIEWS
 from .levels import levels_below
 from .model import X2PNet, checkpoint
@@ -72,17 +74,35 @@ def check_inputs(images: dict, Ps: dict, prompts: dict) -> tuple[dict, dict, dic
 
 
 class Localizer:
-    def __init__(self, model: X2PNet, device="cpu", presence_threshold: float | None = None, bf16: bool = False):
+    def __init__(self, model: X2PNet, device="cpu", presence_threshold: float | None = None, bf16: bool = False,
+                 cuda_graph: bool = True):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.bf16 = bf16 and self.device.type == "cuda"  # bfloat16 autocast: CUDA only
+        # on CUDA the forward runs as a CUDA graph (cuda_graph.py), captured at the first pair; eager if that fails
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self._graphed: GraphedForward | None = None
         self.config = model.config
         self.threshold = model.config.presence_threshold if presence_threshold is None else presence_threshold
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", presence_threshold=None, bf16=False) -> Localizer:
+    def from_checkpoint(cls, path, device="cpu", presence_threshold=None, bf16=False, cuda_graph=True) -> Localizer:
         model, _ = checkpoint.load_model(path, device)
-        return cls(model, device, presence_threshold, bf16)
+        return cls(model, device, presence_threshold, bf16, cuda_graph)
+
+    def forward(self, images, P, prompt) -> dict:
+        """The model's outputs for a batch of windows, run as this localizer runs it (device, bf16, graph)."""
+        if self.cuda_graph:
+            if self._graphed is None or not self._graphed.fits(images, P, prompt):
+                try:
+                    self._graphed = GraphedForward(self.model, images, P, prompt, self.bf16)
+                except RuntimeError as e:  # a CUDA or driver version that cannot capture: eager from now on
+                    logging.getLogger(__name__).warning("CUDA graph capture failed (%s); running eagerly", e)
+                    self.cuda_graph, self._graphed = False, None
+            if self._graphed is not None:
+                return self._graphed(images, P, prompt)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(images, P, prompt)
 
     def _boxes(self, images, prompts, first: bool):
         boxes = {}
@@ -109,8 +129,7 @@ class Localizer:
             Pw.append(P)
             pw.append(geometry.transform_pixels(A[view], prompts[view])[0])
         t = lambda a: torch.as_tensor(np.stack(a)[None], dtype=torch.float32, device=self.device)  # noqa: E731
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.model(t(tiles)[:, :, None], t(Pw), t(pw))
+        out = self.forward(t(tiles)[:, :, None], t(Pw), t(pw))
         outputs = {"3D positions": out["xyz"][0].double().cpu().numpy(),
                    "presence": out["presence"][0].float().cpu().numpy()}
         if "pixels" in out:

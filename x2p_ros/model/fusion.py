@@ -44,12 +44,12 @@ def volume_frame(P, image_hw, anchor, width: float):
     down (a rotated or flipped C-arm image) cannot cancel the other one; the
     average then always has a part orthogonal to the AP ray of at least 1/2."""
     M = P[..., :3]  # (B, V, 3, 3)
-    sign = torch.sign(torch.linalg.det(M))[..., None]
+    sign = torch.sign(geometry.det3_torch(M))[..., None]
     basis = torch.eye(3, dtype=P.dtype, device=P.device)
-    ups = F.normalize(-torch.linalg.solve(M, basis[1].expand(M.shape[:-1])) * sign, dim=-1)  # (B, V, 3)
+    ups = F.normalize(-geometry.solve3_torch(M, basis[1]) * sign, dim=-1)  # (B, V, 3)
     agree = torch.where((ups * ups[:, :1]).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(ups.dtype)  # (B, V, 1)
     up = F.normalize((ups * agree).mean(1), dim=-1)  # (B, 3)
-    centre_ray = torch.linalg.solve(M[:, 0], basis[2].expand(M.shape[0], 3)) * sign[:, 0]  # AP view direction
+    centre_ray = geometry.solve3_torch(M[:, 0], basis[2]) * sign[:, 0]  # AP view direction
     e_y = F.normalize(centre_ray - (centre_ray * up).sum(-1, keepdim=True) * up, dim=-1)
     e_x = torch.cross(e_y, up, dim=-1)
     axes = torch.stack([e_x, e_y, up], dim=-1)
