@@ -187,6 +187,14 @@ def test_the_gpu_latency_section_names_the_node_default_and_whether_the_goal_is_
     assert "Met: with `precision: bf16` (bf16, CUDA graph)." in text
     assert "| `paper` | bf16, CUDA graph | 4.00 ms" in text
     assert "Met: yes." in write({**modes, "fp32, CUDA graph": 4.5})
+    # a failed capture ran eagerly: shown as such, and never counted for the goal
+    rows = json.loads(path.read_text())["rows"]
+    for row in rows:
+        row["graph_captured"] = row["mode"] != "fp32, CUDA graph"
+    path.write_text(json.dumps({"command": "c", "machine": "m", "torch": "t", "date": "d", "rows": rows}))
+    text = "\n".join(bench.gpu_latency_section(path))
+    assert "| `paper` | fp32, CUDA graph | capture failed: ran eagerly in 4.50 ms" in text
+    assert "Node default (fp32, CUDA graph): not measured (the capture failed)" in text and "Met: no." in text
     if not torch.cuda.is_available():  # the measurement itself needs a GPU, and says so
         with pytest.raises(SystemExit) as stop:
             bench.main(["--gpu-latency", str(tmp_path / "x.json")])

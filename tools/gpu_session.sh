@@ -14,11 +14,15 @@
 # (`bench --gpu-latency`) and runs the CUDA tests. Every call ends by copying what it has to $OUT, within the
 # device tool's 8 files: each run's best.pt, and one runs.tgz of the logs, results and the data's split lists.
 # The real CTs travel in .realct (copy ../shared/realct there, carry it) for the ablation table's
-# real-anatomy column only: they are measured, never trained on.
+# real-anatomy column only: they are measured, never trained on. The machine's python3 lacks nibabel: carry
+# its wheel in .whl (pip download --no-deps -d .whl nibabel==VERSION); it is installed into /tmp/site.
 # VARIANTS: keys of x2p_ros/ablation_bench.py (default: "x2p baseline").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+if [ -d .whl ] && [ ! -d /tmp/site ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+fi
 SIZE=${SIZE:-512} CASES=${CASES:-1200} SIZES=${SIZES:-paper} DEVICE=${DEVICE:-cuda}  # a dry run: tiny, 64, cpu
 DATA=${DATA:-data/gpu-$SIZE-s1000}
 RUNS=${RUNS:-runs/ablation-gpu}
@@ -48,8 +52,9 @@ wait)
     ;;
 finish)
     limit=${2:-300}
-    while pgrep -f x2p_ros.ablation_bench >/dev/null && (( SECONDS - began < limit )); do sleep 5; done
-    pkill -f x2p_ros.ablation_bench || true  # past the limit: best.pt stands as it is
+    # [x]: the pattern does not match a shell whose own command line names it
+    while pgrep -f '[x]2p_ros.ablation_bench' >/dev/null && (( SECONDS - began < limit )); do sleep 5; done
+    pkill -f '[x]2p_ros.ablation_bench' || true  # past the limit: best.pt stands as it is
     mkdir -p "$RUNS/eval"
     for run in "$RUNS"/*/; do
         name=$(basename "$run")

@@ -90,6 +90,11 @@ class Localizer:
         model, _ = checkpoint.load_model(path, device)
         return cls(model, device, presence_threshold, bf16, cuda_graph)
 
+    @property
+    def runs_as_graph(self) -> bool:
+        """Whether the forward has been captured and runs as a CUDA graph."""
+        return self._graphed is not None
+
     def forward(self, images, P, prompt) -> dict:
         """The model's outputs for a batch of windows, run as this localizer runs it (device, bf16, graph)."""
         if self.cuda_graph:

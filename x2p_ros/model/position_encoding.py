@@ -17,8 +17,9 @@ def sine_positions(h: int, w: int, dim: int, device=None, max_cycles: float = 0.
     grid) and dim / 4 frequencies spaced evenly in log from half a cycle to max_cycles cycles per
     image side (below Nyquist on every grid of at least 2 * max_cycles cells)."""
     if max_cycles > 0:
-        y = torch.as_tensor(geometry.cell_to_pixel(np.arange(h), h, 1.0) + 0.5, dtype=torch.float32, device=device)
-        x = torch.as_tensor(geometry.cell_to_pixel(np.arange(w), w, 1.0) + 0.5, dtype=torch.float32, device=device)
+        # made on the device: a copy from the host would end a CUDA graph's capture (cuda_graph.py)
+        y = geometry.cell_to_pixel(torch.arange(h, dtype=torch.float32, device=device), h, 1.0) + 0.5
+        x = geometry.cell_to_pixel(torch.arange(w, dtype=torch.float32, device=device), w, 1.0) + 0.5
         cycles = torch.logspace(np.log10(0.5), np.log10(max_cycles), dim // 4, device=device)
         freqs = 2 * torch.pi * cycles
     else:
