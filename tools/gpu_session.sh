@@ -5,6 +5,9 @@
 #   tools/gpu_session.sh start [EPOCHS] [VARIANTS] [SECONDS]  # first call: data at 512 px (about 6 minutes on
 #                                                             # 16 cores), one background training per variant,
 #                                                             # then waits until SECONDS after the call began
+#   tools/gpu_session.sh finetune [EPOCHS] [SECONDS]          # or, first call: data at 256 px (SIZE, CASES),
+#                                                             # then the shipped cpu models fine-tuned on it
+#                                                             # (x2p train --init, runs default and baseline)
 #   tools/gpu_session.sh wait [SECONDS]                       # each later call: waits, tails the logs
 #   tools/gpu_session.sh finish [SECONDS]                     # last call: waits (at most SECONDS) for the
 #                                                             # trainings to end, then measures
@@ -23,6 +26,7 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
+if [ "${1:-}" = finetune ]; then SIZE=${SIZE:-256} CASES=${CASES:-4000}; fi  # the cpu models' size
 SIZE=${SIZE:-512} CASES=${CASES:-1200} SIZES=${SIZES:-paper} DEVICE=${DEVICE:-cuda}  # a dry run: tiny, 64, cpu
 DATA=${DATA:-data/gpu-$SIZE-s1000}
 RUNS=${RUNS:-runs/ablation-gpu}
@@ -47,14 +51,29 @@ start)
     done
     sleep $(( ${4:-60} > SECONDS - began ? ${4:-60} - (SECONDS - began) : 1 ))
     ;;
+finetune)
+    # the GPU's other use for issue 11: a CPU trains the shipped cpu models an epoch in 11 minutes, a GPU in
+    # seconds, so one session can give them many more epochs on more cases than a CPU session can
+    epochs=${2:-60}
+    python3 -m x2p_ros.cli data synth --out "$DATA" --cases "$CASES" --size "$SIZE" --seed 1000 --workers "$WORKERS" \
+        --quiet
+    mkdir -p "$RUNS"
+    for model in default baseline; do
+        config=$([ $model = default ] && echo cpu || echo cpu-baseline)
+        setsid nohup python3 -m x2p_ros.cli train --data "$DATA" --config "$config" --out "$RUNS/$model" \
+            --epochs "$epochs" --lr 3e-4 --workers "${LOADERS:-7}" --device "$DEVICE" \
+            --init "x2p_ros/models/$model.pt" --quiet >"$RUNS/$model.log" 2>&1 &
+    done
+    sleep $(( ${3:-60} > SECONDS - began ? ${3:-60} - (SECONDS - began) : 1 ))
+    ;;
 wait)
     sleep "${2:-540}"
     ;;
 finish)
     limit=${2:-300}
     # [x]: the pattern does not match a shell whose own command line names it
-    while pgrep -f '[x]2p_ros.ablation_bench' >/dev/null && (( SECONDS - began < limit )); do sleep 5; done
-    pkill -f '[x]2p_ros.ablation_bench' || true  # past the limit: best.pt stands as it is
+    while pgrep -f '[x]2p_ros.(ablation_bench|cli train)' >/dev/null && (( SECONDS - began < limit )); do sleep 5; done
+    pkill -f '[x]2p_ros.(ablation_bench|cli train)' || true  # past the limit: best.pt stands as it is
     mkdir -p "$RUNS/eval"
     for run in "$RUNS"/*/; do
         name=$(basename "$run")
@@ -62,7 +81,7 @@ finish)
         python3 -m x2p_ros.cli evaluate --data "$DATA" --checkpoint "$run/best.pt" --split val --no-realct \
             --device "$DEVICE" --out "$RUNS/eval/$name-val" >/dev/null
         [ -f "$run/result.json" ] || python3 -m x2p_ros.cli evaluate --data "$DATA" --checkpoint "$run/best.pt" \
-            --split test --sweep --no-realct --device "$DEVICE" --out "$RUNS/eval/$name-test" >/dev/null
+            --split test --limit 200 --no-realct --device "$DEVICE" --out "$RUNS/eval/$name-test" >/dev/null
     done
     for shipped in default baseline; do
         python3 -m x2p_ros.cli evaluate --data "$DATA" --checkpoint "x2p_ros/models/$shipped.pt" --split val \
@@ -77,7 +96,8 @@ for p in sys.argv[1:]:
     python3 -m pytest -q -p no:cacheprovider test/test_cuda_graph.py 2>&1 | tail -n 5 || true
     ;;
 *)
-    echo "usage: $0 start [EPOCHS] [VARIANTS] [SECONDS] | wait [SECONDS] | finish [SECONDS]" >&2
+    echo "usage: $0 start [EPOCHS] [VARIANTS] [SECONDS] | finetune [EPOCHS] [SECONDS] | wait [SECONDS] |" \
+        "finish [SECONDS]" >&2
     exit 2
     ;;
 esac
