@@ -68,6 +68,24 @@ def test_graphed_forward_matches_eager_on_new_inputs(name, bf16):
             assert torch.allclose(got[key].float(), want[key].float(), atol=tol), (key, step)
 
 
+def test_warm_up_changes_no_result_and_on_the_cpu_captures_nothing():
+    torch.manual_seed(2)
+    model = build_model(preset("tiny")).eval()
+    images, P, prompt = example_inputs(model.config)
+    cold = Localizer(model, "cpu").forward(images, P, prompt)
+    warm = Localizer(model, "cpu")
+    warm.warm_up()
+    assert not warm.runs_as_graph
+    assert torch.equal(warm.forward(images, P, prompt)["xyz"], cold["xyz"])
+
+
+@needs_cuda
+def test_warm_up_captures_the_graph_on_cuda():
+    localizer = Localizer(build_model(preset("tiny")).eval(), "cuda")
+    localizer.warm_up()
+    assert localizer.runs_as_graph
+
+
 @needs_cuda
 def test_localize_on_cuda_with_a_graph_gives_the_cpu_result():
     torch.manual_seed(1)

@@ -90,6 +90,13 @@ class Localizer:
         model, _ = checkpoint.load_model(path, device)
         return cls(model, device, presence_threshold, bf16, cuda_graph)
 
+    @torch.no_grad()
+    def warm_up(self):
+        """One forward of a plausible pair at the model's size: the kernels are chosen and, on CUDA, the
+        graph captured now, so that the first real pair is not the slow one."""
+        from .model.summary import example_inputs
+        self.forward(*(t.to(self.device) for t in example_inputs(self.config)))
+
     @property
     def runs_as_graph(self) -> bool:
         """Whether the forward has been captured and runs as a CUDA graph."""

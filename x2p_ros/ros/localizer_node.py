@@ -181,6 +181,7 @@ class LocalizerNode(LifecycleNode):
             device = "cpu"
         localizer = Localizer.from_checkpoint(path, device, self.get_parameter("presence_threshold").value,
                                               bf16=self.get_parameter("precision").value == "bf16")
+        localizer.warm_up()
         with self._lock:
             self.localizer, self.device, self.model_path = localizer, device, path
         self.get_logger().info(f"model {path} on {device}")
