@@ -17,10 +17,16 @@ from .. import geometry, preprocess
 from ..data import case_io
 from . import appearance
 
+# half range of the training prompt's jitter (x, y) as a share of the window: 1.5 times the prompt sweep's
+# displacements (`x2p evaluate --sweep`: 20 px sideways, 10 px up or down at 512), so that the sweep's
+# extremes lie inside what training shows rather than on its edge (issue 12: at the sweep's range the
+# sweep moved X2P-Net's MPE by 1.6 mm)
+PROMPT_JITTER = (30.0 / 512, 15.0 / 512)
+
 
 class BiplanarDataset(Dataset):
     def __init__(self, root, names: list[str], image_size: int, n_vertebrae: int, train: bool = False,
-                 prompt_jitter=(20.0 / 512, 10.0 / 512), seed: int = 0, full_share: float = 0.2,
+                 prompt_jitter=PROMPT_JITTER, seed: int = 0, full_share: float = 0.2,
                  augment: str = "strong"):
         self.randomise = appearance.randomiser(augment)  # of training images' look (training/appearance.py)
         self.augment = augment
