@@ -142,8 +142,8 @@ def main(argv=None) -> int:
 
     from .bench import machine
     from .model import checkpoint
-    measure_device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     from .training.train import train
+    measure_device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     for key in keys:
         out = args.runs / key
         done = out / "result.json"

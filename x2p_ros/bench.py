@@ -371,7 +371,7 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
         lines.append(f"| {label} | {r['prompt_sweep_max_mpe_change_mm']:.3f} | {each} |")
     lines += per_index_rows(results)
 
-    lines += ["", "## Latency and memory per pair", "", "Model forward for one AP/LAT pair, median of 10 after 2 "
+    lines += ["", "## Latency and memory per pair", "", "Model forward for one AP/LAT pair, median of 10 after 3 "
               "warm-up runs, each configuration in a fresh process (so that the CPU's resident peak is its own; "
               "on the GPU the allocator's peak).", "",
               "| device | model | input | median latency | peak memory |", "|---|---|---|---|---|"]

@@ -1,8 +1,8 @@
 """A model's forward captured as one CUDA graph, for one input shape.
 
 At batch 1 X2P-Net's forward is a few hundred small kernels, and on a GPU as
-fast as an H200 launching them takes longer than running them (issue 12: 11 ms
-eager at 512 in fp32). A CUDA graph records the launches once and replays them
+fast as an H200 launching them takes longer than running them (the `paper`
+config at 512: 27 ms eager in fp32, docs/gpu_latency.json). A CUDA graph records the launches once and replays them
 as one, so a pair costs what its kernels cost. The graph reads its inputs from
 and writes its outputs to fixed buffers: each call copies the inputs in and the
 outputs out."""

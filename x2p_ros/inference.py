@@ -79,7 +79,8 @@ class Localizer:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.bf16 = bf16 and self.device.type == "cuda"  # bfloat16 autocast: CUDA only
-        # on CUDA the forward runs as a CUDA graph (cuda_graph.py), captured at the first pair; eager if that fails
+        # on CUDA the forward runs as a CUDA graph (cuda_graph.py), captured by warm_up or at the first pair;
+        # eagerly if the capture fails
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self._graphed: GraphedForward | None = None
         self.config = model.config
