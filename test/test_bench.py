@@ -195,6 +195,13 @@ def test_the_gpu_latency_section_names_the_node_default_and_whether_the_goal_is_
     text = "\n".join(bench.gpu_latency_section(path))
     assert "| `paper` | fp32, CUDA graph | capture failed: ran eagerly in 4.50 ms" in text
     assert "Node default (fp32, CUDA graph): not measured (the capture failed)" in text and "Met: no." in text
+    # without a GPU here, issue 5's GPU goal takes the recorded figure: never a failed capture's
+    assert bench.recorded_gpu_latency(path)[0] == 9.0 and "fp32, eager" in bench.recorded_gpu_latency(path)[2]
+    for row in rows:
+        row["graph_captured"] = True
+    path.write_text(json.dumps({"command": "c", "machine": "m", "torch": "t", "date": "d", "rows": rows}))
+    assert bench.recorded_gpu_latency(path) == (4.5, 300.0, "fp32, CUDA graph, gpu_latency.json")
+    assert bench.recorded_gpu_latency(tmp_path / "absent.json") is None
     if not torch.cuda.is_available():  # the measurement itself needs a GPU, and says so
         with pytest.raises(SystemExit) as stop:
             bench.main(["--gpu-latency", str(tmp_path / "x.json")])

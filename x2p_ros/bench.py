@@ -225,6 +225,7 @@ def main(argv=None) -> int:
         sections += ["## Accuracy and latency", "", f"Not measured: no checkpoint at {', '.join(missing)}.", ""]
     else:
         sections += bench_models(checkpoints, args.test_cases, sheet=args.out.parent / "realism_sheet.png",
+                                 gpu_json=args.out.parent / "gpu_latency.json",
                                  synth_seconds=synth_seconds)
     sections += gpu_latency_section(args.out.parent / "gpu_latency.json")
     sections += ablation_bench.section(args.out.parent / "ablation_result.json")
@@ -326,7 +327,7 @@ REFERENCE_CONFIGS = {PAPER_CONFIG_LATENCY: "paper", "lifting baseline, `baseline
 
 def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE_CONFIGS,
                  realct_root: Path = realct.ROOT, sheet: Path | None = None,
-                 synth_seconds: float | None = None) -> list[str]:
+                 synth_seconds: float | None = None, gpu_json: Path | None = None) -> list[str]:
     """checkpoints: {method label: path}, the first the shipped X2P-Net, the second the baseline;
     reference_configs: {label: preset} timed at their own size beside them (untrained weights);
     realct_root: the real CTs of the real-anatomy validation rows; sheet: where the realism contact
@@ -390,7 +391,7 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
             what = "GPU allocator peak" if device == "cuda" else "process resident peak"
             lines.append(f"| {device} | {label} | {cfg.image_size} | {1000 * seconds:.0f} ms | "
                          f"{peak:.0f} MB ({what}) |")
-    lines += ["", *goals_section(results, latency), ""]
+    lines += ["", *goals_section(results, latency, gpu_json), ""]
     lines += [*realism_goals(results, real, synth_seconds), ""]
     return lines
 
@@ -441,7 +442,7 @@ def per_index_rows(results: dict) -> list[str]:
     return lines
 
 
-def goals_section(results: dict, latency: dict) -> list[str]:
+def goals_section(results: dict, latency: dict, gpu_json: Path | None = None) -> list[str]:
     r, b = list(results.values())[:2]  # X2P-Net, the baseline
     m, mb = r["3d_mm"], b["3d_mm"]
     cpu = latency.get(("cpu", PAPER_CONFIG_LATENCY))
@@ -456,12 +457,30 @@ def goals_section(results: dict, latency: dict) -> list[str]:
              "| at most 1.5 s per 512 x 512 pair on this CPU (`paper` config) | "
              + (f"{cpu[0]:.2f} s | {'yes' if cpu[0] <= 1.5 else 'no'} |" if cpu else "not measured | - |")]
     gpu = latency.get(("cuda", PAPER_CONFIG_LATENCY))
+    recorded = recorded_gpu_latency(gpu_json) if gpu is None and gpu_json else None
     if gpu:
         lines.append(f"| at most 20 ms and 1.5 GB per 512 x 512 pair on the GPU | {1000 * gpu[0]:.1f} ms, "
                      f"{gpu[1]:.0f} MB | {'yes' if gpu[0] <= 0.02 and gpu[1] < 1536 else 'no'} |")
+    elif recorded:
+        ms, mb, where = recorded
+        lines.append(f"| at most 20 ms and 1.5 GB per 512 x 512 pair on the GPU | {ms:.1f} ms, {mb:.0f} MB ({where}) | "
+                     f"{'yes' if ms <= 20 and mb < 1536 else 'no'} |")
     else:
         lines.append("| at most 20 ms and 1.5 GB per 512 x 512 pair on an H100 | not measured: no GPU here | - |")
     return lines
+
+
+def recorded_gpu_latency(path: Path) -> tuple[float, float, str] | None:
+    """The `paper` config's GPU figures in the JSON of `--gpu-latency` (ms, MB, where and how), for a machine
+    without a GPU: the node's default (fp32, CUDA graph) if it was captured, else the fastest mode measured."""
+    if not path.is_file():
+        return None
+    rows = [row for row in json.loads(path.read_text())["rows"] if row["config"] == "paper"
+            and not (GPU_MODES[row["mode"]][1] and not row.get("graph_captured", True))]
+    if not rows:
+        return None
+    row = next((r for r in rows if r["mode"] == "fp32, CUDA graph"), min(rows, key=lambda r: r["ms"]))
+    return row["ms"], row["peak_mb"], f"{row['mode']}, {path.name}"
 
 
 if __name__ == "__main__":
