@@ -132,6 +132,12 @@ def gpu_latency(out: Path) -> dict:
     return result
 
 
+def capture_failed(row: dict) -> bool:
+    """A CUDA-graph row whose capture failed: it ran eagerly, so it is shown as such and never counts as
+    the graph's figure."""
+    return GPU_MODES[row["mode"]][1] and not row.get("graph_captured", True)
+
+
 def gpu_latency_section(path: Path) -> list[str]:
     lines = ["## GPU latency (issue 12)", ""]
     if not path.is_file():
@@ -141,8 +147,7 @@ def gpu_latency_section(path: Path) -> list[str]:
               "512 x 512 AP/LAT pair (batch 1), median of 100 after 3 warm-up calls; memory: the allocator's peak. "
               "The node runs fp32 with a CUDA graph unless its `precision` is bf16.", "",
               "| config | how | median latency | peak memory |", "|---|---|---|---|"]
-    # a graph row whose capture failed ran eagerly: it is shown, and it counts as not measured
-    ran = [(row, GPU_MODES[row["mode"]][1] and not row.get("graph_captured", True)) for row in r["rows"]]
+    ran = [(row, capture_failed(row)) for row in r["rows"]]
     lines += [f"| `{row['config']}` | {row['mode']} | {'capture failed: ran eagerly in ' if failed else ''}"
               f"{row['ms']:.2f} ms | {row['peak_mb']:.0f} MB |" for row, failed in ran]
     paper = {row["mode"]: row["ms"] for row, failed in ran if row["config"] == "paper" and not failed}
@@ -475,8 +480,7 @@ def recorded_gpu_latency(path: Path) -> tuple[float, float, str] | None:
     without a GPU: the node's default (fp32, CUDA graph) if it was captured, else the fastest mode measured."""
     if not path.is_file():
         return None
-    rows = [row for row in json.loads(path.read_text())["rows"] if row["config"] == "paper"
-            and not (GPU_MODES[row["mode"]][1] and not row.get("graph_captured", True))]
+    rows = [row for row in json.loads(path.read_text())["rows"] if row["config"] == "paper" and not capture_failed(row)]
     if not rows:
         return None
     row = next((r for r in rows if r["mode"] == "fp32, CUDA graph"), min(rows, key=lambda r: r["ms"]))
