@@ -59,10 +59,17 @@ def _data_check(args):
 def _train(args):
     import os
 
-    from .training.train import train
+    from .model.config import parse_overrides, preset
+    from .training.train import TrainingError, train
+    try:
+        overrides = parse_overrides(args.set)
+        preset(args.config, **overrides)  # a combination the config refuses, before any work
+    except ValueError as e:
+        raise TrainingError(f"--set: {e}") from None
     best = train(args.data, args.config, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  workers=args.workers, device=args.device, seed=args.seed, time_limit_min=args.time_limit,
-                 progress=not args.quiet, init=args.init, max_bad_steps=args.max_bad_steps, augment=args.augment)
+                 progress=not args.quiet, init=args.init, max_bad_steps=args.max_bad_steps, augment=args.augment,
+                 **overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 validates and writes
         print(f"best validation: {json.dumps(best)}")
     return 0
@@ -217,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=None, help="minutes; stop after the epoch that passes it")
-    p.add_argument("--init", help="checkpoint of the same config to start from (fine-tune, new schedule)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change one field of the config (x2p_ros/model/config.py), e.g. heatmap_prior=true")
+    p.add_argument("--init", help="checkpoint to start from (fine-tune, new schedule); one of another config "
+                                  "whose weights all fit this one is a warm start")
     p.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     p.add_argument("--augment", default="strong", choices=list(appearance.KINDS),

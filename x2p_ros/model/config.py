@@ -122,6 +122,34 @@ for _name, _changes in {"no-prompt": dict(use_prompt=False), "no-sce": dict(use_
     PRESETS[f"cpu-{_name}"] = replace(PRESETS["cpu"], **_changes)
 
 
+def parse_overrides(items) -> dict:
+    """{field: value} from "field=value" strings, each value read as its field's type
+    (booleans true/false, volume_shape as D,H,W); ValueError says what is wrong."""
+    defaults = {f.name: getattr(X2PConfig(), f.name) for f in fields(X2PConfig)}
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or name not in defaults:
+            raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD one of {', '.join(defaults)}")
+        kind = type(defaults[name])
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                value = text.lower() == "true"
+            elif kind is tuple:
+                value = tuple(int(v) for v in text.split(","))
+                if len(value) != len(defaults[name]):
+                    raise ValueError(f"expected {len(defaults[name])} integers separated by commas")
+            else:
+                value = kind(text)
+        except ValueError as e:
+            raise ValueError(f"{item!r}: not a valid {name} ({e})") from None
+        out[name] = value
+    return out
+
+
 def preset(name: str, **overrides) -> X2PConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown config {name!r}; choose one of {', '.join(sorted(PRESETS))}")

@@ -125,7 +125,7 @@ def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: fl
 
     model = build_model(cfg).to(dev)
     if init is not None:  # fine-tuning: another run's weights, a fresh optimizer and schedule
-        _load_weights(model, init, config)
+        _init_weights(model, init, config, announce=rank == 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     total_steps = max(epochs * len(loader), 1)
     warmup = min(200, total_steps // 10 + 1)
@@ -255,6 +255,29 @@ def _finite_everywhere(loss, grad_norm, world: int, device) -> bool:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag)
     return bool(ok)
+
+
+def _init_weights(model, path, config_name: str, announce: bool):
+    """Loads a checkpoint's weights to fine-tune from. One of another config
+    (e.g. the same sizes with the heatmap prior or another loss) is a warm
+    start: every one of its weights must fit a weight of the model by name and
+    shape, and the model's weights it lacks keep their initial values."""
+    state = checkpoint.read(path)
+    if checkpoint.saved_config(state, path) == model.config:
+        model.load_state_dict(state["model"])
+        return
+    own = model.state_dict()
+    misfits = [f"{name} {tuple(w.shape)}" + (f" (here {tuple(own[name].shape)})" if name in own else " (not here)")
+               for name, w in state["model"].items() if name not in own or own[name].shape != w.shape]
+    if misfits:
+        raise checkpoint.CheckpointError(
+            f"{path} was trained with another config than {config_name!r}, and {len(misfits)} of its weights do "
+            f"not fit this one: {', '.join(misfits[:5])}{', ...' if len(misfits) > 5 else ''}")
+    new = sorted(set(own) - set(state["model"]))
+    model.load_state_dict(state["model"], strict=False)
+    if announce:
+        print(f"warm start from {path} (another config): every weight loaded"
+              + (f"; new, at their initial values: {', '.join(new)}" if new else ""))
 
 
 def _load_weights(model, path, config_name: str) -> dict:
