@@ -380,3 +380,18 @@ def test_cell_centred_position_codes_agree_across_grids_and_do_not_alias():
     assert preset("paper").position_max_cycles == 4.0 and preset("cpu").position_max_cycles == 0.0
     with pytest.raises(ValueError, match="Nyquist"):
         preset("cpu", position_max_cycles=9.0)
+
+
+def test_config_overrides_are_read_as_each_fields_type_and_bad_ones_refused():
+    from x2p_ros.model.config import parse_overrides
+    got = parse_overrides(["heatmap_prior=TRUE", "loss_3d_peak_sigma_mm=6", "top_k = 4", "volume_shape=8,6,6",
+                           "sce_attention=vanilla"])
+    assert got == {"heatmap_prior": True, "loss_3d_peak_sigma_mm": 6.0, "top_k": 4, "volume_shape": (8, 6, 6),
+                   "sce_attention": "vanilla"}
+    assert type(got["loss_3d_peak_sigma_mm"]) is float and type(got["top_k"]) is int
+    assert preset("tiny", **got).volume_shape == (8, 6, 6)
+    for bad, says in (("heatmap_prior=1", "true or false"), ("top_k=2.5", "not a valid top_k"),
+                      ("volume_shape=8,6", "3 integers"), ("no_such_field=1", "FIELD=VALUE"),
+                      ("heatmap_prior", "FIELD=VALUE")):
+        with pytest.raises(ValueError, match=says):
+            parse_overrides([bad])

@@ -131,3 +131,28 @@ def test_ship_model_refuses_a_data_set_with_pairs_of_the_validation_cts(tmp_path
     assert record["training_data"]["patient_ct_cases"] == 2
     assert record["training_data"]["real_anatomy_validation_cts"] is False
     assert record["training"]["augment"] == "strong"
+
+
+def test_ship_model_records_the_fields_changed_from_the_named_preset(tmp_path, monkeypatch):
+    import torch
+
+    from x2p_ros.model import build_model, checkpoint, preset
+    tool = _ship_model_tool()
+    shipped = tmp_path / "models" / "default.pt"
+    monkeypatch.setitem(tool.TARGETS, "default", lambda: shipped)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset.json").write_text(json.dumps({"cases": 2, "seed": 1, "engine": 6, "config": {"size": 64},
+                                                   "vertebrae_per_case": {"min": 3, "median": 4, "max": 5}}))
+    for split, names in {"train": ["case_00000"], "val": ["case_00001"]}.items():
+        (data / f"{split}.txt").write_text(f"{names[0]}\n")
+    torch.manual_seed(0)
+    for overrides in ({}, {"heatmap_prior": True, "loss_3d_peak_sigma_mm": 6.0}):
+        run = tmp_path / f"run{len(overrides)}"
+        checkpoint.save(run / "best.pt", build_model(preset("tiny", **overrides)),
+                        meta={"config_name": "tiny", "epoch": 1, "augment": "strong"})
+        (run / "log.csv").write_text("epoch,seconds\n1,2.0\n")
+        assert tool.main(str(run), str(data)) == 0
+        record = json.loads(shipped.with_suffix(".json").read_text())
+        assert record["config"] == "tiny" and record["config_changes"] == overrides
+        assert record["config_values"]["heatmap_prior"] is overrides.get("heatmap_prior", False)

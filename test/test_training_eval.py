@@ -190,7 +190,33 @@ def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_config(sm
     capsys.readouterr()
     init = ["--init", str(tmp_path / "a" / "best.pt")]
     assert main(args + ["--config", "cpu", "--out", str(tmp_path / "c")] + init) == 2
-    assert "trained with another config than 'cpu'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trained with another config than 'cpu'" in err and "do not fit" in err
+    assert not (tmp_path / "c" / "best.pt").exists()
+
+
+def test_warm_start_from_another_config_whose_weights_all_fit(small_data, tmp_path, capsys):
+    """--set changes the config; --init from a run of the plain preset loads every weight it
+    has, and the heatmap prior's new weight starts at its initial value (1)."""
+    args = ["train", "--data", str(small_data), "--workers", "0", "--quiet", "--epochs", "1", "--config", "tiny"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    start = checkpoint.read(tmp_path / "a" / "best.pt")["model"]
+    capsys.readouterr()
+    prior = ["--set", "heatmap_prior=true", "--set", "loss_3d_peak_sigma_mm=6"]
+    assert main(args + ["--out", str(tmp_path / "b"), "--lr", "0", "--init", str(tmp_path / "a" / "best.pt")]
+                + prior) == 0
+    assert "new, at their initial values: fusion.prior_weight" in capsys.readouterr().out
+    tuned = checkpoint.read(tmp_path / "b" / "best.pt")
+    assert tuned["config"]["heatmap_prior"] is True and tuned["config"]["loss_3d_peak_sigma_mm"] == 6.0
+    assert float(tuned["model"]["fusion.prior_weight"]) == 1.0
+    for name, weights in start.items():
+        torch.testing.assert_close(tuned["model"][name], weights)
+    # resuming needs the same changes; a bad --set is refused before any work
+    assert main(args + ["--out", str(tmp_path / "b"), "--epochs", "2"]) == 2
+    assert "trained with another config than 'tiny'" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "c"), "--set", "heatmap_prior=true", "--set", "use_sce=false"]) == 2
+    assert "--set: heatmap_prior needs the SCE's heatmaps" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_the_shipped_models_can_be_fine_tuned(small_data, tmp_path):

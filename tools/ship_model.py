@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from x2p_ros.data import case_io, realct  # noqa: E402
 from x2p_ros.data.patient_pairs import sha256  # noqa: E402
-from x2p_ros.model import checkpoint  # noqa: E402
+from x2p_ros.model import checkpoint, preset  # noqa: E402
 from x2p_ros.models import baseline_checkpoint, default_checkpoint  # noqa: E402
 
 TARGETS = {"default": default_checkpoint, "baseline": baseline_checkpoint}
@@ -50,9 +50,12 @@ def main(run: str, data: str, name: str = "default") -> int:
     else:
         prior = 0
     epochs = f"{prior} + {len(log)} epochs (fine-tuned from {init})" if init else f"{len(log)} epochs"
+    # fields changed from the named preset (x2p train --set): the name alone would not say what was trained
+    named = preset(meta["config_name"]).to_dict() if meta.get("config_name") else {}
+    changes = {k: v for k, v in model.config.to_dict().items() if named and named[k] != v}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     record = {
-        "config": meta.get("config_name"), "config_values": model.config.to_dict(),
+        "config": meta.get("config_name"), "config_changes": changes, "config_values": model.config.to_dict(),
         "training_data": {"generator": "x2p data synth", "engine": dataset.get("engine", 1),
                           "patient_ct_cases": len(patient_cases), "real_anatomy_validation_cts": False,
                           "cases": dataset["cases"], "seed": dataset["seed"],
