@@ -60,8 +60,14 @@ finetune)
     mkdir -p "$RUNS"
     for model in default baseline; do
         config=$([ $model = default ] && echo cpu || echo cpu-baseline)
+        # the shipped model's changes to its preset (its JSON's config_changes), as x2p train --set options
+        sets=$(python3 -c 'import json, sys
+changes = json.load(open(sys.argv[1])).get("config_changes", {})
+text = lambda v: str(v).lower() if isinstance(v, bool) else ",".join(map(str, v)) if isinstance(v, list) else str(v)
+print(" ".join(f"--set {k}={text(v)}" for k, v in changes.items()))' "x2p_ros/models/$model.json")
+        # shellcheck disable=SC2086  # $sets: one word per option
         setsid nohup python3 -m x2p_ros.cli train --data "$DATA" --config "$config" --out "$RUNS/$model" \
-            --epochs "$epochs" --lr 3e-4 --workers "${LOADERS:-7}" --device "$DEVICE" \
+            --epochs "$epochs" --lr 3e-4 --workers "${LOADERS:-7}" --device "$DEVICE" $sets \
             --init "x2p_ros/models/$model.pt" --quiet >"$RUNS/$model.log" 2>&1 &
     done
     sleep $(( ${3:-60} > SECONDS - began ? ${3:-60} - (SECONDS - began) : 1 ))
