@@ -391,7 +391,8 @@ def test_config_overrides_are_read_as_each_fields_type_and_bad_ones_refused():
     assert type(got["loss_3d_peak_sigma_mm"]) is float and type(got["top_k"]) is int
     assert preset("tiny", **got).volume_shape == (8, 6, 6)
     for bad, says in (("heatmap_prior=1", "true or false"), ("top_k=2.5", "not a valid top_k"),
-                      ("volume_shape=8,6", "3 integers"), ("no_such_field=1", "FIELD=VALUE"),
+                      ("volume_shape=8,6", "3 integers"),
+                      ("volume_width=nan", "not a finite number"), ("no_such_field=1", "FIELD=VALUE"),
                       ("heatmap_prior", "FIELD=VALUE")):
         with pytest.raises(ValueError, match=says):
             parse_overrides([bad])

@@ -1,6 +1,7 @@
 """All sizes of X2P-Net in one dataclass, with named presets."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 
@@ -144,6 +145,8 @@ def parse_overrides(items) -> dict:
                     raise ValueError(f"expected {len(defaults[name])} integers separated by commas")
             else:
                 value = kind(text)
+                if kind is float and not math.isfinite(value):
+                    raise ValueError("not a finite number")
         except ValueError as e:
             raise ValueError(f"{item!r}: not a valid {name} ({e})") from None
         out[name] = value

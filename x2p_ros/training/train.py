@@ -2,7 +2,7 @@
 process or several through torchrun (DistributedDataParallel). Resumable: every
 epoch writes RUN/last.pt, and a run that finds it continues from there. With
 init, training starts from another run's weights (a fine-tune with a new
-schedule).
+schedule; from a run of another config whose weights all fit, a warm start).
 
 One bad batch cannot destroy a run: a step whose loss or gradient is not
 finite makes no update (optimizer and schedule stay where they were), is
