@@ -126,7 +126,7 @@ for _name, _changes in {"no-prompt": dict(use_prompt=False), "no-sce": dict(use_
 def parse_overrides(items) -> dict:
     """{field: value} from "field=value" strings, each value read as its field's type
     (booleans true/false, volume_shape as D,H,W); ValueError says what is wrong."""
-    defaults = {f.name: getattr(X2PConfig(), f.name) for f in fields(X2PConfig)}
+    defaults = asdict(X2PConfig())
     out = {}
     for item in items:
         name, sep, text = item.partition("=")
