@@ -38,7 +38,7 @@ def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path
         found = m["n"] - m["missed"]
         mpe = f"{first['mpe']:.1f}" if first["mpe"] == first["mpe"] else "none found"  # an untrained model may miss all
         assert f"| {label} | {mpe} ({first['n']}, {first['missed']}) |" in report
-        assert f"| {r['identity_swaps']} / {found} |" in report
+        assert f"| {r['identity_swaps']} / {found} | {r['spurious']} |" in report
     for row in ("X2P-Net (shipped) | 64", "X2P-Net, same architecture | 512", "lifting baseline (shipped) | 64",
                 f"{bench.PAPER_CONFIG_LATENCY} | 64"):
         assert f"| cpu | {row} |" in report

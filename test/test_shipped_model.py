@@ -156,3 +156,32 @@ def test_ship_model_records_the_fields_changed_from_the_named_preset(tmp_path, m
         record = json.loads(shipped.with_suffix(".json").read_text())
         assert record["config"] == "tiny" and record["config_changes"] == overrides
         assert record["config_values"]["heatmap_prior"] is overrides.get("heatmap_prior", False)
+
+
+def test_ship_model_ships_a_calibrated_checkpoint_with_its_threshold_and_table(tmp_path, monkeypatch):
+    import torch
+
+    from x2p_ros.model import build_model, checkpoint, preset
+    tool = _ship_model_tool()
+    shipped = tmp_path / "models" / "default.pt"
+    monkeypatch.setitem(tool.TARGETS, "default", lambda: shipped)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset.json").write_text(json.dumps({"cases": 2, "seed": 1, "engine": 6, "config": {"size": 64},
+                                                   "vertebrae_per_case": {"min": 3, "median": 4, "max": 5}}))
+    for split in ("train", "val"):
+        (data / f"{split}.txt").write_text("case_00000\n")
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    meta = {"config_name": "tiny", "epoch": 1, "augment": "strong"}
+    checkpoint.save(run / "best.pt", build_model(preset("tiny")), meta=meta)
+    calibration = {"split": "train", "cases": 1, "threshold": 0.35, "table": []}
+    checkpoint.save(run / "calibrated.pt", build_model(preset("tiny", presence_threshold=0.35)),
+                    meta={**meta, "presence_calibration": calibration})
+    (run / "log.csv").write_text("epoch,seconds\n1,2.0\n")
+    assert tool.main(str(run), str(data), "default", str(run / "calibrated.pt")) == 0
+    record = json.loads(shipped.with_suffix(".json").read_text())
+    assert record["config_changes"] == {"presence_threshold": 0.35} and record["presence_calibration"] == calibration
+    assert checkpoint.load_model(shipped)[0].config.presence_threshold == 0.35
+    assert tool.main(str(run), str(data)) == 0  # the run's best.pt as trained: no calibration
+    assert json.loads(shipped.with_suffix(".json").read_text())["presence_calibration"] is None

@@ -11,7 +11,7 @@ from x2p_ros import geometry, metrics
 from x2p_ros.cli import main
 from x2p_ros.data import case_io
 from x2p_ros.inference import InputError, Localizer
-from x2p_ros.model import X2PNet, checkpoint, preset
+from x2p_ros.model import X2PNet, build_model, checkpoint, preset
 
 
 def test_metrics_match_hand_computed_values():
@@ -41,14 +41,21 @@ def test_identity_swaps_count_found_vertebrae_nearer_to_another_ones_truth():
     assert metrics.identity_swaps(pred[:0], [], gt) == 0
 
 
+def test_spurious_counts_present_predictions_past_the_last_ground_truth_vertebra():
+    assert metrics.spurious([True, True, True, False], 2) == 1
+    assert metrics.spurious([True, False, True, True], 2) == 2  # past the truth's end, present: not there
+    assert metrics.spurious([True, True], 3) == 0 and metrics.spurious([], 0) == 0
+
+
 def test_report_groups_3d_errors_by_level_index_and_field_kind():
     from x2p_ros.training.evaluate import field_kind, report
     short, long = field_kind(4), field_kind(8)
     assert short != long and field_kind(6) == short and field_kind(7) == long
     errors = {"3d": np.array([1.0, 3.0, np.inf, 10.0, 30.0]), "ap": [], "lat": [],
               "levels": ["L1", "L2", "L3", "L1", "L2"], "indices": [0, 1, 2, 0, 1],
-              "fields": [short] * 3 + [long] * 2, "swaps": 2}
+              "fields": [short] * 3 + [long] * 2, "swaps": 2, "spurious": 3}
     result = report(errors)
+    assert result["spurious"] == 3
     by_index = result["per_index_3d_mm"]
     assert list(by_index) == [0, 1, 2] and by_index[0]["mpe"] == 5.5 and by_index[1]["mpe"] == 16.5
     assert by_index[2]["missed"] == 1 and result["identity_swaps"] == 2
@@ -173,6 +180,48 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
 
     assert main(["model", "summary", "--checkpoint", str(run / "best.pt")]) == 0
     assert "total" in capsys.readouterr().out
+
+
+def test_best_presence_threshold_scores_good_poses_against_spurious_ones():
+    from x2p_ros.training.evaluate import best_presence_threshold
+    rows = [{"threshold": 0.3, "score": 50}, {"threshold": 0.4, "score": 52}, {"threshold": 0.5, "score": 52},
+            {"threshold": 0.6, "score": 49}]
+    assert best_presence_threshold(rows) == 0.5  # of equal scores, the one that gives the fewest poses
+
+
+def test_presence_command_tabulates_thresholds_and_writes_the_chosen_one_into_a_copy(small_data, tmp_path, capsys):
+    from x2p_ros.training.evaluate import PRESENCE_GRID, evaluate_cases
+    torch.manual_seed(0)
+    source = checkpoint.save(tmp_path / "model.pt", build_model(preset("tiny")), meta={"config_name": "tiny"})
+    before = source.read_bytes()
+    out = tmp_path / "calibrated.pt"
+    args = ["presence", "--data", str(small_data), "--checkpoint", str(source), "--split", "all"]
+    assert main(args + ["--out", str(out)]) == 0
+    calibration = checkpoint.read(out)["meta"]["presence_calibration"]
+    rows = calibration["table"]
+    assert [r["threshold"] for r in rows] == list(PRESENCE_GRID) and calibration["cases"] == 5
+    # a higher threshold can only shorten each chain: never fewer misses, never more spurious vertebrae
+    assert all(a["missed"] <= b["missed"] and a["spurious"] >= b["spurious"] for a, b in zip(rows, rows[1:]))
+    assert all(r["score"] == r["within_10mm"] - r["spurious"] for r in rows)
+    best = max(r["score"] for r in rows)
+    assert calibration["threshold"] == max(r["threshold"] for r in rows if r["score"] == best)
+    model, meta = checkpoint.load_model(out)
+    assert model.config.presence_threshold == calibration["threshold"] and meta["config_name"] == "tiny"
+    for name, weights in checkpoint.read(source)["model"].items():
+        torch.testing.assert_close(checkpoint.read(out)["model"][name], weights)
+    assert source.read_bytes() == before  # the checkpoint as trained is kept
+    # the table's figures are the evaluation's at that threshold
+    row = rows[len(rows) // 2]
+    errors = evaluate_cases(Localizer.from_checkpoint(source, presence_threshold=row["threshold"]), small_data,
+                            case_io.list_cases(small_data))
+    assert row["missed"] == int(np.sum(~np.isfinite(errors["3d"]))) and row["spurious"] == errors["spurious"]
+    assert "<- chosen" in capsys.readouterr().out
+
+    assert main(args + ["--out", str(source)]) == 2
+    assert "--out must be another file than --checkpoint" in capsys.readouterr().err
+    assert main(args[:-1] + ["val", "--limit", "0", "--out", str(tmp_path / "none.pt")]) == 2
+    assert "has no cases" in capsys.readouterr().err and not (tmp_path / "none.pt").exists()
+    assert source.read_bytes() == before
 
 
 def test_fine_tuning_starts_from_the_given_weights_and_refuses_another_config(small_data, tmp_path, capsys):

@@ -3,7 +3,10 @@ package's model; baseline.pt: the lifting baseline for `make bench`) and
 records its provenance beside it (NAME.json): config, training data and seed,
 the run it was fine-tuned from, validation metrics, the commit, the machine.
 
-  python tools/ship_model.py runs/default-cpu data/bispinex-256-s1000 [default|baseline]"""
+  python tools/ship_model.py runs/default-cpu data/bispinex-256-s1000 [default|baseline] [CHECKPOINT]
+
+CHECKPOINT (default: the run's best.pt) is that checkpoint after `x2p presence --out`: the
+presence threshold chosen on a split, recorded with its table."""
 import csv
 import json
 import platform
@@ -23,11 +26,11 @@ from x2p_ros.models import baseline_checkpoint, default_checkpoint  # noqa: E402
 TARGETS = {"default": default_checkpoint, "baseline": baseline_checkpoint}
 
 
-def main(run: str, data: str, name: str = "default") -> int:
+def main(run: str, data: str, name: str = "default", checkpoint_file: str | None = None) -> int:
     if name not in TARGETS:
         raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
     run, data = Path(run), Path(data)
-    model, meta = checkpoint.load_model(run / "best.pt")
+    model, meta = checkpoint.load_model(checkpoint_file or run / "best.pt")
     dataset = json.loads((data / "dataset.json").read_text())
     # the real-anatomy validation CTs are never trained on: `x2p data add-ct` names its cases ct<sha256[:12]>_...
     seen = {n for split in ("train", "val") for n in case_io.read_split(data, split)}
@@ -69,6 +72,7 @@ def main(run: str, data: str, name: str = "default") -> int:
                      "seconds": float(log[-1]["seconds"]) if log else None, "device": "cpu",
                      "machine": f"{platform.machine()}, torch {torch.__version__}"},
         "validation": {"mpe_mm": meta.get("val_mpe_mm"), "pcl10": meta.get("val_pcl10")},
+        "presence_calibration": meta.get("presence_calibration"),
         "commit": commit,
     }
     target = TARGETS[name]()

@@ -432,10 +432,11 @@ def realism_goals(results: dict, real: dict, synth_seconds: float | None) -> lis
 def per_index_rows(results: dict) -> list[str]:
     """3D MPE by index below the prompt (does the error grow down the chain?) and identity swaps."""
     indices = sorted({k for r in results.values() for k in r["per_index_3d_mm"]})
-    lines = ["", "3D MPE in mm (vertebrae, missed) by index k below the prompt on the test split, and identity "
-             "swaps (a vertebra found nearer to another one's ground truth):", "",
-             "| method | " + " | ".join(f"k = {k}" for k in indices) + " | swaps / found |",
-             "|---|" + "---|" * (len(indices) + 1)]
+    lines = ["", "3D MPE in mm (vertebrae, missed) by index k below the prompt on the test split, identity "
+             "swaps (a vertebra found nearer to another one's ground truth) and spurious vertebrae (found past "
+             "the last one of the ground truth: poses of vertebrae that are not there):", "",
+             "| method | " + " | ".join(f"k = {k}" for k in indices) + " | swaps / found | spurious |",
+             "|---|" + "---|" * (len(indices) + 2)]
     for label, r in results.items():
         cells = []
         for k in indices:
@@ -443,7 +444,7 @@ def per_index_rows(results: dict) -> list[str]:
             cells.append(f"{m['mpe']:.1f} ({m['n']}, {m['missed']})" if m and np.isfinite(m["mpe"]) else
                          f"none found ({m['n']}, {m['missed']})" if m else "-")
         found = r["3d_mm"]["n"] - r["3d_mm"]["missed"]
-        lines.append(f"| {label} | {' | '.join(cells)} | {r['identity_swaps']} / {found} |")
+        lines.append(f"| {label} | {' | '.join(cells)} | {r['identity_swaps']} / {found} | {r['spurious']} |")
     return lines
 
 

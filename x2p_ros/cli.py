@@ -109,6 +109,7 @@ def _evaluate(args):
                           f"{k}: none found ({m['missed']}/{m['n']})" for k, m in result["per_index_3d_mm"].items())
     print(f"3D MPE mm by index below the prompt (missed/vertebrae): {per_index}")
     print(f"identity swaps: {result['identity_swaps']} (found nearer to another vertebra's ground truth)")
+    print(f"spurious: {result['spurious']} (found past the last vertebra of the ground truth)")
     if "real_anatomy" in result:
         r = result["real_anatomy"]
         m = r["3d_mm"]
@@ -122,6 +123,37 @@ def _evaluate(args):
         print(f"prompt sweep: largest MPE change {result['prompt_sweep_max_mpe_change_mm']:.3f} mm")
     if args.out:
         print(f"wrote {args.out}/metrics.json and plots")
+    return 0
+
+
+def _presence(args):
+    from dataclasses import replace
+
+    from .data import case_io
+    from .model import checkpoint
+    from .training.evaluate import best_presence_threshold, presence_table
+    if args.out and Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise InputError("--out must be another file than --checkpoint (the checkpoint as trained is kept)")
+    names = (case_io.list_cases(args.data) if args.split == "all" else case_io.read_split(args.data, args.split))
+    names = names[:args.limit]
+    if not names:
+        raise case_io.DatasetError(f"{args.data}: split '{args.split}' has no cases")
+    model, meta = checkpoint.load_model(args.checkpoint, args.device)
+    rows = presence_table(model, args.data, names, args.device)
+    chosen = best_presence_threshold(rows)
+    print(f"{len(names)} cases of split '{args.split}' in {args.data}; the checkpoint's threshold: "
+          f"{model.config.presence_threshold:g}")
+    print(f"{'threshold':>9} {'within 10 mm':>12} {'missed':>7} {'spurious':>8} {'score':>6}")
+    for r in rows:
+        mark = "  <- chosen" if r["threshold"] == chosen else ""
+        print(f"{r['threshold']:>9.2f} {r['within_10mm']:>12} {r['missed']:>7} {r['spurious']:>8} "
+              f"{r['score']:>6}{mark}")
+    if args.out:
+        model.config = replace(model.config, presence_threshold=chosen)
+        meta = {**meta, "presence_calibration": {"data": str(args.data), "split": args.split, "cases": len(names),
+                                                 "threshold": chosen, "table": rows}}
+        checkpoint.save(args.out, model, meta=meta)
+        print(f"wrote {args.out} with presence threshold {chosen:g}")
     return 0
 
 
@@ -260,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "beside the project, when there)")
     p.add_argument("--no-realct", action="store_true", help="no real-anatomy validation row")
     p.set_defaults(run=_evaluate)
+
+    p = commands.add_parser("presence", help="choose the presence threshold on a data split (vertebrae within "
+                                             "10 mm minus spurious ones) and write it into a copy of the checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
+    p.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    p.add_argument("--out", help="checkpoint to write with the chosen threshold (default: only print the table)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=_presence)
 
     p = commands.add_parser("localize", help="localise the vertebrae of one AP/LAT pair from files")
     p.add_argument("case", nargs="?", help="a case folder (prompt: its top-most vertebra unless given)")

@@ -31,6 +31,13 @@ def identity_swaps(pred, pred_present, gt) -> int:
     return int(np.sum(present & (nearest != np.arange(len(pred)))))
 
 
+def spurious(pred_present, n_gt: int) -> int:
+    """Present predictions past the ground truth's last vertebra: poses of vertebrae that are not there.
+    PCL and MPE never see them, so that a lower presence threshold would look better on them alone."""
+    present = np.asarray(pred_present, dtype=bool)
+    return int(np.sum(present[n_gt:]))
+
+
 def pcl(errors, threshold: float) -> float:
     errors = np.asarray(errors, dtype=np.float64)
     return float(np.mean(errors <= threshold)) if errors.size else float("nan")

@@ -3,7 +3,8 @@ top-most vertebra as the prompt (optionally displaced, as Figure 9).
 
 3D: PCL@10/20 mm, MPE, AUC(10-50 mm); 2D per view (heatmap peaks): PCL@10/20
 px, MPE, AUC(10-50 px); 3D errors per level and per index below the prompt, and
-identity swaps (a vertebra found nearer to another's ground truth); a
+identity swaps (a vertebra found nearer to another's ground truth), and
+spurious vertebrae (present predictions past the last ground-truth one); a
 ground-truth vertebra without a present prediction is a miss."""
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..geometry import VIEWS
 from ..inference import Localizer, ModelOutputError
 
 SHORT_FIELD = SynthConfig.short_field  # vertebrae in a C-arm-like field of the data engine
+PRESENCE_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # presence thresholds tried: 0.1 .. 0.9
 
 
 def field_kind(n_vertebrae: int) -> str:
@@ -30,10 +32,12 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
     """Errors concatenated over cases: {'3d', 'ap', 'lat'} arrays and, per 3D
     error, its level, its index below the prompt and its case's field kind
     ('levels', 'indices', 'fields'); 'swaps': present predictions nearer to
-    another vertebra's ground truth. A case
-    whose model output is not finite is a failed frame: every vertebra of it a
-    miss, and its name and the reason in 'failed'."""
-    errors = {"3d": [], "ap": [], "lat": [], "levels": [], "indices": [], "fields": [], "failed": [], "swaps": 0}
+    another vertebra's ground truth; 'spurious': present predictions past the
+    last ground-truth vertebra. A case whose model output is not finite is a
+    failed frame: every vertebra of it a miss, and its name and the reason in
+    'failed'."""
+    errors = {"3d": [], "ap": [], "lat": [], "levels": [], "indices": [], "fields": [], "failed": [], "swaps": 0,
+              "spurious": 0}
     has_heatmaps = localizer.config.use_sce or localizer.config.lifting
     for name in names:
         case = case_io.read_case(Path(root) / name)
@@ -57,6 +61,7 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
         present = [f.present for f in found]
         errors["3d"].append(metrics.match_errors([f.xyz_mm for f in found], present, case.xyz_mm))
         errors["swaps"] += metrics.identity_swaps([f.xyz_mm for f in found], present, case.xyz_mm)
+        errors["spurious"] += metrics.spurious(present, len(case.labels))
         for v in VIEWS:
             if found and found[0].heatmap_pixels:
                 errors[v].append(metrics.match_errors([f.heatmap_pixels[v] for f in found], present, gt_px[v]))
@@ -76,6 +81,7 @@ def report(errors: dict) -> dict:
     indices = np.asarray(errors["indices"])
     out["per_index_3d_mm"] = {int(k): metrics.summary(errors["3d"][indices == k]) for k in np.unique(indices)}
     out["identity_swaps"] = errors["swaps"]
+    out["spurious"] = errors["spurious"]
     fields = {}
     for kind, e in zip(errors["fields"], errors["3d"]):
         fields.setdefault(kind, []).append(e)
@@ -132,6 +138,24 @@ def plot_sweep(sweep: dict, png):
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def presence_table(model, root, names, device="cpu", grid=PRESENCE_GRID) -> list[dict]:
+    """Per presence threshold, over the cases: vertebrae within 10 mm, missed, spurious, and the score,
+    within 10 mm minus spurious: a pose of a vertebra that is not there costs as much as a good one gains."""
+    rows = []
+    for threshold in grid:
+        errors = evaluate_cases(Localizer(model, device, presence_threshold=threshold), root, names)
+        within = int(np.sum(errors["3d"] <= 10.0))
+        rows.append({"threshold": threshold, "within_10mm": within, "vertebrae": int(errors["3d"].size),
+                     "missed": int(np.sum(~np.isfinite(errors["3d"]))), "spurious": errors["spurious"],
+                     "score": within - errors["spurious"]})
+    return rows
+
+
+def best_presence_threshold(rows: list[dict]) -> float:
+    """The threshold of the highest score; of equal ones the highest threshold (the fewest poses given)."""
+    return max(rows, key=lambda r: (r["score"], r["threshold"]))["threshold"]
 
 
 def real_anatomy(localizer: Localizer, root, poses: int | None = None) -> dict:
