@@ -162,6 +162,8 @@ def test_the_ablation_bench_trains_every_variant_by_one_recipe_and_resumes(tmp_p
     table = ablation_bench.section(out)
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| variant")]
     assert [r.split(" | ")[0] for r in rows] == ["| X2P-Net", "| no SCE", "| lifting baseline"]
+    for row, v in zip(rows, result["variants"].values()):
+        assert f"| {v['identity_swaps']} | {v['spurious']} |" in row
     # another recipe in the same run folders would mix two trainings
     with pytest.raises(SystemExit) as stop:
         ablation_bench.main([a if a != "1" else "2" for a in argv] + ["--only", "x2p"])

@@ -51,7 +51,7 @@ def measure(checkpoint: Path, data: Path, realct_root: Path | None, device: str 
     """Test-split and real-CT figures of one trained variant, as `x2p evaluate --sweep` gives them."""
     from .training.evaluate import evaluate
     r = evaluate(data, checkpoint, split="test", device=device, sweep=True, realct_root=realct_root)
-    result = {"test": r["3d_mm"], "identity_swaps": r["identity_swaps"],
+    result = {"test": r["3d_mm"], "identity_swaps": r["identity_swaps"], "spurious": r["spurious"],
               "per_index_mpe_mm": {k: v["mpe"] for k, v in r["per_index_3d_mm"].items() if v["n"] > v["missed"]},
               "prompt_sweep_max_mpe_change_mm": r["prompt_sweep_max_mpe_change_mm"]}
     if "real_anatomy" in r:
@@ -91,10 +91,10 @@ def section(path: Path) -> list[str]:
               f"{rec['batch_size']}, lr {rec['lr']:g}, seed {rec['train_seed']}, `{rec['sizes']}` sizes; best epoch "
               "by the validation split. Test split: every case. Prompt sweep: the largest change of the MPE when "
               "the prompt moves up to 20 px (at 512 px) sideways or 10 px up or down (`x2p evaluate --sweep`, "
-              "the paper's Figure 9). k = 0 / last: the MPE of the prompted "
-              "vertebra and of the last index with found vertebrae.", "",
-              "| variant | parameters | PCL@10mm | MPE mm | missed | swaps | MPE k = 0 / last | prompt sweep | "
-              "real CTs PCL@10 / MPE |", "|---|---|---|---|---|---|---|---|---|"]
+              "the paper's Figure 9). Spurious: vertebrae found past the last one of the ground truth. k = 0 / last: "
+              "the MPE of the prompted vertebra and of the last index with found vertebrae.", "",
+              "| variant | parameters | PCL@10mm | MPE mm | missed | swaps | spurious | MPE k = 0 / last | "
+              "prompt sweep | real CTs PCL@10 / MPE |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, v in r["variants"].items():
         t, idx = v["test"], v["per_index_mpe_mm"]
         last = max(idx, key=int) if idx else None
@@ -102,7 +102,7 @@ def section(path: Path) -> list[str]:
         real = v.get("real_cts")
         real = f"{100 * real['pcl@10']:.1f} % / {real['mpe']:.2f}" if real else "-"
         lines.append(f"| {VARIANTS[key][0]} | {v['parameters']:,} | {100 * t['pcl@10']:.1f} | {t['mpe']:.2f} | "
-                     f"{t['missed']} of {t['n']} | {v['identity_swaps']} | {k} | "
+                     f"{t['missed']} of {t['n']} | {v['identity_swaps']} | {v['spurious']} | {k} | "
                      f"{v['prompt_sweep_max_mpe_change_mm']:.2f} | {real} |")
     return lines + [""]
 
