@@ -185,3 +185,40 @@ def test_ship_model_ships_a_calibrated_checkpoint_with_its_threshold_and_table(t
     assert checkpoint.load_model(shipped)[0].config.presence_threshold == 0.35
     assert tool.main(str(run), str(data)) == 0  # the run's best.pt as trained: no calibration
     assert json.loads(shipped.with_suffix(".json").read_text())["presence_calibration"] is None
+
+
+def test_ship_model_recalibrated_changes_only_the_threshold_of_the_shipped_weights(tmp_path, monkeypatch):
+    import pytest
+    import torch
+
+    from x2p_ros.model import build_model, checkpoint, preset
+    tool = _ship_model_tool()
+    shipped = tmp_path / "models" / "default.pt"
+    monkeypatch.setitem(tool.TARGETS, "default", lambda: shipped)
+    torch.manual_seed(0)
+    model = build_model(preset("tiny"))
+    checkpoint.save(shipped, model, meta={"config_name": "tiny", "note": "trained on the CPU, 3 epochs"})
+    training = {"epochs_run": 3, "augment": "strong"}
+    shipped.with_suffix(".json").write_text(json.dumps({"config": "tiny", "config_changes": {}, "training": training,
+                                                        "presence_calibration": None}))
+    calibration = {"split": "train", "cases": 80, "threshold": 0.25, "table": []}
+    copy = tmp_path / "copy.pt"
+    model.config = preset("tiny", presence_threshold=0.25)
+    checkpoint.save(copy, model, meta={"config_name": "tiny", "presence_calibration": calibration})
+    weights = checkpoint.read(shipped)["model"]
+    assert tool.recalibrated(str(copy)) == 0
+    record = json.loads(shipped.with_suffix(".json").read_text())
+    assert record["config_changes"] == {"presence_threshold": 0.25} and record["training"] == training
+    assert record["presence_calibration"] == calibration
+    after = checkpoint.read(shipped)
+    assert after["config"]["presence_threshold"] == 0.25 and after["meta"]["note"].startswith("trained on the CPU")
+    assert "presence threshold 0.25 chosen on 80 cases of split 'train'" in after["meta"]["note"]
+    for name, w in weights.items():
+        assert torch.equal(after["model"][name], w)
+    other = build_model(preset("tiny"))  # other weights: a new model, which must come from its run
+    checkpoint.save(tmp_path / "other.pt", other, meta={"presence_calibration": calibration})
+    with pytest.raises(SystemExit, match="does not hold the weights"):
+        tool.recalibrated(str(tmp_path / "other.pt"))
+    checkpoint.save(tmp_path / "plain.pt", model, meta={})
+    with pytest.raises(SystemExit, match="has no presence calibration"):
+        tool.recalibrated(str(tmp_path / "plain.pt"))

@@ -6,7 +6,12 @@ the run it was fine-tuned from, validation metrics, the commit, the machine.
   python tools/ship_model.py runs/default-cpu data/bispinex-256-s1000 [default|baseline] [CHECKPOINT]
 
 CHECKPOINT (default: the run's best.pt) is that checkpoint after `x2p presence --out`: the
-presence threshold chosen on a split, recorded with its table."""
+presence threshold chosen on a split, recorded with its table.
+
+  python tools/ship_model.py --recalibrated COPY [default|baseline]
+
+ships COPY, the shipped model after `x2p presence --out COPY`: the same weights with another
+presence threshold; its JSON keeps the training record and gets the new threshold and table."""
 import csv
 import json
 import platform
@@ -85,5 +90,35 @@ def main(run: str, data: str, name: str = "default", checkpoint_file: str | None
     return 0
 
 
+def recalibrated(copy: str, name: str = "default") -> int:
+    if name not in TARGETS:
+        raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
+    target = TARGETS[name]()
+    shipped, new = checkpoint.read(target), checkpoint.read(copy)
+    calibration = new["meta"].get("presence_calibration")
+    if calibration is None:
+        raise SystemExit(f"ship_model: {copy} has no presence calibration (make it with x2p presence --out)")
+    same = shipped["model"].keys() == new["model"].keys() and all(
+        torch.equal(shipped["model"][k], new["model"][k]) for k in shipped["model"])
+    if not same:
+        raise SystemExit(f"ship_model: {copy} does not hold the weights of {target}: ship a new model from its run")
+    model, meta = checkpoint.load_model(copy)
+    record = json.loads(target.with_suffix(".json").read_text())
+    named = preset(record["config"]).to_dict() if record.get("config") else {}
+    record["config_values"] = model.config.to_dict()
+    record["config_changes"] = {k: v for k, v in record["config_values"].items() if named and named[k] != v}
+    record["presence_calibration"] = calibration
+    note = shipped["meta"].get("note", "")
+    meta = {**shipped["meta"], "presence_calibration": calibration,
+            "note": f"{note.split('; presence threshold')[0]}; presence threshold {calibration['threshold']:g} chosen "
+                    f"on {calibration['cases']} cases of split '{calibration['split']}' (x2p presence)"}
+    checkpoint.save(target, model, meta=meta)
+    target.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    print(f"shipped {target} with presence threshold {calibration['threshold']:g} (weights unchanged)")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--recalibrated"]:
+        sys.exit(recalibrated(*sys.argv[2:]))
     sys.exit(main(*sys.argv[1:]))
