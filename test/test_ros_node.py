@@ -185,6 +185,33 @@ def test_diagnostics_go_stale_without_images_and_localize_is_refused_while_disab
         rclpy.try_shutdown(context=context)
 
 
+def test_the_presence_threshold_is_the_checkpoints_own_unless_the_parameter_sets_one(tmp_path):
+    import torch
+    from rclpy.parameter import Parameter
+
+    from x2p_ros.ros.localizer_node import LocalizerNode
+    torch.manual_seed(0)
+    ckpt = checkpoint.save(tmp_path / "calibrated.pt", X2PNet(preset("tiny", presence_threshold=0.3)))
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = LocalizerNode(context=context, parameter_overrides=[Parameter("checkpoint", value=str(ckpt)),
+                                                               Parameter("autostart", value=False)])
+    try:
+        node.trigger_configure()
+        node.trigger_activate()  # loads the model
+        assert node.localizer.threshold == 0.3  # the default parameter (-1) keeps the calibrated threshold
+        assert node.set_parameters([Parameter("presence_threshold", value=0.6)])[0].successful
+        assert node.localizer.threshold == 0.6
+        assert node.set_parameters([Parameter("presence_threshold", value=-1.0)])[0].successful
+        assert node.localizer.threshold == 0.3
+        assert not node.set_parameters([Parameter("presence_threshold", value=1.5)])[0].successful
+        assert node.localizer.threshold == 0.3
+    finally:
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
 def test_qos_of_images_and_results_can_be_overridden_by_parameters(tiny_checkpoint):
     from rclpy.parameter import Parameter
     from rclpy.qos import DurabilityPolicy, ReliabilityPolicy

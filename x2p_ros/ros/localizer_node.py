@@ -67,7 +67,8 @@ PARAMETERS = {  # name: (default, descriptor)
     "max_image_pixels": (4096 * 4096, ranged(256, 16384 * 16384, "refuse larger images (memory stays bounded)")),
     "keyframe_max_rate_hz": (2.0, ranged(0.01, 100.0, "most key frames per second")),
     "keyframe_change_threshold": (0.02, ranged(0.0, 1.0, "image change that makes a key frame")),
-    "presence_threshold": (0.5, ranged(0.0, 1.0, "tau: heatmap maximum above which a vertebra is present")),
+    "presence_threshold": (-1.0, ranged(-1.0, 1.0, "tau: heatmap maximum above which a vertebra is present; "
+                                                   "below 0: the checkpoint's own (x2p presence chose it)")),
     "reference_level": ("", ParameterDescriptor(description="level of the prompted vertebra, e.g. T12; empty: V0..")),
     "auto_prompt": (True, ParameterDescriptor(description="reuse the last reference vertebra when no new prompt")),
     "publish_overlays": (True, ParameterDescriptor(description="publish ap/overlay and lat/overlay")),
@@ -77,6 +78,11 @@ PARAMETERS = {  # name: (default, descriptor)
 }
 SESSION_PARAMETERS = ("reference_frame", "sync_slop_s", "max_image_age_s", "keyframe_max_rate_hz",
                       "keyframe_change_threshold", "auto_prompt", "reference_level")
+def presence_threshold(value: float) -> float | None:
+    """The presence_threshold parameter as Localizer takes it: None (the checkpoint's own) below 0."""
+    return None if value < 0 else value
+
+
 DEDUP_WINDOW = 16  # messages remembered per topic: the two subscriptions deliver a latched message twice
 
 
@@ -179,12 +185,12 @@ class LocalizerNode(LifecycleNode):
         elif device == "cuda" and not torch.cuda.is_available():
             self.get_logger().warning("device cuda was asked for but no GPU is available: running on the CPU")
             device = "cpu"
-        localizer = Localizer.from_checkpoint(path, device, self.get_parameter("presence_threshold").value,
-                                              bf16=self.get_parameter("precision").value == "bf16")
+        localizer = Localizer.from_checkpoint(path, device, presence_threshold(self.get_parameter(
+            "presence_threshold").value), bf16=self.get_parameter("precision").value == "bf16")
         localizer.warm_up()
         with self._lock:
             self.localizer, self.device, self.model_path = localizer, device, path
-        self.get_logger().info(f"model {path} on {device}")
+        self.get_logger().info(f"model {path} on {device}, presence threshold {localizer.threshold:g}")
 
     # parameters ------------------------------------------------------------------------------
     def _validate_parameters(self, params):
@@ -210,7 +216,8 @@ class LocalizerNode(LifecycleNode):
             if p.name in SESSION_PARAMETERS:
                 self.session.apply(**{p.name: p.value})
             elif p.name == "presence_threshold" and self.localizer is not None:
-                self.localizer.threshold = p.value
+                chosen = presence_threshold(p.value)
+                self.localizer.threshold = self.localizer.config.presence_threshold if chosen is None else chosen
             elif p.name in ("checkpoint", "device", "precision") and self.active:
                 self._reload = True
         return SetParametersResult(successful=True)
