@@ -89,20 +89,36 @@ def _ship_model_tool():
     return module
 
 
+def _ship_to(tmp_path, monkeypatch):
+    """ship_model, writing its default.pt under tmp_path/models."""
+    tool = _ship_model_tool()
+    shipped = tmp_path / "models" / "default.pt"
+    monkeypatch.setitem(tool.TARGETS, "default", lambda: shipped)
+    return tool, shipped
+
+
+def _data_set(folder, train):
+    """A data set's dataset.json and splits, without cases."""
+    folder.mkdir()
+    (folder / "dataset.json").write_text(json.dumps({"cases": 3, "seed": 1, "engine": 6, "config": {"size": 64},
+                                                     "vertebrae_per_case": {"min": 3, "median": 4, "max": 5}}))
+    for split, names in {"train": train, "val": ["case_00001"], "test": ["case_00002"]}.items():
+        (folder / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+    return folder
+
+
 def test_ship_model_refuses_a_data_set_with_pairs_of_the_validation_cts(tmp_path, monkeypatch):
     import torch
 
     from x2p_ros.data import realct
     from x2p_ros.data.patient_pairs import sha256
     from x2p_ros.model import build_model, checkpoint, preset
-    tool = _ship_model_tool()
+    tool, shipped = _ship_to(tmp_path, monkeypatch)
     # stand-ins for the validation CTs: ship_model knows them by their files' SHA-256
     for k, name in enumerate(realct.CASES):
         (tmp_path / "realct" / name).mkdir(parents=True)
         (tmp_path / "realct" / name / "ct.nii.gz").write_bytes(bytes([k]) * 100)
     monkeypatch.setattr(realct, "ROOT", tmp_path / "realct")
-    shipped = tmp_path / "models" / "default.pt"
-    monkeypatch.setitem(tool.TARGETS, "default", lambda: shipped)
     torch.manual_seed(0)
     run = tmp_path / "run"
     checkpoint.save(run / "best.pt", build_model(preset("tiny")), meta={"config_name": "tiny", "epoch": 1,
@@ -111,21 +127,12 @@ def test_ship_model_refuses_a_data_set_with_pairs_of_the_validation_cts(tmp_path
     validation_ct = sha256(tmp_path / "realct" / next(iter(realct.CASES)) / "ct.nii.gz")[:12]
     other_ct = sha256(tmp_path / "run" / "log.csv")[:12]
 
-    def data_set(name, train):
-        data = tmp_path / name
-        data.mkdir()
-        (data / "dataset.json").write_text(json.dumps({"cases": 3, "seed": 1, "engine": 4, "config": {"size": 64},
-                                                       "vertebrae_per_case": {"min": 3, "median": 4, "max": 5}}))
-        for split, names in {"train": train, "val": ["case_00001"], "test": ["case_00002"]}.items():
-            (data / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
-        return data
-
-    leaky = data_set("leaky", ["case_00000", f"ct{validation_ct}_pair0003"])
+    leaky = _data_set(tmp_path / "leaky", ["case_00000", f"ct{validation_ct}_pair0003"])
     with pytest.raises(SystemExit, match=f"trains on the real-anatomy validation CT.*{next(iter(realct.CASES))}"):
         tool.main(str(run), str(leaky))
     assert not shipped.exists()
     # another patient's CT may train a model: shipped, and counted in its provenance
-    fine = data_set("fine", ["case_00000", f"ct{other_ct}_pair0000", f"ct{other_ct}_pair0001"])
+    fine = _data_set(tmp_path / "fine", ["case_00000", f"ct{other_ct}_pair0000", f"ct{other_ct}_pair0001"])
     assert tool.main(str(run), str(fine)) == 0
     record = json.loads(shipped.with_suffix(".json").read_text())
     assert record["training_data"]["patient_ct_cases"] == 2
@@ -137,15 +144,8 @@ def test_ship_model_records_the_fields_changed_from_the_named_preset(tmp_path, m
     import torch
 
     from x2p_ros.model import build_model, checkpoint, preset
-    tool = _ship_model_tool()
-    shipped = tmp_path / "models" / "default.pt"
-    monkeypatch.setitem(tool.TARGETS, "default", lambda: shipped)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "dataset.json").write_text(json.dumps({"cases": 2, "seed": 1, "engine": 6, "config": {"size": 64},
-                                                   "vertebrae_per_case": {"min": 3, "median": 4, "max": 5}}))
-    for split, names in {"train": ["case_00000"], "val": ["case_00001"]}.items():
-        (data / f"{split}.txt").write_text(f"{names[0]}\n")
+    tool, shipped = _ship_to(tmp_path, monkeypatch)
+    data = _data_set(tmp_path / "data", ["case_00000"])
     torch.manual_seed(0)
     for overrides in ({}, {"heatmap_prior": True, "loss_3d_peak_sigma_mm": 6.0}):
         run = tmp_path / f"run{len(overrides)}"
@@ -162,15 +162,8 @@ def test_ship_model_ships_a_calibrated_checkpoint_with_its_threshold_and_table(t
     import torch
 
     from x2p_ros.model import build_model, checkpoint, preset
-    tool = _ship_model_tool()
-    shipped = tmp_path / "models" / "default.pt"
-    monkeypatch.setitem(tool.TARGETS, "default", lambda: shipped)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "dataset.json").write_text(json.dumps({"cases": 2, "seed": 1, "engine": 6, "config": {"size": 64},
-                                                   "vertebrae_per_case": {"min": 3, "median": 4, "max": 5}}))
-    for split in ("train", "val"):
-        (data / f"{split}.txt").write_text("case_00000\n")
+    tool, shipped = _ship_to(tmp_path, monkeypatch)
+    data = _data_set(tmp_path / "data", ["case_00000"])
     torch.manual_seed(0)
     run = tmp_path / "run"
     meta = {"config_name": "tiny", "epoch": 1, "augment": "strong"}
@@ -192,9 +185,7 @@ def test_ship_model_recalibrated_changes_only_the_threshold_of_the_shipped_weigh
     import torch
 
     from x2p_ros.model import build_model, checkpoint, preset
-    tool = _ship_model_tool()
-    shipped = tmp_path / "models" / "default.pt"
-    monkeypatch.setitem(tool.TARGETS, "default", lambda: shipped)
+    tool, shipped = _ship_to(tmp_path, monkeypatch)
     torch.manual_seed(0)
     model = build_model(preset("tiny"))
     checkpoint.save(shipped, model, meta={"config_name": "tiny", "note": "trained on the CPU, 3 epochs"})
