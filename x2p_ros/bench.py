@@ -430,7 +430,8 @@ def realism_goals(results: dict, real: dict, synth_seconds: float | None) -> lis
 
 
 def per_index_rows(results: dict) -> list[str]:
-    """3D MPE by index below the prompt (does the error grow down the chain?) and identity swaps."""
+    """3D MPE by index below the prompt (does the error grow down the chain?), identity swaps and spurious
+    vertebrae."""
     indices = sorted({k for r in results.values() for k in r["per_index_3d_mm"]})
     lines = ["", "3D MPE in mm (vertebrae, missed) by index k below the prompt on the test split, identity "
              "swaps (a vertebra found nearer to another one's ground truth) and spurious vertebrae (found past "

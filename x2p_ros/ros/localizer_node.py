@@ -78,12 +78,12 @@ PARAMETERS = {  # name: (default, descriptor)
 }
 SESSION_PARAMETERS = ("reference_frame", "sync_slop_s", "max_image_age_s", "keyframe_max_rate_hz",
                       "keyframe_change_threshold", "auto_prompt", "reference_level")
+DEDUP_WINDOW = 16  # messages remembered per topic: the two subscriptions deliver a latched message twice
+
+
 def presence_threshold(value: float) -> float | None:
     """The presence_threshold parameter as Localizer takes it: None (the checkpoint's own) below 0."""
     return None if value < 0 else value
-
-
-DEDUP_WINDOW = 16  # messages remembered per topic: the two subscriptions deliver a latched message twice
 
 
 class LocalizerNode(LifecycleNode):

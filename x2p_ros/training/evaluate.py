@@ -146,9 +146,10 @@ def presence_table(model, root, names, device="cpu", grid=PRESENCE_GRID) -> list
     rows = []
     for threshold in grid:
         errors = evaluate_cases(Localizer(model, device, presence_threshold=threshold), root, names)
-        within = int(np.sum(errors["3d"] <= 10.0))
-        rows.append({"threshold": threshold, "within_10mm": within, "vertebrae": int(errors["3d"].size),
-                     "missed": int(np.sum(~np.isfinite(errors["3d"]))), "spurious": errors["spurious"],
+        e = np.asarray(errors["3d"], dtype=np.float64)  # an empty list where no case has a labelled vertebra
+        within = int(np.sum(e <= 10.0))
+        rows.append({"threshold": threshold, "within_10mm": within, "vertebrae": int(e.size),
+                     "missed": int(np.sum(~np.isfinite(e))), "spurious": errors["spurious"],
                      "score": within - errors["spurious"]})
     return rows
 
