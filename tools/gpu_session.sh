@@ -13,7 +13,8 @@
 #                                                             # trainings to end, then measures
 #
 # `finish` evaluates each run's best.pt and the shipped models on the data's validation split (the shipping
-# rule) and its best.pt on the test split with the prompt sweep, times the GPU forward
+# rule), each best.pt again at the presence threshold `x2p presence` chooses on 80 training cases, and its
+# best.pt on the test split with the prompt sweep, times the GPU forward
 # (`bench --gpu-latency`) and runs the CUDA tests. Every call ends by copying what it has to $OUT, within the
 # device tool's 8 files: each run's best.pt, and one runs.tgz of the logs, results and the data's split lists.
 # The real CTs travel in .realct (copy ../shared/realct there, carry it) for the ablation table's
@@ -86,6 +87,12 @@ finish)
         [ -f "$run/best.pt" ] || continue
         python3 -m x2p_ros.cli evaluate --data "$DATA" --checkpoint "$run/best.pt" --split val --no-realct \
             --device "$DEVICE" --out "$RUNS/eval/$name-val" >/dev/null
+        # the presence threshold chosen on training cases (a model trained briefly may keep its vertebrae under
+        # 0.5); the table travels in runs.tgz, and `x2p presence` remakes the copy from best.pt at home
+        python3 -m x2p_ros.cli presence --data "$DATA" --checkpoint "$run/best.pt" --split train --limit 80 \
+            --device "$DEVICE" --out "$run/calibrated.pt" > "$RUNS/eval/$name-presence.txt" \
+            && python3 -m x2p_ros.cli evaluate --data "$DATA" --checkpoint "$run/calibrated.pt" --split val \
+                --no-realct --device "$DEVICE" --out "$RUNS/eval/$name-calibrated-val" >/dev/null
         [ -f "$run/result.json" ] || python3 -m x2p_ros.cli evaluate --data "$DATA" --checkpoint "$run/best.pt" \
             --split test --limit 200 --no-realct --device "$DEVICE" --out "$RUNS/eval/$name-test" >/dev/null
     done
