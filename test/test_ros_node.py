@@ -202,6 +202,8 @@ def test_the_presence_threshold_is_the_checkpoints_own_unless_the_parameter_sets
         assert node.localizer.threshold == 0.3  # the default parameter (-1) keeps the calibrated threshold
         assert node.set_parameters([Parameter("presence_threshold", value=0.6)])[0].successful
         assert node.localizer.threshold == 0.6
+        values = {kv.key: kv.value for kv in node.diagnostic_status().values}
+        assert values["presence_threshold"] == "0.6"  # what runs is what diagnostics say
         assert node.set_parameters([Parameter("presence_threshold", value=-1.0)])[0].successful
         assert node.localizer.threshold == 0.3
         assert not node.set_parameters([Parameter("presence_threshold", value=1.5)])[0].successful

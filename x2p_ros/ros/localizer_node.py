@@ -412,6 +412,7 @@ class LocalizerNode(LifecycleNode):
             ("ok" if self.active and self.enabled else "inactive" if not self.active else "disabled")
         values = {"state": "active" if self.active and self.enabled else "inactive" if not self.active else "disabled",
                   "model": self.model_path, "device": self.device,
+                  "presence_threshold": f"{self.localizer.threshold:g}" if self.localizer is not None else "",
                   "last_latency_ms": f"{1000 * self.last_latency:.1f}",
                   **_percentiles("latency_ms", self.latencies), **_percentiles("overhead_ms", self.overheads),
                   **_percentiles("overhead_cpu_ms", self.overheads_cpu),
