@@ -168,7 +168,7 @@ def test_ship_model_ships_a_calibrated_checkpoint_with_its_threshold_and_table(t
     run = tmp_path / "run"
     meta = {"config_name": "tiny", "epoch": 1, "augment": "strong"}
     checkpoint.save(run / "best.pt", build_model(preset("tiny")), meta=meta)
-    calibration = {"split": "train", "cases": 1, "threshold": 0.35, "table": []}
+    calibration = {"data": str(data), "split": "train", "cases": 1, "threshold": 0.35, "table": []}
     checkpoint.save(run / "calibrated.pt", build_model(preset("tiny", presence_threshold=0.35)),
                     meta={**meta, "presence_calibration": calibration})
     (run / "log.csv").write_text("epoch,seconds\n1,2.0\n")
@@ -192,7 +192,8 @@ def test_ship_model_recalibrated_changes_only_the_threshold_of_the_shipped_weigh
     training = {"epochs_run": 3, "augment": "strong"}
     shipped.with_suffix(".json").write_text(json.dumps({"config": "tiny", "config_changes": {}, "training": training,
                                                         "presence_calibration": None}))
-    calibration = {"split": "train", "cases": 80, "threshold": 0.25, "table": []}
+    data = _data_set(tmp_path / "data", ["case_00000"])
+    calibration = {"data": str(data), "split": "train", "cases": 80, "threshold": 0.25, "table": []}
     copy = tmp_path / "copy.pt"
     model.config = preset("tiny", presence_threshold=0.25)
     checkpoint.save(copy, model, meta={"config_name": "tiny", "presence_calibration": calibration})
@@ -213,3 +214,28 @@ def test_ship_model_recalibrated_changes_only_the_threshold_of_the_shipped_weigh
     checkpoint.save(tmp_path / "plain.pt", model, meta={})
     with pytest.raises(SystemExit, match="has no presence calibration"):
         tool.recalibrated(str(tmp_path / "plain.pt"))
+
+
+def test_ship_model_refuses_a_threshold_chosen_on_a_validation_ct(tmp_path, monkeypatch):
+    import torch
+
+    from x2p_ros.data import realct
+    from x2p_ros.data.patient_pairs import sha256
+    from x2p_ros.model import build_model, checkpoint, preset
+    tool, shipped = _ship_to(tmp_path, monkeypatch)
+    for k, name in enumerate(realct.CASES):  # stand-ins for the validation CTs, known by their SHA-256
+        (tmp_path / "realct" / name).mkdir(parents=True)
+        (tmp_path / "realct" / name / "ct.nii.gz").write_bytes(bytes([k]) * 100)
+    monkeypatch.setattr(realct, "ROOT", tmp_path / "realct")
+    validation_ct = sha256(tmp_path / "realct" / next(iter(realct.CASES)) / "ct.nii.gz")[:12]
+    leaky = _data_set(tmp_path / "leaky", [f"ct{validation_ct}_pair0000"])
+    torch.manual_seed(0)
+    model = build_model(preset("tiny"))
+    checkpoint.save(shipped, model, meta={"config_name": "tiny"})
+    shipped.with_suffix(".json").write_text(json.dumps({"config": "tiny", "training": {}}))
+    before = shipped.read_bytes()
+    calibration = {"data": str(leaky), "split": "train", "cases": 1, "threshold": 0.3, "table": []}
+    checkpoint.save(tmp_path / "copy.pt", model, meta={"presence_calibration": calibration})
+    with pytest.raises(SystemExit, match="chose the presence threshold on the real-anatomy validation CT"):
+        tool.recalibrated(str(tmp_path / "copy.pt"))
+    assert shipped.read_bytes() == before

@@ -31,21 +31,44 @@ from x2p_ros.models import baseline_checkpoint, default_checkpoint  # noqa: E402
 TARGETS = {"default": default_checkpoint, "baseline": baseline_checkpoint}
 
 
+def refuse_validation_cts(data: Path, splits, use: str) -> list[str]:
+    """The patient-CT cases of those splits; SystemExit if any is a real-anatomy validation CT's: they are never
+    trained on nor used to choose a setting. `x2p data add-ct` names its cases ct<sha256[:12]>_..."""
+    seen = {n for split in splits for n in case_io.read_split(data, split)}
+    patient_cases = sorted(n for n in seen if n.startswith("ct"))
+    validation_cts = {sha256(realct.ROOT / name / "ct.nii.gz")[:12]: name for name in realct.CASES
+                      if realct.available(realct.ROOT)}
+    leaked = sorted({validation_cts[n[2:14]] for n in patient_cases if n[2:14] in validation_cts})
+    if leaked:
+        raise SystemExit(f"ship_model: {data} {use} the real-anatomy validation CT(s) {', '.join(leaked)}: "
+                         "never ship such a model")
+    return patient_cases
+
+
+def checked_calibration(meta: dict) -> dict | None:
+    """The checkpoint's presence calibration, its data checked like training data."""
+    calibration = meta.get("presence_calibration")
+    if calibration is not None:
+        splits = ("train", "val", "test") if calibration["split"] == "all" else (calibration["split"],)
+        refuse_validation_cts(Path(calibration["data"]), splits, "chose the presence threshold on")
+    return calibration
+
+
+def config_changes(config_name: str | None, model) -> dict:
+    """The fields that differ from the named preset (x2p train --set, x2p presence): the name alone would not say
+    what was shipped."""
+    named = preset(config_name).to_dict() if config_name else {}
+    return {k: v for k, v in model.config.to_dict().items() if named and named[k] != v}
+
+
 def main(run: str, data: str, name: str = "default", checkpoint_file: str | None = None) -> int:
     if name not in TARGETS:
         raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
     run, data = Path(run), Path(data)
     model, meta = checkpoint.load_model(checkpoint_file or run / "best.pt")
     dataset = json.loads((data / "dataset.json").read_text())
-    # the real-anatomy validation CTs are never trained on: `x2p data add-ct` names its cases ct<sha256[:12]>_...
-    seen = {n for split in ("train", "val") for n in case_io.read_split(data, split)}
-    patient_cases = sorted(n for n in seen if n.startswith("ct"))
-    validation_cts = {sha256(realct.ROOT / name / "ct.nii.gz")[:12]: name for name in realct.CASES
-                      if realct.available(realct.ROOT)}
-    leaked = sorted({validation_cts[n[2:14]] for n in patient_cases if n[2:14] in validation_cts})
-    if leaked:
-        raise SystemExit(f"ship_model: {data} trains on the real-anatomy validation CT(s) {', '.join(leaked)}: "
-                         "never ship such a model")
+    patient_cases = refuse_validation_cts(data, ("train", "val"), "trains on")
+    calibration = checked_calibration(meta)
     log = list(csv.DictReader((run / "log.csv").open()))
     init = meta.get("init")  # a fine-tune: count the epochs of the run (or the shipped model) it started from
     init_log = Path(init).parent / "log.csv" if init else None
@@ -58,12 +81,10 @@ def main(run: str, data: str, name: str = "default", checkpoint_file: str | None
     else:
         prior = 0
     epochs = f"{prior} + {len(log)} epochs (fine-tuned from {init})" if init else f"{len(log)} epochs"
-    # fields changed from the named preset (x2p train --set): the name alone would not say what was trained
-    named = preset(meta["config_name"]).to_dict() if meta.get("config_name") else {}
-    changes = {k: v for k, v in model.config.to_dict().items() if named and named[k] != v}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     record = {
-        "config": meta.get("config_name"), "config_changes": changes, "config_values": model.config.to_dict(),
+        "config": meta.get("config_name"), "config_changes": config_changes(meta.get("config_name"), model),
+        "config_values": model.config.to_dict(),
         "training_data": {"generator": "x2p data synth", "engine": dataset.get("engine", 1),
                           "patient_ct_cases": len(patient_cases), "real_anatomy_validation_cts": False,
                           "cases": dataset["cases"], "seed": dataset["seed"],
@@ -77,7 +98,7 @@ def main(run: str, data: str, name: str = "default", checkpoint_file: str | None
                      "seconds": float(log[-1]["seconds"]) if log else None, "device": "cpu",
                      "machine": f"{platform.machine()}, torch {torch.__version__}"},
         "validation": {"mpe_mm": meta.get("val_mpe_mm"), "pcl10": meta.get("val_pcl10")},
-        "presence_calibration": meta.get("presence_calibration"),
+        "presence_calibration": calibration,
         "commit": commit,
     }
     target = TARGETS[name]()
@@ -95,7 +116,7 @@ def recalibrated(copy: str, name: str = "default") -> int:
         raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
     target = TARGETS[name]()
     shipped, new = checkpoint.read(target), checkpoint.read(copy)
-    calibration = new["meta"].get("presence_calibration")
+    calibration = checked_calibration(new["meta"])
     if calibration is None:
         raise SystemExit(f"ship_model: {copy} has no presence calibration (make it with x2p presence --out)")
     same = shipped["model"].keys() == new["model"].keys() and all(
@@ -104,9 +125,8 @@ def recalibrated(copy: str, name: str = "default") -> int:
         raise SystemExit(f"ship_model: {copy} does not hold the weights of {target}: ship a new model from its run")
     model, meta = checkpoint.load_model(copy)
     record = json.loads(target.with_suffix(".json").read_text())
-    named = preset(record["config"]).to_dict() if record.get("config") else {}
     record["config_values"] = model.config.to_dict()
-    record["config_changes"] = {k: v for k, v in record["config_values"].items() if named and named[k] != v}
+    record["config_changes"] = config_changes(record.get("config"), model)
     record["presence_calibration"] = calibration
     note = shipped["meta"].get("note", "")
     meta = {**shipped["meta"], "presence_calibration": calibration,

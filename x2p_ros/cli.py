@@ -131,11 +131,10 @@ def _presence(args):
 
     from .data import case_io
     from .model import checkpoint
-    from .training.evaluate import best_presence_threshold, presence_table
+    from .training.evaluate import best_presence_threshold, presence_table, split_names
     if args.out and Path(args.out).resolve() == Path(args.checkpoint).resolve():
         raise InputError("--out must be another file than --checkpoint (the checkpoint as trained is kept)")
-    names = (case_io.list_cases(args.data) if args.split == "all" else case_io.read_split(args.data, args.split))
-    names = names[:args.limit]
+    names = split_names(args.data, args.split, args.limit)
     if not names:
         raise case_io.DatasetError(f"{args.data}: split '{args.split}' has no cases")
     model, meta = checkpoint.load_model(args.checkpoint, args.device)

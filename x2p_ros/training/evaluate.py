@@ -140,6 +140,11 @@ def plot_sweep(sweep: dict, png):
     plt.close(fig)
 
 
+def split_names(data, split: str, limit: int | None = None) -> list[str]:
+    """The case names of a split ('train', 'val', 'test') or of every case ('all'), the first limit of them."""
+    return (case_io.list_cases(data) if split == "all" else case_io.read_split(data, split))[:limit]
+
+
 def presence_table(model, root, names, device="cpu", grid=PRESENCE_GRID) -> list[dict]:
     """Per presence threshold, over the cases: vertebrae within 10 mm, missed, spurious, and the score,
     within 10 mm minus spurious: a pose of a vertebra that is not there costs as much as a good one gains."""
@@ -174,7 +179,7 @@ def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=
     """Metrics of a split ('train', 'val', 'test') or of every case ('all'), and the real-anatomy
     validation row when realct_root holds the real CTs."""
     localizer = Localizer.from_checkpoint(checkpoint_path, device)
-    names = (case_io.list_cases(data) if split == "all" else case_io.read_split(data, split))[:limit]
+    names = split_names(data, split, limit)
     errors = evaluate_cases(localizer, data, names)
     result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
               **report(errors), "failed_cases": errors["failed"]}
