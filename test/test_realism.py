@@ -5,6 +5,7 @@ determinism, ranges."""
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from x2p_ros import geometry
@@ -173,14 +174,25 @@ def test_phantoms_are_deterministic_by_seed():
     assert not np.array_equal(a.volume.hu, _phantom(["L2", "L3", "L4"], seed=4).volume.hu)
 
 
-def test_trabecular_bone_is_textured_inside_a_denser_shell():
-    phantom = _phantom(["L2", "L3", "L4"], texture=0.4, trabecular_hu=200.0, cortical_hu=1200.0, bone_density=1.0)
+def test_trabecular_bone_is_textured_inside_a_thin_partial_volume_cortex():
+    phantom = _phantom(["L2", "L3", "L4"], texture=0.4, trabecular_hu=200.0, cortical_hu=1600.0, cortex_mm=0.4,
+                       bone_density=1.0)
     v = next(v for v in phantom.vertebrae if v["label"] == "L3")
     k, j, i = np.round(phantom.volume.world_to_voxel([v["xyz_mm"]])[0][::-1]).astype(int)
     core = phantom.volume.hu[k - 4:k + 5, j - 4:j + 5, i - 4:i + 5]
     assert 100 < np.median(core) < 300 and core.std() > 30  # cancellous, with a grain
-    shell = phantom.volume.hu[_body(phantom, "L3")]
-    assert np.sum(shell == 1200.0) > 200  # the cortex
+    body = _body(phantom, "L3")
+    rim_hu = 200.0 + (1600.0 - 200.0) * 0.4  # 0.4 mm of compact bone in a 1 mm voxel, the rest cancellous
+    rim = body & np.isclose(phantom.volume.hu, rim_hu)
+    assert rim.sum() > 200
+    # one voxel thick: its voxels touch the outside of the vertebra (26-neighbourhood), all but those
+    # that the pedicles cover
+    outside = ndimage.binary_dilation(~body, np.ones((3, 3, 3)))
+    assert (rim & outside).sum() > 0.9 * rim.sum()
+    # a thicker cortex is a denser rim; one thicker than the voxel fills it with compact bone
+    thick = _phantom(["L2", "L3", "L4"], texture=0.4, trabecular_hu=200.0, cortical_hu=1600.0, cortex_mm=2.0,
+                     bone_density=1.0)
+    assert np.isclose(thick.volume.hu, 1600.0).sum() > 200
 
 
 def _height_profile(phantom, name):

@@ -25,8 +25,9 @@ MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
 # Raised whenever the same seed and config would render other images, so that a data set is
 # never completed, nor a cached one reused, with cases of another engine (2: the C-arm chain and context
 # anatomy; 3: arms beside the chest only in fields that reach above T11; 4: fields framed with random margins;
-# 5: vessels in the lungs, gas-filled colon with haustra; 6: costal cartilage).
-ENGINE_VERSION = 6
+# 5: vessels in the lungs, gas-filled colon with haustra; 6: costal cartilage; 7: the vertebral body's cortex as
+# thin as measured, a one-voxel partial-volume rim).
+ENGINE_VERSION = 7
 
 
 @dataclass
