@@ -338,7 +338,8 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
         canvas.labels[idx] = label
 
     s = spec.scale
-    if name in spec.osteophytes:  # bony lips around the front and sides of both end plates
+    # bony lips around the front and sides of both end plates, cortex over cancellous bone as dense as the rim
+    if name in spec.osteophytes:
         for z_rim, lip in ((H / 2, 1.0), (-H / 2, -1.0)):
             arc = [(W / 2 * 1.02 * np.cos(a), D / 2 * 1.02 * np.sin(a), z_rim + lip * 2.0 * abs(np.cos(a)))
                    for a in np.linspace(-np.pi * 0.95, -np.pi * 0.05, 12)]
