@@ -16,6 +16,7 @@ from x2p_ros.data.phantom import (
     VERSE_NUMBER,
     PhantomSpec,
     _Canvas,
+    level_dimensions,
     make_phantom,
     spine_curve,
     spine_landmarks,
@@ -232,6 +233,31 @@ def test_degenerated_discs_narrow_and_osteophytes_and_cages_are_painted():
     z_l4, z_l5 = (v["xyz_mm"][2] for v in caged.vertebrae if v["label"] in ("L4", "L5"))
     zs = caged.volume.voxel_to_world(np.argwhere(metal)[:, ::-1])[:, 2]
     assert np.any((zs < z_l4) & (zs > z_l5))  # the cage's markers in the L4-L5 disc space
+
+
+def test_body_and_disc_heights_vary_level_by_level_and_the_painted_body_follows():
+    smooth_spec = PhantomSpec(levels=CHAIN)
+    smooth = np.linalg.norm(np.diff(spine_curve(smooth_spec)[0], axis=0), axis=1)
+    irregularity = []
+    for seed in range(20):
+        spec = PhantomSpec.sample(np.random.default_rng(seed), CHAIN)
+        spec.degenerated, spec.fractures, spec.scoliosis_mm = {}, {}, 0.0
+        assert spec.body_heights == PhantomSpec.sample(np.random.default_rng(seed), CHAIN).body_heights
+        assert 0.88 <= min(spec.body_heights) and max(spec.body_heights) <= 1.12
+        assert 0.75 * 0.7 <= min(spec.disc_heights) and max(spec.disc_heights) <= 1.25 * 1.3
+        steps = np.linalg.norm(np.diff(spine_curve(spec)[0], axis=0), axis=1) / (smooth * spec.scale)
+        irregularity.append(np.std(np.diff(steps)))  # a step unlike its neighbour
+    assert 0.02 < np.median(irregularity) < 0.15
+    heights = []
+    for factor in (0.88, 1.12):
+        body_heights = [1.0] * len(CHAIN)
+        body_heights[CHAIN.index("L3")] = factor
+        phantom = _phantom(["L2", "L3", "L4"], seed=2, body_heights=body_heights)
+        centre = next(v["xyz_mm"] for v in phantom.vertebrae if v["label"] == "L3")
+        i, j, _ = np.round(phantom.volume.world_to_voxel(np.array([centre]))[0]).astype(int)
+        heights.append(_body(phantom, "L3")[:, j, i].sum() * phantom.spec.voxel_mm)
+    expected = 0.24 * phantom.spec.scale * level_dimensions("L3")[2]  # 1.12 - 0.88 of its height
+    assert heights[1] - heights[0] == pytest.approx(expected, abs=2.0)
 
 
 # --- context -------------------------------------------------------------------

@@ -69,6 +69,9 @@ class PhantomSpec:
     trabecular_hu: float = 220.0  # 80-130 in osteoporosis
     texture: float = 0.3  # trabecular contrast, relative
     endplate_mm: float = 1.5  # depth of the end plates' central concavity
+    # per CHAIN level, relative to level_dimensions x scale: the body's height and the disc below it; empty: 1
+    body_heights: list[float] = field(default_factory=list)
+    disc_heights: list[float] = field(default_factory=list)
     fractures: dict[str, float] = field(default_factory=dict)  # level -> height loss (0..1)
     burst: list[str] = field(default_factory=list)  # fractured levels whose body is crushed, not wedged
     degenerated: dict[str, float] = field(default_factory=dict)  # level -> height left to the disc below
@@ -100,6 +103,12 @@ class PhantomSpec:
                    arms_down=bool(rng.random() < 0.3), table_mm=rng.uniform(15, 40) if rng.random() < 0.6 else 0.0,
                    colon_gas=int(rng.integers(0, 5)),
                    cartilage_hu=120.0 if rng.random() < 0.6 else rng.uniform(300, 600))
+        # Heights vary from level to level and discs from patient to patient beyond the body size: the
+        # standard deviations in the morphometry above are about 5 % of a body's height and 15-20 % of a
+        # disc's. A column whose steps follow one smooth law lets a model extrapolate the next vertebra
+        # from the last instead of finding it.
+        spec.body_heights = np.clip(rng.normal(1.0, 0.05, len(CHAIN)), 0.88, 1.12).tolist()
+        spec.disc_heights = (rng.uniform(0.75, 1.25) * np.clip(rng.normal(1.0, 0.12, len(CHAIN)), 0.7, 1.3)).tolist()
         if rng.random() < 0.2:
             spec.scoliosis_mm = rng.uniform(10, 40) * rng.choice([-1, 1])
             spec.scoliosis_phase = rng.uniform(-0.3, 0.3)
@@ -201,6 +210,10 @@ class _Canvas:
 def spine_curve(spec: PhantomSpec):
     """Centres (L, 3) and local frames (L, 3, 3) (columns ex, ey, ez) of all CHAIN levels."""
     dims = np.array([level_dimensions(n) for n in CHAIN]) * spec.scale
+    if spec.body_heights:
+        dims[:, 2] *= spec.body_heights
+    if spec.disc_heights:
+        dims[:, 3] *= spec.disc_heights
     z = np.zeros(len(CHAIN))
     for i in range(1, len(CHAIN)):
         dims[i - 1, 3] *= spec.degenerated.get(CHAIN[i - 1], 1.0)

@@ -26,8 +26,8 @@ MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
 # never completed, nor a cached one reused, with cases of another engine (2: the C-arm chain and context
 # anatomy; 3: arms beside the chest only in fields that reach above T11; 4: fields framed with random margins;
 # 5: vessels in the lungs, gas-filled colon with haustra; 6: costal cartilage; 7: the vertebral body's cortex as
-# thin as measured, a one-voxel partial-volume rim).
-ENGINE_VERSION = 7
+# thin as measured, a one-voxel partial-volume rim; 8: body and disc heights that vary level by level).
+ENGINE_VERSION = 8
 
 
 @dataclass
