@@ -54,8 +54,9 @@ class SynthConfig:
     # each edge: a C-arm is not framed on a vertebra count, and a field framed always alike teaches the model
     # the spine's scale in the image instead of reading it. Beyond one gap the next vertebra is in the field
     # too: fields that always ended within a gap of the last vertebra taught the models to spread the chain
-    # over the field (on phantoms framed with 1.05-1.6 gaps the shipped X2P-Net's error at k = 5 rose from
-    # 6.9 to 8.2 mm); `x2p data import-ct` frames a CT's vertebrae with more than a gap of room, too.
+    # over the field (X2P-Net trained on engine 7: its error five vertebrae below the prompt was 8.2 mm on 60
+    # phantoms with 1.05-1.6 gaps of room, 6.9 mm on 60 framed within a gap); `x2p data import-ct` leaves
+    # more than a gap, too.
     field_margin: tuple[float, float] = (0.3, 1.6)
 
     def __post_init__(self):
