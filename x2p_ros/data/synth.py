@@ -47,8 +47,9 @@ class SynthConfig:
     ct_blur_mm: tuple[float, float] = (0.0, 1.2)
     short_field_share: float = 0.6  # C-arm-like fields (image intensifier) of short_field vertebrae
     short_field: tuple[int, int] = (3, 6)
-    # the rest (flat panels, thoracic and cervical fields): at most the model's
-    # N = 10 per patch (docs/design.md, section 2); longer spines are tall films for the sliding window
+    # the rest (flat panels, thoracic and cervical fields): framed on at most the model's N = 10 per patch
+    # (docs/design.md, section 2); the room below may add one or two more, which the localizer reaches by
+    # going on down the chain, as in tall films
     long_field: tuple[int, int] = (7, 10)
     # room between the field's edge and the top-most (bottom-most) vertebra, in gaps to the next one, drawn for
     # each edge: a C-arm is not framed on a vertebra count, and a field framed always alike teaches the model
