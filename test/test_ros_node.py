@@ -309,3 +309,43 @@ def test_a_new_calibration_waiting_with_its_images_is_applied_to_them(tiny_check
         node.destroy_node()
         driver.destroy_node()
         rclpy.try_shutdown(context=context)
+
+
+@pytest.mark.parametrize("repeat", [True, False])
+def test_the_sim_switches_cases_on_schedule_and_starts_over_only_when_asked(small_data, repeat):
+    """The demo asks the sim not to start over: a restart would land on the moment it stops listening."""
+    import numpy as np
+    from rclpy.parameter import Parameter
+
+    from x2p_ros.data import case_io
+    from x2p_ros.ros.carm_sim import CarmSim
+    from x2p_ros.ros.images import image_to_array
+    from x2p_ros.ros.messages import stamp_seconds
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    # 5 cases, a new one every 2 frames
+    node = CarmSim(context=context, parameter_overrides=[
+        Parameter("data", value=str(small_data)), Parameter("case_period_s", value=0.4),
+        Parameter("rate_hz", value=5.0), Parameter("repeat", value=repeat)])
+    try:
+        truths, images = [], []
+        node.pub_truth.publish = truths.append
+        node.pub_image["ap"].publish = images.append
+        for _ in range(14):
+            node._tick()
+        stamps = [round((stamp_seconds(m.header) - node.t0) * 5) for m in images]
+        assert stamps == list(range(14))
+        cases = [case_io.read_case(small_data / name) for name in case_io.list_cases(small_data)]
+        shown = [next(i for i, c in enumerate(cases) if np.array_equal(image_to_array(m), c.views["ap"].image))
+                 for m in images]
+        # the sim publishes frame k + 1's truth right after frame k: the 8th frame's is out by frame 7
+        switches = [round((stamp_seconds(m.header) - node.t0) * 5) for m in truths]
+        if repeat:
+            assert shown == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 0, 0, 1, 1]
+            assert switches == [0, 2, 4, 6, 8, 10, 12, 14]
+        else:
+            assert shown == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4, 4, 4]
+            assert switches == [0, 2, 4, 6, 8]
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)

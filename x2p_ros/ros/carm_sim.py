@@ -32,6 +32,7 @@ PARAMETERS = {  # name: (default, descriptor); a value out of range stops the no
     "seed": (7, ranged(0, 2 ** 31 - 1, "seed of the phantoms, the noise, the motion and the prompts")),
     "size": (256, ranged(32, 2048, "image size of rendered phantoms, pixels")),
     "case_period_s": (0.0, ranged(0.0, 3600.0, "switch to the next case this often, s (0: stay on the first)")),
+    "repeat": (True, ParameterDescriptor(description="start over after the last case (false: stay on it)")),
     "rate_hz": (5.0, ranged(0.1, 200.0, "frames per second and view")),
     "noise": (0.0, ranged(0.0, 1.0, "Gaussian noise, share of the image range")),
     "motion_px": (0.0, ranged(0.0, 100.0, "random shift of the views every few frames, pixels")),
@@ -143,7 +144,8 @@ class CarmSim(Node):
     def _prepare(self, frame: int):
         """The state of `frame`: a new case every case_period_s, a move every MOTION_EVERY frames."""
         per_case = max(1, round(self.p["case_period_s"] * self.p["rate_hz"])) if self.p["case_period_s"] > 0 else 0
-        if frame == 0 or (per_case and frame % per_case == 0):
+        last = self.case_index == len(self.cases) - 1
+        if frame == 0 or (per_case and frame % per_case == 0 and (self.p["repeat"] or not last)):
             self.case_index = (self.case_index + 1) % len(self.cases)
             self.shift = {v: np.zeros(2) for v in VIEWS}
             self._publish_calibration(self._stamp(frame))
