@@ -354,8 +354,9 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
               f"(`x2p data synth --cases {test_cases} --size {'/'.join(map(str, sizes))} --seed {TEST_SEED}`), "
               "evaluated with `x2p evaluate --split test --sweep` and the ground-truth top-most vertebra as the "
               "prompt. MPE is over the vertebrae found; a vertebra not found counts as a miss in PCL and AUC. "
-              "Short fields ({}-{} vertebrae) are C-arm-like; long fields show {}-{}.".format(
-                  *SynthConfig.short_field, *SynthConfig.long_field), "",
+              "Fields are framed on {}-{} vertebrae (C-arm-like) or {}-{}, with {}-{} gaps of room at each "
+              "edge that may show one more.".format(*SynthConfig.short_field, *SynthConfig.long_field,
+                                                    *SynthConfig.field_margin), "",
               "| method | PCL@10mm | PCL@20mm | MPE mm | AUC | 2D MPE LAT / AP px | vertebrae (missed) |",
               "|---|---|---|---|---|---|---|"]
     for label, r in results.items():
