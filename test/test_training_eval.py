@@ -364,6 +364,73 @@ def test_a_square_view_with_more_than_n_vertebrae_continues_below_the_last_one(c
     assert [f.index for f in present] == list(range(count))
 
 
+class DriftingOracle(OracleNet):
+    """An oracle whose estimate drifts down the chain: the k-th vertebra below the prompt is off by
+    k times 1.5 mm sideways, as the shipped models' errors grow with k on the real CTs; from the
+    blind_from-th call on it finds nothing."""
+
+    def __init__(self, xyz, config, blind_from=None):
+        super().__init__(xyz, config)
+        self.blind_from = blind_from
+
+    def forward(self, images, P, prompt):
+        out = super().forward(images, P, prompt)
+        out["xyz"][0, :, 0] += 1.5 * torch.arange(self.config.n_vertebrae)
+        if self.blind_from is not None and self.calls >= self.blind_from:
+            out["presence"][:] = 0.0
+        return out
+
+
+@pytest.mark.parametrize("stride, windows, drift_at", [(0, 2, (0, 1, 2, 3, 1, 2, 3)), (1, 7, (0,) * 7),
+                                                       (2, 4, (0, 1, 0, 1, 0, 1, 0)),
+                                                       (3, 3, (0, 1, 2, 0, 1, 2, 0))])
+def test_a_chain_stride_prompts_again_every_s_vertebrae_so_the_estimates_do_not_drift(stride, windows, drift_at):
+    from x2p_ros.geometry import carm_view
+    cfg = preset("tiny", n_vertebrae=4, chain_stride=stride)
+    Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
+    xyz = np.array([[0.0, 0.0, z] for z in np.linspace(40, -40, 7)])
+    net = DriftingOracle(xyz, cfg)
+    images = {v: np.random.default_rng(0).random((64, 64)).astype(np.float32) for v in Ps}
+    found = Localizer(net, presence_threshold=0.5).localize(images, Ps, {v: geometry.project(Ps[v], xyz[:1])[0]
+                                                                           for v in Ps})
+    present = [f for f in found if f.present]
+    assert net.calls == windows
+    assert [f.index for f in present] == list(range(7))
+    np.testing.assert_allclose([f.xyz_mm[0] for f in present], 1.5 * np.array(drift_at), atol=1e-9)
+    np.testing.assert_allclose([f.xyz_mm[1:] for f in present], xyz[:, 1:], atol=1e-9)
+
+
+def test_a_chain_stride_stops_at_the_images_edge_though_its_windows_reach_past_it():
+    # a window past the bottom shows replicated edge pixels, in which a model finds vertebrae: the oracle
+    # reports the ones the window covers, shown by the images or not
+    from x2p_ros.geometry import carm_view
+    cfg = preset("tiny", n_vertebrae=4, chain_stride=1)
+    Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
+    xyz = np.array([[0.0, 0.0, z] for z in np.linspace(40, -100, 11)])
+    shown = np.all([geometry.inside_image(geometry.project(Ps[v], xyz), (64, 64), 0.02 * 64) for v in Ps], axis=0)
+    assert 3 < shown.sum() < len(xyz)
+    net = DriftingOracle(xyz, cfg)
+    images = {v: np.random.default_rng(0).random((64, 64)).astype(np.float32) for v in Ps}
+    found = Localizer(net, presence_threshold=0.5).localize(images, Ps, {v: geometry.project(Ps[v], xyz[:1])[0]
+                                                                           for v in Ps})
+    np.testing.assert_allclose([f.xyz_mm for f in found if f.present], xyz[shown], atol=1e-9)
+
+
+def test_a_window_that_finds_nothing_at_the_new_prompt_leaves_the_chain_found_above():
+    from x2p_ros.geometry import carm_view
+    cfg = preset("tiny", n_vertebrae=4, chain_stride=2)
+    Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
+    xyz = np.array([[0.0, 0.0, z] for z in np.linspace(40, -40, 7)])
+    net = DriftingOracle(xyz, cfg, blind_from=2)
+    images = {v: np.random.default_rng(0).random((64, 64)).astype(np.float32) for v in Ps}
+    found = Localizer(net, presence_threshold=0.5).localize(images, Ps, {v: geometry.project(Ps[v], xyz[:1])[0]
+                                                                           for v in Ps})
+    assert net.calls == 2
+    assert [f.index for f in found if f.present] == [0, 1, 2, 3]  # the first window's four, none lost
+    with pytest.raises(ValueError, match="chain_stride"):
+        preset("tiny", chain_stride=-1)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda i, P, p: i.__setitem__("ap", np.full((64, 64), np.nan)), "NaN or Inf pixels"),
     (lambda i, P, p: i.__setitem__("lat", np.ones((64, 64))), "constant"),

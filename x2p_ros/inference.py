@@ -7,7 +7,12 @@ image; the lowest vertebra found in one window is the prompt of the next, and
 the windows' results are merged without duplicates. A view that shows more
 than the model's N vertebrae in one patch goes on the same way: when all N are
 found, a smaller window (the share of the image that training crops cover)
-from just above the last one found gives the next N."""
+from just above the last one found gives the next N.
+
+With a chain stride s (X2PConfig.chain_stride), a window gives only its first s
+vertebrae; the s-th is prompted again in a continuation window, which gives the
+next s, and so on: each vertebra is found a few places below a prompt, where the
+model is at its most accurate, instead of up to N places down."""
 from __future__ import annotations
 
 import logging
@@ -24,6 +29,11 @@ from .model import X2PNet, checkpoint
 
 TALL = 1.25  # height / width above which a view is a long film
 CONTINUATION_SIDE = 0.7  # the continuation window's side as a share of the image (training crops: 0.7-1)
+SPINE_LENGTH = 25  # C1 to S1: a chain stride stops there, whatever the model keeps finding
+# a vertebra is shown when its centroid lies this share of the side inside both images, as the data's labels
+# and training's targets; windows past the image's edge (a chain stride's) show replicated edge pixels, in
+# which the model finds vertebrae that are not there
+SHOWN_MARGIN = 0.02
 
 
 class InputError(ValueError):
@@ -85,6 +95,7 @@ class Localizer:
         self._graphed: GraphedForward | None = None
         self.config = model.config
         self.threshold = model.config.presence_threshold if presence_threshold is None else presence_threshold
+        self.chain_stride = model.config.chain_stride
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", presence_threshold=None, bf16=False, cuda_graph=True) -> Localizer:
@@ -126,10 +137,12 @@ class Localizer:
                 boxes[view] = (0.0, float(np.clip(py - 0.1 * w, 0, h - w)), float(w))
             elif first:
                 boxes[view] = preprocess.full_box(w, h)
-            else:  # the chain goes on past N vertebrae: a smaller window from just above the last one
+            else:  # the chain goes on: a smaller window from just above the last one
                 side = CONTINUATION_SIDE * min(w, h)
-                boxes[view] = (float(np.clip(px - side / 2, 0, w - side)), float(np.clip(py - 0.1 * side, 0, h - side)),
-                               side)
+                # past N, inside the image; with a stride the prompt keeps its place near the top, as in
+                # training, and the window may reach past the image's bottom (its edge replicated)
+                top = py - 0.1 * side if self.chain_stride else np.clip(py - 0.1 * side, 0, h - side)
+                boxes[view] = (float(np.clip(px - side / 2, 0, w - side)), float(max(top, 0.0)), side)
         return boxes
 
     @torch.no_grad()
@@ -179,6 +192,22 @@ class Localizer:
             first_window = first_window or (xyz, presence, heat)
             present = presence > self.threshold
             n_chain = int(np.argmin(present)) if not present.all() else len(present)  # contiguous from the prompt
+            if self.chain_stride:
+                shown = np.all([geometry.inside_image(geometry.project(Ps[v], xyz), images[v].shape[::-1],
+                                                      SHOWN_MARGIN * min(images[v].shape)) for v in VIEWS], axis=0)
+                n_chain = min(n_chain, int(np.argmin(shown)) if not shown.all() else len(shown))
+                if n_chain == 0:
+                    break  # no vertebra at the new prompt: the window above's chain stands
+                # this window's chain replaces the estimates of the window above from its prompt on
+                found[offset:] = [self._vertebra(offset + k, True, presence[k], xyz[k], heat, k, Ps)
+                                  for k in range(n_chain)]
+                if n_chain <= self.chain_stride or offset + self.chain_stride >= SPINE_LENGTH:
+                    break
+                next_prompts = {v: found[offset + self.chain_stride].pixels[v] for v in VIEWS}
+                if all(next_prompts[v][1] <= prompts[v][1] + 1 for v in VIEWS):
+                    break  # no progress down the image
+                prompts, offset = next_prompts, offset + self.chain_stride
+                continue
             for k in range(n_chain):
                 if offset + k < len(found):
                     continue  # the window above found it already

@@ -29,6 +29,10 @@ class X2PConfig:
     volume_width: float = 0.5  # lateral and AP extent as a share of the vertical extent
     # presence and losses
     presence_threshold: float = 0.5  # tau
+    # inference: 0 = one window gives the whole chain (N vertebrae, then a continuation window); s > 0 = keep
+    # the first s vertebrae of a window and prompt again at the s-th (inference.py): a model that finds the
+    # prompted vertebra better than the ones below does not drift down the chain
+    chain_stride: int = 0
     heatmap_sigma: float = 1.0  # ground-truth Gaussian, heatmap cells
     loss_3d_scale_mm: float = 30.0  # 3D error is measured in units of this many mm in the loss
     # a peaked 3D target: KL divergence of the fusion volume's distribution from a Gaussian of this sigma
@@ -73,6 +77,8 @@ class X2PConfig:
             raise ValueError(f"loss_3d_peak_sigma_mm must be 0 (none) or more, got {self.loss_3d_peak_sigma_mm}")
         if self.heatmap_prior and not self.use_sce:
             raise ValueError("heatmap_prior needs the SCE's heatmaps (use_sce)")
+        if self.chain_stride < 0:
+            raise ValueError(f"chain_stride must be 0 (one window) or more, got {self.chain_stride}")
         if self.hires_stride not in (1, 2, 4, 8):
             raise ValueError(f"hires_stride must be 1, 2, 4 or 8, got {self.hires_stride}")
 
