@@ -381,54 +381,48 @@ class DriftingOracle(OracleNet):
         return out
 
 
-@pytest.mark.parametrize("stride, windows, drift_at", [(0, 2, (0, 1, 2, 3, 1, 2, 3)), (1, 7, (0,) * 7),
-                                                       (2, 4, (0, 1, 0, 1, 0, 1, 0)),
-                                                       (3, 3, (0, 1, 2, 0, 1, 2, 0))])
-def test_a_chain_stride_prompts_again_every_s_vertebrae_so_the_estimates_do_not_drift(stride, windows, drift_at):
+def drifting_chain(count, stride, blind_from=None, spacing=40.0 / 3):
+    """count vertebrae spacing mm apart down from 40 mm, found by a Localizer of that stride in a 64 x 64
+    pair: their centroids, the oracle, the vertebrae found present and the P matrices."""
     from x2p_ros.geometry import carm_view
     cfg = preset("tiny", n_vertebrae=4, chain_stride=stride)
     Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
-    xyz = np.array([[0.0, 0.0, z] for z in np.linspace(40, -40, 7)])
-    net = DriftingOracle(xyz, cfg)
+    xyz = np.array([[0.0, 0.0, 40.0 - spacing * i] for i in range(count)])
+    net = DriftingOracle(xyz, cfg, blind_from)
     images = {v: np.random.default_rng(0).random((64, 64)).astype(np.float32) for v in Ps}
     found = Localizer(net, presence_threshold=0.5).localize(images, Ps, {v: geometry.project(Ps[v], xyz[:1])[0]
                                                                            for v in Ps})
-    present = [f for f in found if f.present]
+    return xyz, net, [f for f in found if f.present], Ps
+
+
+@pytest.mark.parametrize("stride, windows, drift_at", [(0, 2, (0, 1, 2, 3, 1, 2, 3)), (1, 8, (0,) * 7),
+                                                       (2, 5, (0, 1, 0, 1, 0, 1, 0)),
+                                                       (3, 4, (0, 1, 2, 0, 1, 2, 0))])
+def test_a_chain_stride_prompts_again_every_s_vertebrae_so_the_estimates_do_not_drift(stride, windows, drift_at):
+    # the whole view's chain (two windows: N = 4, then a continuation), then one window per s vertebrae
+    xyz, net, present, _ = drifting_chain(7, stride)
     assert net.calls == windows
     assert [f.index for f in present] == list(range(7))
     np.testing.assert_allclose([f.xyz_mm[0] for f in present], 1.5 * np.array(drift_at), atol=1e-9)
     np.testing.assert_allclose([f.xyz_mm[1:] for f in present], xyz[:, 1:], atol=1e-9)
 
 
-def test_a_chain_stride_stops_at_the_images_edge_though_its_windows_reach_past_it():
-    # a window past the bottom shows replicated edge pixels, in which a model finds vertebrae: the oracle
-    # reports the ones the window covers, shown by the images or not
-    from x2p_ros.geometry import carm_view
-    cfg = preset("tiny", n_vertebrae=4, chain_stride=1)
-    Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
-    xyz = np.array([[0.0, 0.0, z] for z in np.linspace(40, -100, 11)])
-    shown = np.all([geometry.inside_image(geometry.project(Ps[v], xyz), (64, 64), 0.02 * 64) for v in Ps], axis=0)
-    assert 3 < shown.sum() < len(xyz)
-    net = DriftingOracle(xyz, cfg)
-    images = {v: np.random.default_rng(0).random((64, 64)).astype(np.float32) for v in Ps}
-    found = Localizer(net, presence_threshold=0.5).localize(images, Ps, {v: geometry.project(Ps[v], xyz[:1])[0]
-                                                                           for v in Ps})
-    np.testing.assert_allclose([f.xyz_mm for f in found if f.present], xyz[shown], atol=1e-9)
-
-
-def test_a_window_that_finds_nothing_at_the_new_prompt_leaves_the_chain_found_above():
-    from x2p_ros.geometry import carm_view
-    cfg = preset("tiny", n_vertebrae=4, chain_stride=2)
-    Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
-    xyz = np.array([[0.0, 0.0, z] for z in np.linspace(40, -40, 7)])
-    net = DriftingOracle(xyz, cfg, blind_from=2)
-    images = {v: np.random.default_rng(0).random((64, 64)).astype(np.float32) for v in Ps}
-    found = Localizer(net, presence_threshold=0.5).localize(images, Ps, {v: geometry.project(Ps[v], xyz[:1])[0]
-                                                                           for v in Ps})
-    assert net.calls == 2
-    assert [f.index for f in found if f.present] == [0, 1, 2, 3]  # the first window's four, none lost
+def test_a_window_that_finds_nothing_at_the_new_prompt_leaves_the_chain_found_before():
+    xyz, net, present, _ = drifting_chain(7, 2, blind_from=3)  # blind after the whole view's two windows
+    assert net.calls == 5
+    assert [f.index for f in present] == list(range(7))  # none lost
+    np.testing.assert_allclose([f.xyz_mm[0] for f in present], 1.5 * np.array([0, 1, 2, 3, 1, 2, 3]), atol=1e-9)
     with pytest.raises(ValueError, match="chain_stride"):
         preset("tiny", chain_stride=-1)
+
+
+def test_a_chain_stride_adds_no_vertebra_to_the_whole_views_chain():
+    # the stride's windows reach past the image's bottom, and the oracle reports every vertebra a window
+    # covers, shown by the images or not: the chain is still the whole view's
+    xyz, net, present, Ps = drifting_chain(11, 1, spacing=14.0)
+    shown = np.all([geometry.inside_image(geometry.project(Ps[v], xyz), (64, 64)) for v in Ps], axis=0)
+    assert 3 < shown.sum() < len(xyz)
+    np.testing.assert_allclose([f.xyz_mm for f in present], xyz[shown], atol=1e-9)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -9,10 +9,11 @@ than the model's N vertebrae in one patch goes on the same way: when all N are
 found, a smaller window (the share of the image that training crops cover)
 from just above the last one found gives the next N.
 
-With a chain stride s (X2PConfig.chain_stride), a window gives only its first s
-vertebrae; the s-th is prompted again in a continuation window, which gives the
-next s, and so on: each vertebra is found a few places below a prompt, where the
-model is at its most accurate, instead of up to N places down."""
+With a chain stride s (X2PConfig.chain_stride), the chain found so is estimated
+again: vertebra s is prompted in a continuation window, which gives vertebrae s
+to 2s - 1, then vertebra 2s, and so on: each vertebra is found fewer than s
+places below a prompt, where the model is at its most accurate, instead of up
+to N places down."""
 from __future__ import annotations
 
 import logging
@@ -29,11 +30,6 @@ from .model import X2PNet, checkpoint
 
 TALL = 1.25  # height / width above which a view is a long film
 CONTINUATION_SIDE = 0.7  # the continuation window's side as a share of the image (training crops: 0.7-1)
-SPINE_LENGTH = 25  # C1 to S1: a chain stride stops there, whatever the model keeps finding
-# a vertebra is shown when its centroid lies this share of the side inside both images, as the data's labels
-# and training's targets; windows past the image's edge (a chain stride's) show replicated edge pixels, in
-# which the model finds vertebrae that are not there
-SHOWN_MARGIN = 0.02
 
 
 class InputError(ValueError):
@@ -95,7 +91,7 @@ class Localizer:
         self._graphed: GraphedForward | None = None
         self.config = model.config
         self.threshold = model.config.presence_threshold if presence_threshold is None else presence_threshold
-        self.chain_stride = model.config.chain_stride
+        self.chain_stride = model.config.chain_stride  # 0: one window gives the chain
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", presence_threshold=None, bf16=False, cuda_graph=True) -> Localizer:
@@ -128,7 +124,7 @@ class Localizer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(images, P, prompt)
 
-    def _boxes(self, images, prompts, first: bool):
+    def _boxes(self, images, prompts, first: bool, stride: bool = False):
         boxes = {}
         for view in VIEWS:
             h, w = images[view].shape
@@ -137,11 +133,11 @@ class Localizer:
                 boxes[view] = (0.0, float(np.clip(py - 0.1 * w, 0, h - w)), float(w))
             elif first:
                 boxes[view] = preprocess.full_box(w, h)
-            else:  # the chain goes on: a smaller window from just above the last one
+            else:  # the chain goes on: a smaller window from just above the prompt
                 side = CONTINUATION_SIDE * min(w, h)
-                # past N, inside the image; with a stride the prompt keeps its place near the top, as in
-                # training, and the window may reach past the image's bottom (its edge replicated)
-                top = py - 0.1 * side if self.chain_stride else np.clip(py - 0.1 * side, 0, h - side)
+                # past N the window stays inside the image; a stride's keeps the prompt near its top, as in
+                # training, and may reach past the image's bottom (its edge replicated)
+                top = py - 0.1 * side if stride else np.clip(py - 0.1 * side, 0, h - side)
                 boxes[view] = (float(np.clip(px - side / 2, 0, w - side)), float(max(top, 0.0)), side)
         return boxes
 
@@ -177,6 +173,24 @@ class Localizer:
         return Vertebra(index, "", bool(present), float(confidence), xyz,
                         {v: geometry.project(Ps[v], xyz)[0] for v in VIEWS}, {v: heat[v][k] for v in heat})
 
+    def _estimate_again_down_the_chain(self, images, Ps, found: list[Vertebra]):
+        """Vertebrae s, 2s, ... of the chain prompted again, each window's estimates replacing those of the
+        s vertebrae below its prompt that it finds present. The whole view decides how many vertebrae the
+        chain has (what the presence output was trained on); a window zoomed in near the bottom edge finds
+        vertebrae there that the labels do not count."""
+        s = self.chain_stride
+        prompt_from = found[s] if s < len(found) else None
+        for offset in range(s, len(found), s):
+            prompts = {v: prompt_from.pixels[v] for v in VIEWS}
+            xyz, presence, heat = self._run_window(images, Ps, prompts, self._boxes(images, prompts, False, True))
+            present = presence > self.threshold
+            n_chain = int(np.argmin(present)) if not present.all() else len(present)
+            for k in range(min(n_chain, s, len(found) - offset)):
+                found[offset + k] = self._vertebra(offset + k, True, presence[k], xyz[k], heat, k, Ps)
+            # the next prompt: this window's estimate of the vertebra s below, else the one before
+            prompt_from = (self._vertebra(offset + s, True, presence[s], xyz[s], heat, s, Ps) if n_chain > s
+                           else found[min(offset + s, len(found) - 1)])
+
     def localize(self, images: dict, Ps: dict, prompts: dict, reference_level: str = "") -> list[Vertebra]:
         """Vertebrae from the prompted one down, superior first; absent ones are
         listed with present=False up to the model's N."""
@@ -192,22 +206,6 @@ class Localizer:
             first_window = first_window or (xyz, presence, heat)
             present = presence > self.threshold
             n_chain = int(np.argmin(present)) if not present.all() else len(present)  # contiguous from the prompt
-            if self.chain_stride:
-                shown = np.all([geometry.inside_image(geometry.project(Ps[v], xyz), images[v].shape[::-1],
-                                                      SHOWN_MARGIN * min(images[v].shape)) for v in VIEWS], axis=0)
-                n_chain = min(n_chain, int(np.argmin(shown)) if not shown.all() else len(shown))
-                if n_chain == 0:
-                    break  # no vertebra at the new prompt: the window above's chain stands
-                # this window's chain replaces the estimates of the window above from its prompt on
-                found[offset:] = [self._vertebra(offset + k, True, presence[k], xyz[k], heat, k, Ps)
-                                  for k in range(n_chain)]
-                if n_chain <= self.chain_stride or offset + self.chain_stride >= SPINE_LENGTH:
-                    break
-                next_prompts = {v: found[offset + self.chain_stride].pixels[v] for v in VIEWS}
-                if all(next_prompts[v][1] <= prompts[v][1] + 1 for v in VIEWS):
-                    break  # no progress down the image
-                prompts, offset = next_prompts, offset + self.chain_stride
-                continue
             for k in range(n_chain):
                 if offset + k < len(found):
                     continue  # the window above found it already
@@ -223,6 +221,8 @@ class Localizer:
             if all(next_prompts[v][1] <= prompts[v][1] + 1 for v in VIEWS):
                 break  # no progress down the film
             prompts, offset = next_prompts, len(found) - 1
+        if self.chain_stride:
+            self._estimate_again_down_the_chain(images, Ps, found)
         # the rest of the first window's N outputs, as absent
         xyz, presence, heat = first_window
         for k in range(len(found), len(xyz)):
