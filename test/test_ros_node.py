@@ -185,13 +185,13 @@ def test_diagnostics_go_stale_without_images_and_localize_is_refused_while_disab
         rclpy.try_shutdown(context=context)
 
 
-def test_the_presence_threshold_is_the_checkpoints_own_unless_the_parameter_sets_one(tmp_path):
+def test_the_presence_threshold_and_chain_stride_are_the_checkpoints_own_unless_the_parameters_set_them(tmp_path):
     import torch
     from rclpy.parameter import Parameter
 
     from x2p_ros.ros.localizer_node import LocalizerNode
     torch.manual_seed(0)
-    ckpt = checkpoint.save(tmp_path / "calibrated.pt", X2PNet(preset("tiny", presence_threshold=0.3)))
+    ckpt = checkpoint.save(tmp_path / "calibrated.pt", X2PNet(preset("tiny", presence_threshold=0.3, chain_stride=2)))
     context = rclpy.Context()
     rclpy.init(context=context)
     node = LocalizerNode(context=context, parameter_overrides=[Parameter("checkpoint", value=str(ckpt)),
@@ -208,6 +208,13 @@ def test_the_presence_threshold_is_the_checkpoints_own_unless_the_parameter_sets
         assert node.localizer.threshold == 0.3
         assert not node.set_parameters([Parameter("presence_threshold", value=1.5)])[0].successful
         assert node.localizer.threshold == 0.3
+        assert node.localizer.chain_stride == 2  # the checkpoint's, like the threshold
+        assert node.set_parameters([Parameter("chain_stride", value=0)])[0].successful
+        assert node.localizer.chain_stride == 0
+        assert {kv.key: kv.value for kv in node.diagnostic_status().values}["chain_stride"] == "0"
+        assert node.set_parameters([Parameter("chain_stride", value=-1)])[0].successful
+        assert node.localizer.chain_stride == 2
+        assert not node.set_parameters([Parameter("chain_stride", value=11)])[0].successful
     finally:
         node.close()
         node.destroy_node()

@@ -239,3 +239,45 @@ def test_ship_model_refuses_a_threshold_chosen_on_a_validation_ct(tmp_path, monk
     with pytest.raises(SystemExit, match="chose the presence threshold on the real-anatomy validation CT"):
         tool.recalibrated(str(tmp_path / "copy.pt"))
     assert shipped.read_bytes() == before
+
+
+def test_ship_model_sets_a_chain_stride_keeping_the_weights_and_refuses_one_chosen_on_a_validation_ct(
+        tmp_path, monkeypatch):
+    import torch
+
+    from x2p_ros.data import realct
+    from x2p_ros.data.patient_pairs import sha256
+    from x2p_ros.model import build_model, checkpoint, preset
+    tool, shipped = _ship_to(tmp_path, monkeypatch)
+    torch.manual_seed(0)
+    model = build_model(preset("tiny", presence_threshold=0.3))
+    checkpoint.save(shipped, model, meta={"config_name": "tiny", "note": "trained on the CPU, 3 epochs"})
+    training = {"epochs_run": 3}
+    shipped.with_suffix(".json").write_text(json.dumps({"config": "tiny", "training": training}))
+    weights = checkpoint.read(shipped)["model"]
+    data = _data_set(tmp_path / "data", ["case_00000"])
+    figures = {"rule": "commit 0000000", "rows": [{"data": str(data), "split": "val", "chain_stride": s,
+                                                   "within_10mm": 10 + s} for s in range(4)]}
+    (tmp_path / "measured.json").write_text(json.dumps(figures))
+    assert tool.with_chain_stride("2", "default", str(tmp_path / "measured.json")) == 0
+    after = checkpoint.read(shipped)
+    assert after["config"]["chain_stride"] == 2 and after["config"]["presence_threshold"] == 0.3
+    assert all(torch.equal(after["model"][k], w) for k, w in weights.items())
+    assert after["meta"]["note"] == "trained on the CPU, 3 epochs; chain stride 2 chosen by commit 0000000"
+    record = json.loads(shipped.with_suffix(".json").read_text())
+    assert record["chain_stride"] == figures and record["training"] == training
+    assert record["config_changes"] == {"presence_threshold": 0.3, "chain_stride": 2}
+    assert checkpoint.load_model(shipped)[0].config.chain_stride == 2
+
+    for k, name in enumerate(realct.CASES):  # stand-ins for the validation CTs, known by their SHA-256
+        (tmp_path / "realct" / name).mkdir(parents=True)
+        (tmp_path / "realct" / name / "ct.nii.gz").write_bytes(bytes([k]) * 100)
+    monkeypatch.setattr(realct, "ROOT", tmp_path / "realct")
+    validation_ct = sha256(tmp_path / "realct" / next(iter(realct.CASES)) / "ct.nii.gz")[:12]
+    leaky = _data_set(tmp_path / "leaky", [f"ct{validation_ct}_pair0000"])
+    figures["rows"][0]["data"] = str(leaky)
+    (tmp_path / "measured.json").write_text(json.dumps(figures))
+    before = shipped.read_bytes()
+    with pytest.raises(SystemExit, match="chose the chain stride on the real-anatomy validation CT"):
+        tool.with_chain_stride("1", "default", str(tmp_path / "measured.json"))
+    assert shipped.read_bytes() == before

@@ -11,12 +11,19 @@ presence threshold chosen on a split, recorded with its table.
   python tools/ship_model.py --recalibrated COPY [default|baseline]
 
 ships COPY, the shipped model after `x2p presence --out COPY`: the same weights with another
-presence threshold; its JSON keeps the training record and gets the new threshold and table."""
+presence threshold; its JSON keeps the training record and gets the new threshold and table.
+
+  python tools/ship_model.py --chain-stride S NAME MEASURED.json
+
+sets the shipped model's chain stride (X2PConfig.chain_stride: prompt again every S vertebrae), its
+weights unchanged; MEASURED.json, the figures it was chosen by (`x2p evaluate --chain-stride` on
+phantom data), goes into its JSON."""
 import csv
 import json
 import platform
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -138,7 +145,30 @@ def recalibrated(copy: str, name: str = "default") -> int:
     return 0
 
 
+def with_chain_stride(stride: str, name: str, measured: str) -> int:
+    if name not in TARGETS:
+        raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
+    target = TARGETS[name]()
+    model, meta = checkpoint.load_model(target)
+    figures = json.loads(Path(measured).read_text())
+    for data in {row["data"] for row in figures["rows"]}:  # chosen on phantom data, never on the validation CTs
+        refuse_validation_cts(Path(data), ("train", "val", "test"), "chose the chain stride on")
+    model.config = replace(model.config, chain_stride=int(stride))
+    record = json.loads(target.with_suffix(".json").read_text())
+    record["config_values"] = model.config.to_dict()
+    record["config_changes"] = config_changes(record.get("config"), model)
+    record["chain_stride"] = figures
+    note = meta.get("note", "").split("; chain stride")[0]
+    checkpoint.save(target, model, meta={**meta, "note": f"{note}; chain stride {model.config.chain_stride} "
+                                                         f"chosen by {figures['rule']}"})
+    target.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    print(f"shipped {target} with chain stride {model.config.chain_stride} (weights unchanged)")
+    return 0
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--recalibrated"]:
         sys.exit(recalibrated(*sys.argv[2:]))
+    if sys.argv[1:2] == ["--chain-stride"]:
+        sys.exit(with_chain_stride(*sys.argv[2:]))
     sys.exit(main(*sys.argv[1:]))

@@ -17,7 +17,7 @@ from .. import metrics
 from ..data import case_io
 from ..data.synth import SynthConfig
 from ..geometry import VIEWS
-from ..inference import Localizer, ModelOutputError
+from ..inference import InputError, Localizer, ModelOutputError
 
 SHORT_FIELD = SynthConfig.short_field  # vertebrae in a C-arm-like field of the data engine
 PRESENCE_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # presence thresholds tried: 0.1 .. 0.9
@@ -175,14 +175,18 @@ def real_anatomy(localizer: Localizer, root, poses: int | None = None) -> dict:
 
 
 def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=False, limit=None,
-             realct_root=None) -> dict:
+             realct_root=None, chain_stride: int | None = None) -> dict:
     """Metrics of a split ('train', 'val', 'test') or of every case ('all'), and the real-anatomy
-    validation row when realct_root holds the real CTs."""
+    validation row when realct_root holds the real CTs; chain_stride: the checkpoint's unless given."""
     localizer = Localizer.from_checkpoint(checkpoint_path, device)
+    if chain_stride is not None:
+        if chain_stride < 0:
+            raise InputError(f"chain stride must be 0 (the whole view's estimates) or more, got {chain_stride}")
+        localizer.chain_stride = chain_stride
     names = split_names(data, split, limit)
     errors = evaluate_cases(localizer, data, names)
     result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
-              **report(errors), "failed_cases": errors["failed"]}
+              "chain_stride": localizer.chain_stride, **report(errors), "failed_cases": errors["failed"]}
     if realct_root is not None:
         result["real_anatomy"] = real_anatomy(localizer, realct_root)
     if sweep:
