@@ -94,9 +94,20 @@ def test_training_samples_differ_only_in_their_images_between_augmentations(smal
         a, b = mild[i], strong[i]
         for key in ("P", "xyz", "present", "pixels"):
             torch.testing.assert_close(a[key], b[key])
-        jitter = 2 * torch.tensor(mild.jitter) * 64
+        jitter = 2 * torch.tensor(mild.jitter_px) * 64 / 512
         assert ((a["prompt"] - b["prompt"]).abs() <= jitter + 1e-4).all()
         assert not torch.allclose(a["images"], b["images"])
+
+
+def test_the_training_prompt_jitter_scales_with_its_range(small_data):
+    from x2p_ros.training.data import BiplanarDataset
+    names = case_io.list_cases(small_data)
+    still, wide = (BiplanarDataset(small_data, names, 64, 10, train=True, prompt_jitter_px=j)
+                   for j in ((0.0, 0.0), (60.0, 30.0)))
+    offsets = torch.stack([wide[i]["prompt"] - still[i]["prompt"] for i in range(len(names))])  # (cases, V, 2)
+    bound = torch.tensor([60.0, 30.0]) * 64 / 512
+    assert (offsets.abs() <= bound + 1e-4).all()
+    assert (offsets.abs().amax(dim=(0, 1)) > 0.5 * bound).all()  # the range is used along both axes
 
 
 def test_inference_windowing_maps_the_percentiles_to_unit_range_in_float32():

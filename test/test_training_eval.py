@@ -153,7 +153,13 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     capsys.readouterr()
     assert main(args + ["--epochs", "4", "--augment", "mild"]) == 2  # a run keeps the look it started with
     assert "was trained with --augment strong; resume it with the same" in capsys.readouterr().err
+    assert main(args + ["--epochs", "4", "--prompt-jitter", "60", "30"]) == 2  # and the prompt jitter
+    assert "was trained with --prompt-jitter 30 15; resume it with the same" in capsys.readouterr().err
     assert checkpoint.read(run / "last.pt")["epoch"] == 2
+    assert tuple(checkpoint.read(run / "best.pt")["meta"]["prompt_jitter_px512"]) == (30.0, 15.0)
+    assert main(["train", "--data", str(small_data), "--config", "tiny", "--out", str(tmp_path / "bad"),
+                 "--workers", "0", "--quiet", "--epochs", "1", "--prompt-jitter", "-1", "5"]) == 2
+    assert "the prompt jitter must be two numbers of 0-256 px" in capsys.readouterr().err
 
     capsys.readouterr()
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--realct",

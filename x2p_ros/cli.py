@@ -69,7 +69,7 @@ def _train(args):
     best = train(args.data, args.config, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  workers=args.workers, device=args.device, seed=args.seed, time_limit_min=args.time_limit,
                  progress=not args.quiet, init=args.init, max_bad_steps=args.max_bad_steps, augment=args.augment,
-                 **overrides)
+                 prompt_jitter_px=tuple(args.prompt_jitter), **overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 validates and writes
         print(f"best validation: {json.dumps(best)}")
     return 0
@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .model.config import PRESETS
     from .training import appearance
+    from .training.data import PROMPT_JITTER_PX
     p = commands.add_parser("train", help="train X2P-Net (resumes from OUT/last.pt; torchrun for several GPUs)")
     p.add_argument("--data", required=True)
     p.add_argument("--config", default="cpu", choices=sorted(PRESETS))
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "whose weights all fit this one is a warm start")
     p.add_argument("--max-bad-steps", type=int, default=20,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
+    p.add_argument("--prompt-jitter", type=float, nargs=2, default=PROMPT_JITTER_PX, metavar=("X", "Y"),
+                   help="half range of the training prompt's random displacement, px at 512 (scaled to the size)")
     p.add_argument("--augment", default="strong", choices=list(appearance.KINDS),
                    help="appearance randomisation of the training images (x2p_ros/training/appearance.py)")
     p.add_argument("--quiet", action="store_true")

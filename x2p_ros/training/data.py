@@ -17,22 +17,22 @@ from .. import geometry, preprocess
 from ..data import case_io
 from . import appearance
 
-# half range of the training prompt's jitter (x, y) as a share of the window: 1.5 times the prompt sweep's
-# displacements (`x2p evaluate --sweep`: 20 px sideways, 10 px up or down at 512), so that the sweep's
-# extremes lie inside what training shows rather than on its edge (issue 12: at the sweep's range the
-# sweep moved X2P-Net's MPE by 1.6 mm)
-PROMPT_JITTER = (30.0 / 512, 15.0 / 512)
+# half range of the training prompt's jitter (x, y) in pixels of a 512 x 512 window (scaled to the window's
+# size): 1.5 times the prompt sweep's displacements (`x2p evaluate --sweep`: 20 px sideways, 10 px up or
+# down at 512), so that the sweep's extremes lie inside what training shows rather than on its edge (issue
+# 12: at the sweep's range the sweep moved X2P-Net's MPE by 1.6 mm); `x2p train --prompt-jitter` sets another
+PROMPT_JITTER_PX = (30.0, 15.0)
 
 
 class BiplanarDataset(Dataset):
     def __init__(self, root, names: list[str], image_size: int, n_vertebrae: int, train: bool = False,
-                 prompt_jitter=PROMPT_JITTER, seed: int = 0, full_share: float = 0.2,
+                 prompt_jitter_px=PROMPT_JITTER_PX, seed: int = 0, full_share: float = 0.2,
                  augment: str = "strong"):
         self.randomise = appearance.randomiser(augment)  # of training images' look (training/appearance.py)
         self.augment = augment
         self.root, self.names = Path(root), list(names)
         self.size, self.n, self.train = image_size, n_vertebrae, train
-        self.jitter = prompt_jitter  # half range of the prompt jitter (x, y) as a share of the window
+        self.jitter_px = tuple(prompt_jitter_px)  # half range of the prompt jitter (x, y), pixels at 512
         self.seed = seed
         self.full_share = full_share  # training samples that show the whole images, uncropped
         self.epoch = 0
@@ -86,7 +86,7 @@ class BiplanarDataset(Dataset):
         else:  # nothing visible: a prompt at the centre, every vertebra absent
             prompt = np.full((2, 2), (self.size - 1) / 2)
         if rng is not None:
-            prompt += rng.uniform(-1, 1, size=(2, 2)) * np.array(self.jitter) * self.size
+            prompt += rng.uniform(-1, 1, size=(2, 2)) * np.array(self.jitter_px) * self.size / 512.0
         return {
             "images": torch.from_numpy(np.stack(images)[:, None].astype(np.float32)),  # (V, 1, S, S)
             "P": torch.from_numpy(np.stack(Ps).astype(np.float32)),  # (V, 3, 4)

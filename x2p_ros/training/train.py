@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data import case_io
 from ..model import X2PConfig, build_model, checkpoint, preset
-from .data import BiplanarDataset
+from .data import PROMPT_JITTER_PX, BiplanarDataset
 from .losses import x2p_losses
 
 LOG_FIELDS = ["epoch", "step", "lr", "loss", "mse", "dice", "3d", "peak", "routing", "skipped", "val_mpe_mm",
@@ -104,7 +104,7 @@ class Run:
 
 def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: float, workers: int, device: str,
           seed: int, init: str | None, max_bad_steps: int, progress: bool, augment: str = "strong",
-          **config_overrides) -> Run:
+          prompt_jitter_px=PROMPT_JITTER_PX, **config_overrides) -> Run:
     """Data, model, optimizer and schedule of a run; continues RUN/last.pt when there is one."""
     if max_bad_steps < 1:
         raise TrainingError(f"max_bad_steps must be at least 1, got {max_bad_steps}")
@@ -114,8 +114,10 @@ def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: fl
     out = Path(out)
     cfg = preset(config, **config_overrides)
     names = {s: case_io.read_split(data, s) for s in ("train", "val")}
+    if len(prompt_jitter_px) != 2 or not all(0 <= j <= 256 and math.isfinite(j) for j in prompt_jitter_px):
+        raise TrainingError(f"the prompt jitter must be two numbers of 0-256 px (at 512), got {prompt_jitter_px}")
     train_set = BiplanarDataset(data, names["train"], cfg.image_size, cfg.n_vertebrae, train=True, seed=seed,
-                                augment=augment)
+                                augment=augment, prompt_jitter_px=prompt_jitter_px)
     val_set = BiplanarDataset(data, names["val"] or names["train"][:2], cfg.image_size, cfg.n_vertebrae)
     sampler = DistributedSampler(train_set, world, rank, seed=seed) if world > 1 else None
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
@@ -141,6 +143,10 @@ def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: fl
         if started_with != augment:
             raise TrainingError(f"{out} was trained with --augment {started_with}; resume it with the same, "
                                 f"or use a new --out for --augment {augment}")
+        jittered = tuple(state["meta"].get("prompt_jitter_px512", PROMPT_JITTER_PX))
+        if jittered != tuple(prompt_jitter_px):
+            raise TrainingError(f"{out} was trained with --prompt-jitter {jittered[0]:g} {jittered[1]:g}; resume it "
+                                f"with the same, or use a new --out")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         run.start_epoch, run.step, run.best = state["epoch"] + 1, state["step"], state["best"]
@@ -207,9 +213,11 @@ def end_epoch(run: Run, epoch: int, stats: dict, seconds: float):
         run.best = {"val_mpe_mm": row["val_mpe_mm"], "val_pcl10": row["val_pcl10"], "epoch": epoch}
         checkpoint.save(run.out / "best.pt", run.model, meta={"config_name": run.config_name, "data": str(run.data),
                                                               "init": run.init, "augment": run.train_set.augment,
+                                                              "prompt_jitter_px512": run.train_set.jitter_px,
                                                               **run.best})
     checkpoint.save(run.out / "last.pt", run.model,
-                    meta={"config_name": run.config_name, "augment": run.train_set.augment},
+                    meta={"config_name": run.config_name, "augment": run.train_set.augment,
+                          "prompt_jitter_px512": run.train_set.jitter_px},
                     optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), epoch=epoch,
                     step=run.step, best=run.best)
     _plot_log(run.out / "log.csv", run.out / "loss.png")
@@ -221,10 +229,10 @@ def end_epoch(run: Run, epoch: int, stats: dict, seconds: float):
 def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int = 2, lr: float = 5e-4,
           workers: int = 2, device: str = "auto", seed: int = 0, time_limit_min: float | None = None,
           progress: bool = True, init: str | None = None, max_bad_steps: int = 20, augment: str = "strong",
-          **config_overrides) -> dict:
+          prompt_jitter_px=PROMPT_JITTER_PX, **config_overrides) -> dict:
     """Trains (or resumes) a run; returns its best validation."""
     run = setup(data, config, out, epochs, batch_size, lr, workers, device, seed, init, max_bad_steps, progress,
-                augment, **config_overrides)
+                augment, prompt_jitter_px, **config_overrides)
     started = time.monotonic()
     for epoch in range(run.start_epoch, epochs):
         stats = train_one_epoch(run, epoch)
