@@ -348,7 +348,8 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
         results[label] = evaluate(data, ckpt, split="test", out=None, sweep=True)
         lines.append(f"- {label}: `{os.path.relpath(ckpt)}`, "
                      f"config {json.dumps(meta.get('config_name', '?'))}, {model.config.image_size} x "
-                     f"{model.config.image_size}; {meta.get('note', '')}")
+                     f"{model.config.image_size}, presence threshold {model.config.presence_threshold:g}, chain "
+                     f"stride {model.config.chain_stride}; {meta.get('note', '')}")
     sizes = sorted({c.image_size for c in configs.values()})
     lines += ["", f"Test split: {test_cases} phantom cases rendered with seed {TEST_SEED}, never used in training "
               f"(`x2p data synth --cases {test_cases} --size {'/'.join(map(str, sizes))} --seed {TEST_SEED}`), "
@@ -436,9 +437,10 @@ def per_index_rows(results: dict) -> list[str]:
     indices = sorted({k for r in results.values() for k in r["per_index_3d_mm"]})
     lines = ["", "3D MPE in mm (vertebrae, missed) by index k below the prompt on the test split, identity "
              "swaps (a vertebra found nearer to another one's ground truth) and spurious vertebrae (found past "
-             "the last one of the ground truth: poses of vertebrae that are not there):", "",
-             "| method | " + " | ".join(f"k = {k}" for k in indices) + " | swaps / found | spurious |",
-             "|---|" + "---|" * (len(indices) + 2)]
+             "the last one of the ground truth: poses of vertebrae that are not there), and the model's "
+             "forwards per pair (windows; a chain stride adds some):", "",
+             "| method | " + " | ".join(f"k = {k}" for k in indices) + " | swaps / found | spurious | windows |",
+             "|---|" + "---|" * (len(indices) + 3)]
     for label, r in results.items():
         cells = []
         for k in indices:
@@ -446,7 +448,8 @@ def per_index_rows(results: dict) -> list[str]:
             cells.append(f"{m['mpe']:.1f} ({m['n']}, {m['missed']})" if m and np.isfinite(m["mpe"]) else
                          f"none found ({m['n']}, {m['missed']})" if m else "-")
         found = r["3d_mm"]["n"] - r["3d_mm"]["missed"]
-        lines.append(f"| {label} | {' | '.join(cells)} | {r['identity_swaps']} / {found} | {r['spurious']} |")
+        lines.append(f"| {label} | {' | '.join(cells)} | {r['identity_swaps']} / {found} | {r['spurious']} | "
+                     f"{r['windows_per_pair']:.1f} |")
     return lines
 
 

@@ -111,6 +111,7 @@ def _evaluate(args):
     print(f"3D MPE mm by index below the prompt (missed/vertebrae): {per_index}")
     print(f"identity swaps: {result['identity_swaps']} (found nearer to another vertebra's ground truth)")
     print(f"spurious: {result['spurious']} (found past the last vertebra of the ground truth)")
+    print(f"model forwards per pair: {result['windows_per_pair']:.1f} (windows; a chain stride adds some)")
     if "real_anatomy" in result:
         r = result["real_anatomy"]
         m = r["3d_mm"]

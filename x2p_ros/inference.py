@@ -92,6 +92,7 @@ class Localizer:
         self.config = model.config
         self.threshold = model.config.presence_threshold if presence_threshold is None else presence_threshold
         self.chain_stride = model.config.chain_stride  # 0: one window gives the chain
+        self.windows_run = 0  # forwards so far: a pair costs one per window
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", presence_threshold=None, bf16=False, cuda_graph=True) -> Localizer:
@@ -143,6 +144,7 @@ class Localizer:
 
     @torch.no_grad()
     def _run_window(self, images, Ps, prompts, boxes):
+        self.windows_run += 1
         size = self.config.image_size
         tiles, Pw, pw, A = [], [], [], {}
         for view in VIEWS:

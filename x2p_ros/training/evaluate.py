@@ -33,11 +33,13 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
     error, its level, its index below the prompt and its case's field kind
     ('levels', 'indices', 'fields'); 'swaps': present predictions nearer to
     another vertebra's ground truth; 'spurious': present predictions past the
-    last ground-truth vertebra. A case whose model output is not finite is a
+    last ground-truth vertebra; 'pairs' localised and the model's 'windows' (forwards)
+    for them. A case whose model output is not finite is a
     failed frame: every vertebra of it a miss, and its name and the reason in
     'failed'."""
     errors = {"3d": [], "ap": [], "lat": [], "levels": [], "indices": [], "fields": [], "failed": [], "swaps": 0,
-              "spurious": 0}
+              "spurious": 0, "pairs": 0}
+    windows_before = localizer.windows_run
     has_heatmaps = localizer.config.use_sce or localizer.config.lifting
     for name in names:
         case = case_io.read_case(Path(root) / name)
@@ -47,6 +49,7 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
         # displacements are given for 512 x 512 images (the paper's) and scaled to this one
         prompts = {v: gt_px[v][0] + np.asarray(prompt_offset_px) * case.views[v].size[0] / 512.0 for v in VIEWS}
         prompts = {v: np.clip(p, 0, np.array(case.views[v].size) - 1) for v, p in prompts.items()}
+        errors["pairs"] += 1
         errors["levels"] += case.labels
         errors["indices"] += list(range(len(case.labels)))
         errors["fields"] += [field_kind(len(case.labels))] * len(case.labels)
@@ -65,6 +68,7 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
         for v in VIEWS:
             if found and found[0].heatmap_pixels:
                 errors[v].append(metrics.match_errors([f.heatmap_pixels[v] for f in found], present, gt_px[v]))
+    errors["windows"] = localizer.windows_run - windows_before
     return {k: (np.concatenate(v) if k in ("3d",) + VIEWS and v else v) for k, v in errors.items()}
 
 
@@ -82,6 +86,7 @@ def report(errors: dict) -> dict:
     out["per_index_3d_mm"] = {int(k): metrics.summary(errors["3d"][indices == k]) for k in np.unique(indices)}
     out["identity_swaps"] = errors["swaps"]
     out["spurious"] = errors["spurious"]
+    out["windows_per_pair"] = errors["windows"] / max(errors["pairs"], 1)  # model forwards per AP/LAT pair
     fields = {}
     for kind, e in zip(errors["fields"], errors["3d"]):
         fields.setdefault(kind, []).append(e)
