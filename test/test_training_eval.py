@@ -53,9 +53,9 @@ def test_report_groups_3d_errors_by_level_index_and_field_kind():
     assert short != long and field_kind(6) == short and field_kind(7) == long
     errors = {"3d": np.array([1.0, 3.0, np.inf, 10.0, 30.0]), "ap": [], "lat": [],
               "levels": ["L1", "L2", "L3", "L1", "L2"], "indices": [0, 1, 2, 0, 1],
-              "fields": [short] * 3 + [long] * 2, "swaps": 2, "spurious": 3}
+              "fields": [short] * 3 + [long] * 2, "swaps": 2, "spurious": 3, "pairs": 2, "windows": 5}
     result = report(errors)
-    assert result["spurious"] == 3
+    assert result["spurious"] == 3 and result["windows_per_pair"] == 2.5
     by_index = result["per_index_3d_mm"]
     assert list(by_index) == [0, 1, 2] and by_index[0]["mpe"] == 5.5 and by_index[1]["mpe"] == 16.5
     assert by_index[2]["missed"] == 1 and result["identity_swaps"] == 2
