@@ -420,6 +420,23 @@ def test_a_chain_stride_prompts_again_every_s_vertebrae_so_the_estimates_do_not_
     np.testing.assert_allclose([f.xyz_mm[1:] for f in present], xyz[:, 1:], atol=1e-9)
 
 
+def test_a_chain_stride_set_while_a_pair_runs_applies_from_the_next_pair():
+    # the node sets the parameter from the executor thread while the worker localises
+    from x2p_ros.geometry import carm_view
+    Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
+    xyz = np.array([[0.0, 0.0, 40.0 - 40.0 / 3 * i] for i in range(7)])
+    net = DriftingOracle(xyz, preset("tiny", n_vertebrae=4, chain_stride=2))
+    localizer = Localizer(net, presence_threshold=0.5)
+    forward = net.forward
+    net.forward = lambda *a: (setattr(localizer, "chain_stride", 0), forward(*a))[1]
+    images = {v: np.random.default_rng(0).random((64, 64)).astype(np.float32) for v in Ps}
+    prompts = {v: geometry.project(Ps[v], xyz[:1])[0] for v in Ps}
+    present = [f for f in localizer.localize(images, Ps, prompts) if f.present]
+    assert net.calls == 5 and len(present) == 7  # stride 2 to the end of this pair
+    net.calls = 0
+    assert len([f for f in localizer.localize(images, Ps, prompts) if f.present]) == 7 and net.calls == 2
+
+
 def test_a_window_that_finds_nothing_at_the_new_prompt_leaves_the_chain_found_before():
     xyz, net, present, _ = drifting_chain(7, 2, blind_from=3)  # blind after the whole view's two windows
     assert net.calls == 5

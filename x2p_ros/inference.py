@@ -175,12 +175,11 @@ class Localizer:
         return Vertebra(index, "", bool(present), float(confidence), xyz,
                         {v: geometry.project(Ps[v], xyz)[0] for v in VIEWS}, {v: heat[v][k] for v in heat})
 
-    def _estimate_again_down_the_chain(self, images, Ps, found: list[Vertebra]):
+    def _estimate_again_down_the_chain(self, images, Ps, found: list[Vertebra], s: int):
         """Vertebrae s, 2s, ... of the chain prompted again, each window's estimates replacing those of the
         s vertebrae below its prompt that it finds present. The whole view decides how many vertebrae the
         chain has (what the presence output was trained on); a window zoomed in near the bottom edge finds
         vertebrae there that the labels do not count."""
-        s = self.chain_stride
         prompt_from = found[s] if s < len(found) else None
         for offset in range(s, len(found), s):
             prompts = {v: prompt_from.pixels[v] for v in VIEWS}
@@ -197,6 +196,7 @@ class Localizer:
         """Vertebrae from the prompted one down, superior first; absent ones are
         listed with present=False up to the model's N."""
         images, Ps, prompts = check_inputs(images, Ps, prompts)
+        stride = self.chain_stride  # read once: the node may set another while this pair runs
         found: list[Vertebra] = []
         first_window = None
         offset = 0
@@ -223,8 +223,8 @@ class Localizer:
             if all(next_prompts[v][1] <= prompts[v][1] + 1 for v in VIEWS):
                 break  # no progress down the film
             prompts, offset = next_prompts, len(found) - 1
-        if self.chain_stride:
-            self._estimate_again_down_the_chain(images, Ps, found)
+        if stride:
+            self._estimate_again_down_the_chain(images, Ps, found, stride)
         # the rest of the first window's N outputs, as absent
         xyz, presence, heat = first_window
         for k in range(len(found), len(xyz)):
