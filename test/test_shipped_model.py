@@ -107,6 +107,19 @@ def _data_set(folder, train):
     return folder
 
 
+def _leaky_data_set(tmp_path, monkeypatch):
+    """Stand-ins for the validation CTs (ship_model knows them by their files' SHA-256) and a data set with a
+    pair of the first."""
+    from x2p_ros.data import realct
+    from x2p_ros.data.patient_pairs import sha256
+    for k, name in enumerate(realct.CASES):
+        (tmp_path / "realct" / name).mkdir(parents=True)
+        (tmp_path / "realct" / name / "ct.nii.gz").write_bytes(bytes([k]) * 100)
+    monkeypatch.setattr(realct, "ROOT", tmp_path / "realct")
+    validation_ct = sha256(tmp_path / "realct" / next(iter(realct.CASES)) / "ct.nii.gz")[:12]
+    return _data_set(tmp_path / "leaky", [f"ct{validation_ct}_pair0000"])
+
+
 def test_ship_model_refuses_a_data_set_with_pairs_of_the_validation_cts(tmp_path, monkeypatch):
     import torch
 
@@ -219,16 +232,9 @@ def test_ship_model_recalibrated_changes_only_the_threshold_of_the_shipped_weigh
 def test_ship_model_refuses_a_threshold_chosen_on_a_validation_ct(tmp_path, monkeypatch):
     import torch
 
-    from x2p_ros.data import realct
-    from x2p_ros.data.patient_pairs import sha256
     from x2p_ros.model import build_model, checkpoint, preset
     tool, shipped = _ship_to(tmp_path, monkeypatch)
-    for k, name in enumerate(realct.CASES):  # stand-ins for the validation CTs, known by their SHA-256
-        (tmp_path / "realct" / name).mkdir(parents=True)
-        (tmp_path / "realct" / name / "ct.nii.gz").write_bytes(bytes([k]) * 100)
-    monkeypatch.setattr(realct, "ROOT", tmp_path / "realct")
-    validation_ct = sha256(tmp_path / "realct" / next(iter(realct.CASES)) / "ct.nii.gz")[:12]
-    leaky = _data_set(tmp_path / "leaky", [f"ct{validation_ct}_pair0000"])
+    leaky = _leaky_data_set(tmp_path, monkeypatch)
     torch.manual_seed(0)
     model = build_model(preset("tiny"))
     checkpoint.save(shipped, model, meta={"config_name": "tiny"})
@@ -245,8 +251,6 @@ def test_ship_model_sets_a_chain_stride_keeping_the_weights_and_refuses_one_chos
         tmp_path, monkeypatch):
     import torch
 
-    from x2p_ros.data import realct
-    from x2p_ros.data.patient_pairs import sha256
     from x2p_ros.model import build_model, checkpoint, preset
     tool, shipped = _ship_to(tmp_path, monkeypatch)
     torch.manual_seed(0)
@@ -269,13 +273,7 @@ def test_ship_model_sets_a_chain_stride_keeping_the_weights_and_refuses_one_chos
     assert record["config_changes"] == {"presence_threshold": 0.3, "chain_stride": 2}
     assert checkpoint.load_model(shipped)[0].config.chain_stride == 2
 
-    for k, name in enumerate(realct.CASES):  # stand-ins for the validation CTs, known by their SHA-256
-        (tmp_path / "realct" / name).mkdir(parents=True)
-        (tmp_path / "realct" / name / "ct.nii.gz").write_bytes(bytes([k]) * 100)
-    monkeypatch.setattr(realct, "ROOT", tmp_path / "realct")
-    validation_ct = sha256(tmp_path / "realct" / next(iter(realct.CASES)) / "ct.nii.gz")[:12]
-    leaky = _data_set(tmp_path / "leaky", [f"ct{validation_ct}_pair0000"])
-    figures["rows"][0]["data"] = str(leaky)
+    figures["rows"][0]["data"] = str(_leaky_data_set(tmp_path, monkeypatch))
     (tmp_path / "measured.json").write_text(json.dumps(figures))
     before = shipped.read_bytes()
     with pytest.raises(SystemExit, match="chose the chain stride on the real-anatomy validation CT"):
