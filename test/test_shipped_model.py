@@ -269,7 +269,8 @@ def test_ship_model_sets_a_chain_stride_keeping_the_weights_and_refuses_one_chos
     assert all(torch.equal(after["model"][k], w) for k, w in weights.items())
     assert after["meta"]["note"] == "trained on the CPU, 3 epochs; chain stride 2 chosen by commit 0000000"
     record = json.loads(shipped.with_suffix(".json").read_text())
-    assert record["chain_stride"] == figures and record["training"] == training
+    assert record["chain_stride"] == {**figures, "measured_on": [str(data)], "real_anatomy_validation_cts": False}
+    assert record["training"] == training
     assert record["config_changes"] == {"presence_threshold": 0.3, "chain_stride": 2}
     assert checkpoint.load_model(shipped)[0].config.chain_stride == 2
 

@@ -151,8 +151,10 @@ def with_chain_stride(stride: str, name: str, measured: str) -> int:
     target = TARGETS[name]()
     model, meta = checkpoint.load_model(target)
     figures = json.loads(Path(measured).read_text())
-    for data in {row["data"] for row in figures["rows"]}:  # chosen on phantom data, never on the validation CTs
+    measured_on = sorted({row["data"] for row in figures["rows"]})
+    for data in measured_on:  # chosen on phantom data, never on the validation CTs
         refuse_validation_cts(Path(data), ("train", "val", "test"), "chose the chain stride on")
+    figures = {**figures, "measured_on": measured_on, "real_anatomy_validation_cts": False}
     model.config = replace(model.config, chain_stride=int(stride))
     record = json.loads(target.with_suffix(".json").read_text())
     record["config_values"] = model.config.to_dict()
