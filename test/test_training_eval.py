@@ -455,6 +455,57 @@ def test_a_chain_stride_adds_no_vertebra_to_the_whole_views_chain():
     np.testing.assert_allclose([f.xyz_mm for f in present], xyz[shown], atol=1e-9)
 
 
+class PromptFollowingOracle(OracleNet):
+    """An oracle whose estimates follow the click half-way: every vertebra is moved sideways by half
+    the prompt's distance (in mm at the vertebra) from the true projection of the one nearest it, as a
+    model does that places a vertebra partly by the prompt. Blind (nothing present) when told."""
+
+    def __init__(self, xyz, config, Ps, blind=False):
+        super().__init__(xyz, config)
+        self.blind = blind
+        u0 = geometry.project(Ps["ap"], xyz[:1])[0][0]
+        self.px_per_mm = geometry.project(Ps["ap"], xyz[:1] + [1.0, 0.0, 0.0])[0][0] - u0  # AP u along x
+
+    def forward(self, images, P, prompt):
+        out = super().forward(images, P, prompt)
+        uv, _ = geometry.project_torch(P[0, 0].double(), self.xyz[None])  # AP projections (1, M, 2)
+        nearest = (uv[0] - prompt[0, 0].double()).norm(dim=-1).argmin()
+        out["xyz"][0, :, 0] += 0.5 * float(prompt[0, 0, 0] - uv[0, nearest, 0]) / self.px_per_mm
+        if self.blind:
+            out["presence"][:] = 0.0
+        return out
+
+
+@pytest.mark.parametrize("refinements", [0, 1, 3])
+def test_prompt_refinement_moves_the_prompt_onto_the_estimate_so_the_click_matters_less(refinements):
+    from x2p_ros.geometry import carm_view
+    Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
+    xyz = np.array([[0.0, 0.0, 20.0 - 10.0 * i] for i in range(3)])
+    net = PromptFollowingOracle(xyz, preset("tiny", n_vertebrae=4, prompt_refinements=refinements), Ps)
+    images = {v: np.random.default_rng(0).random((64, 64)).astype(np.float32) for v in Ps}
+    prompts = {v: geometry.project(Ps[v], xyz[:1])[0] for v in Ps}
+    prompts["ap"] = prompts["ap"] + [4.0, 0.0]  # the click 4 px beside the vertebra's centre
+    error_mm = 0.5 * 4.0 / net.px_per_mm
+    present = [f for f in Localizer(net, presence_threshold=0.5).localize(images, Ps, prompts) if f.present]
+    assert net.calls == refinements + 1 and len(present) == 3
+    # each refinement halves the offset: the estimate converges on the vertebra, not on the click
+    np.testing.assert_allclose([f.xyz_mm[0] for f in present], error_mm / 2 ** refinements, rtol=1e-6)
+    np.testing.assert_allclose([f.xyz_mm[1:] for f in present], xyz[:, 1:], atol=1e-9)
+
+
+def test_prompt_refinement_keeps_the_prompt_when_the_prompted_vertebra_is_not_found():
+    from x2p_ros.geometry import carm_view
+    Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
+    xyz = np.array([[0.0, 0.0, 20.0 - 10.0 * i] for i in range(3)])
+    net = PromptFollowingOracle(xyz, preset("tiny", n_vertebrae=4, prompt_refinements=3), Ps, blind=True)
+    images = {v: np.random.default_rng(0).random((64, 64)).astype(np.float32) for v in Ps}
+    prompts = {v: geometry.project(Ps[v], xyz[:1])[0] for v in Ps}
+    found = Localizer(net, presence_threshold=0.5).localize(images, Ps, prompts)
+    assert net.calls == 2 and not any(f.present for f in found)  # one refinement tried, then the pair as given
+    with pytest.raises(ValueError, match="prompt_refinements"):
+        preset("tiny", prompt_refinements=-1)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda i, P, p: i.__setitem__("ap", np.full((64, 64), np.nan)), "NaN or Inf pixels"),
     (lambda i, P, p: i.__setitem__("lat", np.ones((64, 64))), "constant"),

@@ -94,11 +94,12 @@ def _evaluate(args):
         raise DatasetError(f"--realct {args.realct}: the real CTs ({', '.join(realct.CASES)}) are not there")
     root = args.realct or (None if args.no_realct or not realct.available() else realct.ROOT)
     result = evaluate(args.data, args.checkpoint, split=args.split, out=args.out, device=args.device,
-                      sweep=args.sweep, limit=args.limit, realct_root=root, chain_stride=args.chain_stride)
+                      sweep=args.sweep, limit=args.limit, realct_root=root, chain_stride=args.chain_stride,
+                      prompt_refinements=args.prompt_refinements)
     for failed in result["failed_cases"]:
         print(f"x2p: error: case {failed['case']}: {failed['error']} (counted as missed)", file=sys.stderr)
     print(f"{result['cases']} cases of split '{result['split']}' in {result['data']}, chain stride "
-          f"{result['chain_stride']}")
+          f"{result['chain_stride']}, prompt refinements {result['prompt_refinements']}")
     m = result["3d_mm"]
     print(f"3D: PCL@10 {100 * m['pcl@10']:.1f} %  PCL@20 {100 * m['pcl@20']:.1f} %  MPE {m['mpe']:.2f} mm  "
           f"AUC {m['auc']:.4f}  ({m['n']} vertebrae, {m['missed']} missed)")
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-realct", action="store_true", help="no real-anatomy validation row")
     p.add_argument("--chain-stride", type=int, default=None,
                    help="prompt again every S vertebrae (0: the whole view's estimates; default: the checkpoint's)")
+    p.add_argument("--prompt-refinements", type=int, default=None,
+                   help="prompt again R times at the estimate of the prompted vertebra (0: the prompt as given; "
+                        "default: the checkpoint's)")
     p.set_defaults(run=_evaluate)
 
     p = commands.add_parser("presence", help="choose the presence threshold on a data split (vertebrae within "

@@ -92,6 +92,7 @@ class Localizer:
         self.config = model.config
         self.threshold = model.config.presence_threshold if presence_threshold is None else presence_threshold
         self.chain_stride = model.config.chain_stride  # 0: one window gives the chain
+        self.prompt_refinements = model.config.prompt_refinements  # 0: the prompt as given
         self.windows_run = 0  # forwards so far: a pair costs one per window
 
     @classmethod
@@ -192,11 +193,24 @@ class Localizer:
             prompt_from = (self._vertebra(offset + s, True, presence[s], xyz[s], heat, s, Ps) if n_chain > s
                            else found[min(offset + s, len(found) - 1)])
 
+    def _refined_prompts(self, images, Ps, prompts, refinements: int) -> dict:
+        """The prompts moved onto the first window's estimate of the prompted vertebra, `refinements` times
+        (while it is present): a model that places the vertebra better than it follows the click converges
+        on the same prompt from anywhere on the vertebra."""
+        for _ in range(refinements):
+            xyz, presence, _ = self._run_window(images, Ps, prompts, self._boxes(images, prompts, True))
+            if presence[0] <= self.threshold:
+                break
+            prompts = {v: np.clip(geometry.project(Ps[v], xyz[0])[0], 0, np.array(images[v].shape[::-1]) - 1)
+                       for v in VIEWS}
+        return prompts
+
     def localize(self, images: dict, Ps: dict, prompts: dict, reference_level: str = "") -> list[Vertebra]:
         """Vertebrae from the prompted one down, superior first; absent ones are
         listed with present=False up to the model's N."""
         images, Ps, prompts = check_inputs(images, Ps, prompts)
         stride = self.chain_stride  # read once: the node may set another while this pair runs
+        prompts = self._refined_prompts(images, Ps, prompts, self.prompt_refinements)
         found: list[Vertebra] = []
         first_window = None
         offset = 0

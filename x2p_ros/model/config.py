@@ -33,6 +33,10 @@ class X2PConfig:
     # the first s vertebrae of a window and prompt again at the s-th (inference.py): a model that finds the
     # prompted vertebra better than the ones below does not drift down the chain
     chain_stride: int = 0
+    # inference: R > 0 = the first window runs R times more, each time prompted at the projections of its own
+    # estimate of the prompted vertebra, before the chain is localised: where the click fell within the
+    # vertebra no longer moves the estimates
+    prompt_refinements: int = 0
     heatmap_sigma: float = 1.0  # ground-truth Gaussian, heatmap cells
     loss_3d_scale_mm: float = 30.0  # 3D error is measured in units of this many mm in the loss
     # a peaked 3D target: KL divergence of the fusion volume's distribution from a Gaussian of this sigma
@@ -79,6 +83,9 @@ class X2PConfig:
             raise ValueError("heatmap_prior needs the SCE's heatmaps (use_sce)")
         if self.chain_stride < 0:
             raise ValueError(f"chain_stride must be 0 (one window) or more, got {self.chain_stride}")
+        if self.prompt_refinements < 0:
+            raise ValueError(f"prompt_refinements must be 0 (the prompt as given) or more, got "
+                             f"{self.prompt_refinements}")
         if self.hires_stride not in (1, 2, 4, 8):
             raise ValueError(f"hires_stride must be 1, 2, 4 or 8, got {self.hires_stride}")
 

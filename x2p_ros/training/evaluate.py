@@ -180,18 +180,23 @@ def real_anatomy(localizer: Localizer, root, poses: int | None = None) -> dict:
 
 
 def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=False, limit=None,
-             realct_root=None, chain_stride: int | None = None) -> dict:
+             realct_root=None, chain_stride: int | None = None, prompt_refinements: int | None = None) -> dict:
     """Metrics of a split ('train', 'val', 'test') or of every case ('all'), and the real-anatomy
-    validation row when realct_root holds the real CTs; chain_stride: the checkpoint's unless given."""
+    validation row when realct_root holds the real CTs; chain_stride and prompt_refinements: the
+    checkpoint's unless given."""
     localizer = Localizer.from_checkpoint(checkpoint_path, device)
     if chain_stride is not None:
         if chain_stride < 0:
             raise InputError(f"chain stride must be 0 (the whole view's estimates) or more, got {chain_stride}")
         localizer.chain_stride = chain_stride
+    if prompt_refinements is not None:
+        if prompt_refinements < 0:
+            raise InputError(f"prompt refinements must be 0 (the prompt as given) or more, got {prompt_refinements}")
+        localizer.prompt_refinements = prompt_refinements
     names = split_names(data, split, limit)
     errors = evaluate_cases(localizer, data, names)
     result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
-              "chain_stride": localizer.chain_stride, **report(errors), "failed_cases": errors["failed"]}
+              "chain_stride": localizer.chain_stride, "prompt_refinements": localizer.prompt_refinements, **report(errors), "failed_cases": errors["failed"]}
     if realct_root is not None:
         result["real_anatomy"] = real_anatomy(localizer, realct_root)
     if sweep:
