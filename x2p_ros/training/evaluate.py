@@ -196,7 +196,8 @@ def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=
     names = split_names(data, split, limit)
     errors = evaluate_cases(localizer, data, names)
     result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
-              "chain_stride": localizer.chain_stride, "prompt_refinements": localizer.prompt_refinements, **report(errors), "failed_cases": errors["failed"]}
+              "chain_stride": localizer.chain_stride, "prompt_refinements": localizer.prompt_refinements,
+              **report(errors), "failed_cases": errors["failed"]}
     if realct_root is not None:
         result["real_anatomy"] = real_anatomy(localizer, realct_root)
     if sweep:
