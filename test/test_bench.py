@@ -18,7 +18,7 @@ def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the test split's cache
     torch.manual_seed(0)
     ckpts = {}
-    for label, config in (("X2P-Net", preset("tiny", chain_stride=1)),
+    for label, config in (("X2P-Net", preset("tiny", chain_stride=1, prompt_refinements=1)),
                           ("lifting baseline", preset("tiny", lifting=True))):
         ckpts[label] = checkpoint.save(tmp_path / f"{label}.pt", build_model(config), meta={"config_name": "tiny"})
     lines = bench.bench_models(ckpts, 3, reference_configs={bench.PAPER_CONFIG_LATENCY: "tiny"},
@@ -41,7 +41,7 @@ def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path
         assert f"| {label} | {mpe} ({first['n']}, {first['missed']}) |" in report
         assert f"| {r['identity_swaps']} / {found} | {r['spurious']} | {r['windows_per_pair']:.1f} |" in report
         assert r["windows_per_pair"] >= 1
-    assert "64 x 64, presence threshold 0.5, chain stride 1;" in report
+    assert "64 x 64, presence threshold 0.5, chain stride 1, prompt refinements 1;" in report
     for row in ("X2P-Net (shipped) | 64", "X2P-Net, same architecture | 512", "lifting baseline (shipped) | 64",
                 f"{bench.PAPER_CONFIG_LATENCY} | 64"):
         assert f"| cpu | {row} |" in report

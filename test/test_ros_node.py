@@ -185,13 +185,15 @@ def test_diagnostics_go_stale_without_images_and_localize_is_refused_while_disab
         rclpy.try_shutdown(context=context)
 
 
-def test_the_presence_threshold_and_chain_stride_are_the_checkpoints_own_unless_the_parameters_set_them(tmp_path):
+def test_the_presence_threshold_and_inference_settings_are_the_checkpoints_own_unless_the_parameters_set_them(
+        tmp_path):
     import torch
     from rclpy.parameter import Parameter
 
     from x2p_ros.ros.localizer_node import LocalizerNode
     torch.manual_seed(0)
-    ckpt = checkpoint.save(tmp_path / "calibrated.pt", X2PNet(preset("tiny", presence_threshold=0.3, chain_stride=2)))
+    ckpt = checkpoint.save(tmp_path / "calibrated.pt", X2PNet(preset("tiny", presence_threshold=0.3, chain_stride=2,
+                                                                           prompt_refinements=1)))
     context = rclpy.Context()
     rclpy.init(context=context)
     node = LocalizerNode(context=context, parameter_overrides=[Parameter("checkpoint", value=str(ckpt)),
@@ -215,6 +217,13 @@ def test_the_presence_threshold_and_chain_stride_are_the_checkpoints_own_unless_
         assert node.set_parameters([Parameter("chain_stride", value=-1)])[0].successful
         assert node.localizer.chain_stride == 2
         assert not node.set_parameters([Parameter("chain_stride", value=11)])[0].successful
+        assert node.localizer.prompt_refinements == 1
+        assert node.set_parameters([Parameter("prompt_refinements", value=3)])[0].successful
+        assert node.localizer.prompt_refinements == 3
+        assert {kv.key: kv.value for kv in node.diagnostic_status().values}["prompt_refinements"] == "3"
+        assert node.set_parameters([Parameter("prompt_refinements", value=-1)])[0].successful
+        assert node.localizer.prompt_refinements == 1
+        assert not node.set_parameters([Parameter("prompt_refinements", value=6)])[0].successful
     finally:
         node.close()
         node.destroy_node()

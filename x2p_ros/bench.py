@@ -349,7 +349,8 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
         lines.append(f"- {label}: `{os.path.relpath(ckpt)}`, "
                      f"config {json.dumps(meta.get('config_name', '?'))}, {model.config.image_size} x "
                      f"{model.config.image_size}, presence threshold {model.config.presence_threshold:g}, chain "
-                     f"stride {model.config.chain_stride}; {meta.get('note', '')}")
+                     f"stride {model.config.chain_stride}, prompt refinements {model.config.prompt_refinements}; "
+                     f"{meta.get('note', '')}")
     sizes = sorted({c.image_size for c in configs.values()})
     lines += ["", f"Test split: {test_cases} phantom cases rendered with seed {TEST_SEED}, never used in training "
               f"(`x2p data synth --cases {test_cases} --size {'/'.join(map(str, sizes))} --seed {TEST_SEED}`), "

@@ -71,6 +71,8 @@ PARAMETERS = {  # name: (default, descriptor)
                                                    "below 0: the checkpoint's own (x2p presence chose it)")),
     "chain_stride": (-1, ranged(-1, 10, "prompt again every s vertebrae down the chain (0: the whole view's "
                                          "estimates); below 0: the checkpoint's own")),
+    "prompt_refinements": (-1, ranged(-1, 5, "prompt again R times at the estimate of the prompted vertebra "
+                                              "(0: the prompt as given); below 0: the checkpoint's own")),
     "reference_level": ("", ParameterDescriptor(description="level of the prompted vertebra, e.g. T12; empty: V0..")),
     "auto_prompt": (True, ParameterDescriptor(description="reuse the last reference vertebra when no new prompt")),
     "publish_overlays": (True, ParameterDescriptor(description="publish ap/overlay and lat/overlay")),
@@ -80,6 +82,7 @@ PARAMETERS = {  # name: (default, descriptor)
 }
 SESSION_PARAMETERS = ("reference_frame", "sync_slop_s", "max_image_age_s", "keyframe_max_rate_hz",
                       "keyframe_change_threshold", "auto_prompt", "reference_level")
+INFERENCE_SETTINGS = ("chain_stride", "prompt_refinements")  # Localizer attributes, the checkpoint's below 0
 DEDUP_WINDOW = 16  # messages remembered per topic: the two subscriptions deliver a latched message twice
 
 
@@ -88,9 +91,9 @@ def presence_threshold(value: float) -> float | None:
     return None if value < 0 else value
 
 
-def chain_stride(value: int, localizer: Localizer) -> int:
-    """The chain stride that runs: the parameter's, or the checkpoint's own below 0."""
-    return localizer.config.chain_stride if value < 0 else value
+def inference_setting(name: str, value: int, localizer: Localizer) -> int:
+    """The chain stride or prompt refinements that run: the parameter's, or the checkpoint's own below 0."""
+    return getattr(localizer.config, name) if value < 0 else value
 
 
 class LocalizerNode(LifecycleNode):
@@ -194,12 +197,13 @@ class LocalizerNode(LifecycleNode):
             device = "cpu"
         localizer = Localizer.from_checkpoint(path, device, presence_threshold(self.get_parameter(
             "presence_threshold").value), bf16=self.get_parameter("precision").value == "bf16")
-        localizer.chain_stride = chain_stride(self.get_parameter("chain_stride").value, localizer)
+        for name in INFERENCE_SETTINGS:
+            setattr(localizer, name, inference_setting(name, self.get_parameter(name).value, localizer))
         localizer.warm_up()
         with self._lock:
             self.localizer, self.device, self.model_path = localizer, device, path
         self.get_logger().info(f"model {path} on {device}, presence threshold {localizer.threshold:g}, chain "
-                               f"stride {localizer.chain_stride}")
+                               f"stride {localizer.chain_stride}, prompt refinements {localizer.prompt_refinements}")
 
     # parameters ------------------------------------------------------------------------------
     def _validate_parameters(self, params):
@@ -227,8 +231,8 @@ class LocalizerNode(LifecycleNode):
             elif p.name == "presence_threshold" and self.localizer is not None:
                 chosen = presence_threshold(p.value)
                 self.localizer.threshold = self.localizer.config.presence_threshold if chosen is None else chosen
-            elif p.name == "chain_stride" and self.localizer is not None:
-                self.localizer.chain_stride = chain_stride(p.value, self.localizer)
+            elif p.name in INFERENCE_SETTINGS and self.localizer is not None:
+                setattr(self.localizer, p.name, inference_setting(p.name, p.value, self.localizer))
             elif p.name in ("checkpoint", "device", "precision") and self.active:
                 self._reload = True
         return SetParametersResult(successful=True)
@@ -424,7 +428,8 @@ class LocalizerNode(LifecycleNode):
         values = {"state": "active" if self.active and self.enabled else "inactive" if not self.active else "disabled",
                   "model": self.model_path, "device": self.device,
                   "presence_threshold": f"{self.localizer.threshold:g}" if self.localizer is not None else "",
-                  "chain_stride": str(self.localizer.chain_stride) if self.localizer is not None else "",
+                  **{name: str(getattr(self.localizer, name)) if self.localizer is not None else ""
+                     for name in INFERENCE_SETTINGS},
                   "last_latency_ms": f"{1000 * self.last_latency:.1f}",
                   **_percentiles("latency_ms", self.latencies), **_percentiles("overhead_ms", self.overheads),
                   **_percentiles("overhead_cpu_ms", self.overheads_cpu),
