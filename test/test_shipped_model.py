@@ -247,7 +247,7 @@ def test_ship_model_refuses_a_threshold_chosen_on_a_validation_ct(tmp_path, monk
     assert shipped.read_bytes() == before
 
 
-def test_ship_model_sets_a_chain_stride_keeping_the_weights_and_refuses_one_chosen_on_a_validation_ct(
+def test_ship_model_sets_a_chain_stride_and_prompt_refinements_keeping_the_weights_and_refuses_them_chosen_on_a_validation_ct(  # noqa: E501
         tmp_path, monkeypatch):
     import torch
 
@@ -263,7 +263,7 @@ def test_ship_model_sets_a_chain_stride_keeping_the_weights_and_refuses_one_chos
     figures = {"rule": "commit 0000000", "rows": [{"data": str(data), "split": "val", "chain_stride": s,
                                                    "within_10mm": 10 + s} for s in range(4)]}
     (tmp_path / "measured.json").write_text(json.dumps(figures))
-    assert tool.with_chain_stride("2", "default", str(tmp_path / "measured.json")) == 0
+    assert tool.with_inference_setting("--chain-stride", "2", "default", str(tmp_path / "measured.json")) == 0
     after = checkpoint.read(shipped)
     assert after["config"]["chain_stride"] == 2 and after["config"]["presence_threshold"] == 0.3
     assert all(torch.equal(after["model"][k], w) for k, w in weights.items())
@@ -273,10 +273,27 @@ def test_ship_model_sets_a_chain_stride_keeping_the_weights_and_refuses_one_chos
     assert record["training"] == training
     assert record["config_changes"] == {"presence_threshold": 0.3, "chain_stride": 2}
     assert checkpoint.load_model(shipped)[0].config.chain_stride == 2
+    refinements = {"rule": "commit 1111111", "rows": [{"data": str(data), "split": "val", "prompt_refinements": r}
+                                                      for r in range(4)]}
+    (tmp_path / "refinements.json").write_text(json.dumps(refinements))
+    assert tool.with_inference_setting("--prompt-refinements", "1", "default", str(tmp_path / "refinements.json")) == 0
+    after = checkpoint.read(shipped)
+    assert after["config"]["prompt_refinements"] == 1 and after["config"]["chain_stride"] == 2
+    assert all(torch.equal(after["model"][k], w) for k, w in weights.items())
+    assert after["meta"]["note"] == ("trained on the CPU, 3 epochs; chain stride 2 chosen by commit 0000000; "
+                                     "prompt refinements 1 chosen by commit 1111111")
+    record = json.loads(shipped.with_suffix(".json").read_text())
+    assert record["chain_stride"]["rule"] == "commit 0000000"  # the stride's record stays
+    assert record["prompt_refinements"] == {**refinements, "measured_on": [str(data)],
+                                            "real_anatomy_validation_cts": False}
+    assert record["config_changes"] == {"presence_threshold": 0.3, "chain_stride": 2, "prompt_refinements": 1}
+    assert tool.with_inference_setting("--chain-stride", "3", "default", str(tmp_path / "measured.json")) == 0
+    assert checkpoint.read(shipped)["meta"]["note"] == ("trained on the CPU, 3 epochs; prompt refinements 1 chosen "
+                                                       "by commit 1111111; chain stride 3 chosen by commit 0000000")
 
     figures["rows"][0]["data"] = str(_leaky_data_set(tmp_path, monkeypatch))
     (tmp_path / "measured.json").write_text(json.dumps(figures))
     before = shipped.read_bytes()
     with pytest.raises(SystemExit, match="chose the chain stride on the real-anatomy validation CT"):
-        tool.with_chain_stride("1", "default", str(tmp_path / "measured.json"))
+        tool.with_inference_setting("--chain-stride", "1", "default", str(tmp_path / "measured.json"))
     assert shipped.read_bytes() == before

@@ -14,10 +14,12 @@ ships COPY, the shipped model after `x2p presence --out COPY`: the same weights 
 presence threshold; its JSON keeps the training record and gets the new threshold and table.
 
   python tools/ship_model.py --chain-stride S NAME MEASURED.json
+  python tools/ship_model.py --prompt-refinements R NAME MEASURED.json
 
-sets the shipped model's chain stride (X2PConfig.chain_stride: prompt again every S vertebrae), its
-weights unchanged; MEASURED.json, the figures it was chosen by (`x2p evaluate --chain-stride` on
-phantom data), goes into its JSON."""
+sets the shipped model's chain stride (X2PConfig.chain_stride: prompt again every S vertebrae) or
+prompt refinements (X2PConfig.prompt_refinements: prompt again R times at the prompted vertebra's
+estimate), its weights unchanged; MEASURED.json, the figures it was chosen by (`x2p evaluate
+--chain-stride` or `--prompt-refinements` on phantom data), goes into its JSON."""
 import csv
 import json
 import platform
@@ -145,32 +147,39 @@ def recalibrated(copy: str, name: str = "default") -> int:
     return 0
 
 
-def with_chain_stride(stride: str, name: str, measured: str) -> int:
+INFERENCE_SETTINGS = {"--chain-stride": ("chain_stride", "chain stride"),
+                      "--prompt-refinements": ("prompt_refinements", "prompt refinements")}
+
+
+def with_inference_setting(option: str, value: str, name: str, measured: str) -> int:
+    """The shipped model with another chain stride or number of prompt refinements, its weights unchanged."""
     if name not in TARGETS:
         raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
+    field, words = INFERENCE_SETTINGS[option]
     target = TARGETS[name]()
     model, meta = checkpoint.load_model(target)
     figures = json.loads(Path(measured).read_text())
     measured_on = sorted({row["data"] for row in figures["rows"]})
     for data in measured_on:  # chosen on phantom data, never on the validation CTs
-        refuse_validation_cts(Path(data), ("train", "val", "test"), "chose the chain stride on")
+        refuse_validation_cts(Path(data), ("train", "val", "test"), f"chose the {words} on")
     figures = {**figures, "measured_on": measured_on, "real_anatomy_validation_cts": False}
-    model.config = replace(model.config, chain_stride=int(stride))
+    model.config = replace(model.config, **{field: int(value)})
     record = json.loads(target.with_suffix(".json").read_text())
     record["config_values"] = model.config.to_dict()
     record["config_changes"] = config_changes(record.get("config"), model)
-    record["chain_stride"] = figures
-    note = meta.get("note", "").split("; chain stride")[0]
-    checkpoint.save(target, model, meta={**meta, "note": f"{note}; chain stride {model.config.chain_stride} "
-                                                         f"chosen by {figures['rule']}"})
+    record[field] = figures
+    # the note's other parts (training, threshold, the other setting) stay; this setting's part is replaced
+    parts = [part for part in meta.get("note", "").split("; ") if part and not part.startswith(words)]
+    note = "; ".join(parts + [f"{words} {value} chosen by {figures['rule']}"])
+    checkpoint.save(target, model, meta={**meta, "note": note})
     target.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    print(f"shipped {target} with chain stride {model.config.chain_stride} (weights unchanged)")
+    print(f"shipped {target} with {words} {getattr(model.config, field)} (weights unchanged)")
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--recalibrated"]:
         sys.exit(recalibrated(*sys.argv[2:]))
-    if sys.argv[1:2] == ["--chain-stride"]:
-        sys.exit(with_chain_stride(*sys.argv[2:]))
+    if sys.argv[1:2] and sys.argv[1] in INFERENCE_SETTINGS:
+        sys.exit(with_inference_setting(*sys.argv[1:]))
     sys.exit(main(*sys.argv[1:]))
