@@ -175,13 +175,18 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     out = capsys.readouterr().out
     assert f"{len(test_names)} cases of split 'test'" in out and "real anatomy: not measured (--no-realct)" in out
     assert "real_anatomy" not in result and result["chain_stride"] == 0  # the checkpoint's
+    assert result["prompt_refinements"] == 0
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--no-realct",
-                 "--chain-stride", "1", "--out", str(tmp_path / "stride")]) == 0
-    assert json.loads((tmp_path / "stride" / "metrics.json").read_text())["chain_stride"] == 1
-    assert "chain stride 1" in capsys.readouterr().out
+                 "--chain-stride", "1", "--prompt-refinements", "2", "--out", str(tmp_path / "stride")]) == 0
+    result = json.loads((tmp_path / "stride" / "metrics.json").read_text())
+    assert result["chain_stride"] == 1 and result["prompt_refinements"] == 2
+    assert "chain stride 1, prompt refinements 2" in capsys.readouterr().out
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--no-realct",
                  "--chain-stride", "-1"]) == 2
     assert "chain stride must be 0" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--no-realct",
+                 "--prompt-refinements", "-1"]) == 2
+    assert "prompt refinements must be 0" in capsys.readouterr().err
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--split", "all",
                  "--no-realct", "--out", str(tmp_path / "all")]) == 0
     every = json.loads((tmp_path / "all" / "metrics.json").read_text())

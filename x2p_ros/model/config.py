@@ -35,7 +35,7 @@ class X2PConfig:
     chain_stride: int = 0
     # inference: R > 0 = the first window runs R times more, each time prompted at the projections of its own
     # estimate of the prompted vertebra, before the chain is localised: where the click fell within the
-    # vertebra no longer moves the estimates
+    # vertebra moves the estimates less, but the model's own error on that vertebra grows (README)
     prompt_refinements: int = 0
     heatmap_sigma: float = 1.0  # ground-truth Gaussian, heatmap cells
     loss_3d_scale_mm: float = 30.0  # 3D error is measured in units of this many mm in the loss
