@@ -210,20 +210,14 @@ def test_the_presence_threshold_and_inference_settings_are_the_checkpoints_own_u
         assert node.localizer.threshold == 0.3
         assert not node.set_parameters([Parameter("presence_threshold", value=1.5)])[0].successful
         assert node.localizer.threshold == 0.3
-        assert node.localizer.chain_stride == 2  # the checkpoint's, like the threshold
-        assert node.set_parameters([Parameter("chain_stride", value=0)])[0].successful
-        assert node.localizer.chain_stride == 0
-        assert {kv.key: kv.value for kv in node.diagnostic_status().values}["chain_stride"] == "0"
-        assert node.set_parameters([Parameter("chain_stride", value=-1)])[0].successful
-        assert node.localizer.chain_stride == 2
-        assert not node.set_parameters([Parameter("chain_stride", value=11)])[0].successful
-        assert node.localizer.prompt_refinements == 1
-        assert node.set_parameters([Parameter("prompt_refinements", value=3)])[0].successful
-        assert node.localizer.prompt_refinements == 3
-        assert {kv.key: kv.value for kv in node.diagnostic_status().values}["prompt_refinements"] == "3"
-        assert node.set_parameters([Parameter("prompt_refinements", value=-1)])[0].successful
-        assert node.localizer.prompt_refinements == 1
-        assert not node.set_parameters([Parameter("prompt_refinements", value=6)])[0].successful
+        for name, own, chosen, out_of_range in (("chain_stride", 2, 0, 11), ("prompt_refinements", 1, 3, 6)):
+            assert getattr(node.localizer, name) == own  # the checkpoint's, like the threshold
+            assert node.set_parameters([Parameter(name, value=chosen)])[0].successful
+            assert getattr(node.localizer, name) == chosen
+            assert {kv.key: kv.value for kv in node.diagnostic_status().values}[name] == str(chosen)
+            assert node.set_parameters([Parameter(name, value=-1)])[0].successful
+            assert getattr(node.localizer, name) == own
+            assert not node.set_parameters([Parameter(name, value=out_of_range)])[0].successful
     finally:
         node.close()
         node.destroy_node()
