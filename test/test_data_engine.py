@@ -93,6 +93,35 @@ def test_a_data_set_of_another_engine_version_is_never_completed(tmp_path):
     assert not (tmp_path / "case_00001").exists()
 
 
+def test_one_split_alone_is_that_split_of_the_whole_data_set_and_completes_to_it(tmp_path, capsys):
+    from x2p_ros.cli import main
+    config = SynthConfig(size=64)
+    synthesize(tmp_path / "whole", 8, seed=3, config=config, workers=1, progress=False)
+    whole = {s: case_io.read_split(tmp_path / "whole", s) for s in case_io.SPLITS}
+    assert main(["data", "synth", "--out", str(tmp_path / "part"), "--cases", "8", "--size", "64", "--seed", "3",
+                 "--workers", "1", "--split", "test", "--quiet"]) == 0
+    assert "8 cases (split 'test' of them)" in capsys.readouterr().out
+    part = tmp_path / "part"
+    assert sorted(p.name for p in part.iterdir() if p.is_dir()) == whole["test"]  # nothing else rendered
+    assert {s: case_io.read_split(part, s) for s in case_io.SPLITS} == {**{s: [] for s in whole},
+                                                                       "test": whole["test"]}
+    for name in whole["test"]:  # the same cases, byte for byte
+        for file in ("ap.png", "lat.png", "case.json"):
+            assert (part / name / file).read_bytes() == (tmp_path / "whole" / name / file).read_bytes()
+    assert json.loads((part / "dataset.json").read_text())["splits_rendered"] == ["test"]
+    assert main(["data", "check", str(part)]) == 0
+    stamp = (part / whole["test"][0] / "ap.png").stat().st_mtime_ns
+    synthesize(part, 8, seed=3, config=config, workers=1, progress=False)  # completed: the whole data set
+    assert {s: case_io.read_split(part, s) for s in case_io.SPLITS} == whole
+    assert (part / whole["test"][0] / "ap.png").stat().st_mtime_ns == stamp  # kept, not rendered again
+    assert json.loads((part / "dataset.json").read_text())["splits_rendered"] == list(case_io.SPLITS)
+    with pytest.raises(case_io.DatasetError, match="no case of 1 falls in split 'test'"):
+        synthesize(tmp_path / "none", 1, seed=3, config=config, split="test")
+    with pytest.raises(case_io.DatasetError, match="--split must be one of train, val, test"):
+        synthesize(tmp_path / "none", 8, seed=3, config=config, split="all")
+    assert not (tmp_path / "none").exists()
+
+
 def test_a_larger_data_set_keeps_every_case_in_its_split_and_the_added_ct_pairs(tmp_path):
     config = SynthConfig(size=64)
     synthesize(tmp_path, 5, seed=3, config=config, workers=1, progress=False)

@@ -13,10 +13,11 @@ from .inference import InputError
 def _data_synth(args):
     from .data.synth import SynthConfig, synthesize
     stats = synthesize(args.out, args.cases, seed=args.seed, config=SynthConfig(size=args.size),
-                       workers=args.workers, progress=not args.quiet)
+                       workers=args.workers, progress=not args.quiet, split=args.split)
     v = stats["vertebrae_per_case"]
-    print(f"{stats['cases']} cases in {args.out}: vertebrae per case min {v['min']} / median {v['median']:g} / "
-          f"max {v['max']}; scoliosis {100 * stats['share_scoliosis']:.0f} %, fracture "
+    rendered = "" if args.split is None else f" (split '{args.split}' of them)"
+    print(f"{stats['cases']} cases{rendered} in {args.out}: vertebrae per case min {v['min']} / median "
+          f"{v['median']:g} / max {v['max']}; scoliosis {100 * stats['share_scoliosis']:.0f} %, fracture "
           f"{100 * stats['share_fracture']:.0f} %, implant {100 * stats['share_implant']:.0f} %")
     return 0
 
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="image size in pixels (square)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core)")
+    p.add_argument("--split", choices=("train", "val", "test"), default=None,
+                   help="only the cases of this split of the data set (the same names and seeds); the same "
+                        "command without it completes the data set")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_data_synth)
 

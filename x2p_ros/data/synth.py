@@ -188,14 +188,26 @@ def _merged_splits(out: Path, fresh: dict[str, list[str]]) -> dict[str, list[str
 
 
 def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig(), workers: int | None = None,
-               progress: bool = True) -> dict:
-    """Generates (or completes) a data set of `cases` cases in `out`; returns its statistics."""
+               progress: bool = True, split: str | None = None) -> dict:
+    """Generates (or completes) a data set of `cases` cases in `out`; returns its statistics. With `split`,
+    only the cases that split of the whole data set holds (the same names, seeds and split), so that a
+    validation or test split is had without rendering the training cases; the same command without it
+    completes the data set later."""
     from tqdm import tqdm
 
     if cases < 1:
         raise case_io.DatasetError(f"--cases must be at least 1, got {cases}")
     if workers is not None and workers < 1:
         raise case_io.DatasetError(f"--workers must be at least 1, got {workers}")
+    names = [f"case_{i:05d}" for i in range(cases)]
+    recipe = split_names(names, seed)
+    splits = recipe
+    if split is not None:
+        if split not in recipe:
+            raise case_io.DatasetError(f"--split must be one of {', '.join(recipe)}, got {split!r}")
+        if not recipe[split]:
+            raise case_io.DatasetError(f"no case of {cases} falls in split '{split}'; give more --cases")
+        splits = {s: names_in if s == split else [] for s, names_in in recipe.items()}
     out = Path(out)
     earlier = out / "dataset.json"
     if earlier.is_file():  # completing an earlier run: only with the same recipe, or the set would mix two
@@ -209,10 +221,10 @@ def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig
     out.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    names = [f"case_{i:05d}" for i in range(cases)]
-    jobs = [(str(out), name, case_seed(seed, i), config, threads) for i, name in enumerate(names)]
+    wanted = {name for names_in in splits.values() for name in names_in}
+    jobs = [(str(out), name, case_seed(seed, i), config, threads) for i, name in enumerate(names) if name in wanted]
     results = []
-    bar = tqdm(total=cases, desc="synth", unit="case", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="synth", unit="case", disable=not progress)
     if workers == 1:
         for job in jobs:
             results.append(_generate(job))
@@ -224,9 +236,13 @@ def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig
                 results.append(result)
                 bar.update()
     bar.close()
-    case_io.write_splits(out, _merged_splits(out, split_names(names, seed)))
+    merged = _merged_splits(out, splits)
+    case_io.write_splits(out, merged)
     counts = np.array([n for _, n, _ in results])
+    rendered = {name for names_in in merged.values() for name in names_in}
     stats = {"cases": cases, "seed": seed, "engine": ENGINE_VERSION,
+             # the splits whose cases are all there: every split, or those of x2p data synth --split so far
+             "splits_rendered": [s for s in case_io.SPLITS if set(recipe[s]) <= rendered],
              "vertebrae_per_case": {"min": int(counts.min()), "median": float(np.median(counts)),
                                     "max": int(counts.max())},
              "share_scoliosis": float(np.mean([p["scoliosis"] for _, _, p in results])),
