@@ -110,6 +110,13 @@ def test_one_split_alone_is_that_split_of_the_whole_data_set_and_completes_to_it
             assert (part / name / file).read_bytes() == (tmp_path / "whole" / name / file).read_bytes()
     assert json.loads((part / "dataset.json").read_text())["splits_rendered"] == ["test"]
     assert main(["data", "check", str(part)]) == 0
+    synthesize(part, 8, seed=3, config=config, workers=1, progress=False, split="val")  # another split: both
+    made = json.loads((part / "dataset.json").read_text())
+    assert made["splits_rendered"] == ["val", "test"]
+    counts = {n: len(case_io.read_case(part / n).labels) for n in whole["val"] + whole["test"]}
+    assert made["vertebrae_per_case"] == {"min": min(counts.values()), "median": float(np.median(list(
+        counts.values()))), "max": max(counts.values())}  # the statistics of every case there
+    assert len(set(counts.values())) > 1  # so that one split's statistics alone would not match them
     stamp = (part / whole["test"][0] / "ap.png").stat().st_mtime_ns
     synthesize(part, 8, seed=3, config=config, workers=1, progress=False)  # completed: the whole data set
     assert {s: case_io.read_split(part, s) for s in case_io.SPLITS} == whole

@@ -221,7 +221,10 @@ def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig
     out.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    wanted = {name for names_in in splits.values() for name in names_in}
+    # the cases asked for and those an earlier run rendered (read back, not rendered again): the statistics
+    # describe every case there
+    merged = _merged_splits(out, splits)
+    wanted = {name for names_in in merged.values() for name in names_in}
     jobs = [(str(out), name, case_seed(seed, i), config, threads) for i, name in enumerate(names) if name in wanted]
     results = []
     bar = tqdm(total=len(jobs), desc="synth", unit="case", disable=not progress)
@@ -236,8 +239,7 @@ def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig
                 results.append(result)
                 bar.update()
     bar.close()
-    merged = _merged_splits(out, splits)
-    case_io.write_splits(out, merged)
+    case_io.write_splits(out, merged)  # after rendering: an interrupted run lists no case it did not finish
     counts = np.array([n for _, n, _ in results])
     rendered = {name for names_in in merged.values() for name in names_in}
     stats = {"cases": cases, "seed": seed, "engine": ENGINE_VERSION,
