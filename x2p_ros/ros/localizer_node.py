@@ -82,7 +82,6 @@ PARAMETERS = {  # name: (default, descriptor)
 }
 SESSION_PARAMETERS = ("reference_frame", "sync_slop_s", "max_image_age_s", "keyframe_max_rate_hz",
                       "keyframe_change_threshold", "auto_prompt", "reference_level")
-INFERENCE_SETTINGS = ("chain_stride", "prompt_refinements")  # Localizer attributes, the checkpoint's below 0
 DEDUP_WINDOW = 16  # messages remembered per topic: the two subscriptions deliver a latched message twice
 
 
@@ -197,7 +196,7 @@ class LocalizerNode(LifecycleNode):
             device = "cpu"
         localizer = Localizer.from_checkpoint(path, device, presence_threshold(self.get_parameter(
             "presence_threshold").value), bf16=self.get_parameter("precision").value == "bf16")
-        for name in INFERENCE_SETTINGS:
+        for name in Localizer.SETTINGS:
             setattr(localizer, name, inference_setting(name, self.get_parameter(name).value, localizer))
         localizer.warm_up()
         with self._lock:
@@ -231,7 +230,7 @@ class LocalizerNode(LifecycleNode):
             elif p.name == "presence_threshold" and self.localizer is not None:
                 chosen = presence_threshold(p.value)
                 self.localizer.threshold = self.localizer.config.presence_threshold if chosen is None else chosen
-            elif p.name in INFERENCE_SETTINGS and self.localizer is not None:
+            elif p.name in Localizer.SETTINGS and self.localizer is not None:
                 setattr(self.localizer, p.name, inference_setting(p.name, p.value, self.localizer))
             elif p.name in ("checkpoint", "device", "precision") and self.active:
                 self._reload = True
@@ -429,7 +428,7 @@ class LocalizerNode(LifecycleNode):
                   "model": self.model_path, "device": self.device,
                   "presence_threshold": f"{self.localizer.threshold:g}" if self.localizer is not None else "",
                   **{name: str(getattr(self.localizer, name)) if self.localizer is not None else ""
-                     for name in INFERENCE_SETTINGS},
+                     for name in Localizer.SETTINGS},
                   "last_latency_ms": f"{1000 * self.last_latency:.1f}",
                   **_percentiles("latency_ms", self.latencies), **_percentiles("overhead_ms", self.overheads),
                   **_percentiles("overhead_cpu_ms", self.overheads_cpu),

@@ -185,14 +185,12 @@ def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=
     validation row when realct_root holds the real CTs; chain_stride and prompt_refinements: the
     checkpoint's unless given."""
     localizer = Localizer.from_checkpoint(checkpoint_path, device)
-    if chain_stride is not None:
-        if chain_stride < 0:
-            raise InputError(f"chain stride must be 0 (the whole view's estimates) or more, got {chain_stride}")
-        localizer.chain_stride = chain_stride
-    if prompt_refinements is not None:
-        if prompt_refinements < 0:
-            raise InputError(f"prompt refinements must be 0 (the prompt as given) or more, got {prompt_refinements}")
-        localizer.prompt_refinements = prompt_refinements
+    for name, value in (("chain_stride", chain_stride), ("prompt_refinements", prompt_refinements)):
+        if value is not None:
+            if value < 0:
+                raise InputError(f"{name.replace('_', ' ')} must be 0 ({Localizer.SETTINGS[name]}) or more, "
+                                 f"got {value}")
+            setattr(localizer, name, value)
     names = split_names(data, split, limit)
     errors = evaluate_cases(localizer, data, names)
     result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
