@@ -197,6 +197,38 @@ def test_trabecular_bone_is_textured_inside_a_thin_partial_volume_cortex():
     assert np.isclose(thick.volume.hu, 1600.0).sum() > 200
 
 
+def _local_bone(phantom, name):
+    """The voxels labelled as vertebra `name`, in its local frame (x lateral, y posterior, z superior, mm
+    from its centre), with its (width, depth, height, disc below)."""
+    centres, frames, dims = spine_curve(phantom.spec)
+    i = CHAIN.index(name)
+    xyz = phantom.volume.voxel_to_world(np.argwhere(phantom.volume.labels == VERSE_NUMBER[name])[:, ::-1])
+    return (xyz - centres[i]) @ frames[i], dims[i]
+
+
+def test_the_posterior_arch_reaches_the_disc_below_where_the_facet_joints_are():
+    phantom = _phantom(["L2", "L3", "L4"], seed=5)
+    local, (W, D, H, disc) = _local_bone(phantom, "L3")
+    arch = local[local[:, 1] > D / 2 + 2]  # behind the body
+    beside_disc = arch[(arch[:, 2] < -H / 2 - 0.3 * disc)]
+    # the inferior articular processes, on both sides, at the level of the disc below (not the body's)
+    assert (beside_disc[:, 0] < -5).sum() > 20 and (beside_disc[:, 0] > 5).sum() > 20
+    # the lumbar spinous process covers the lower half of the body
+    spinous = arch[(np.abs(arch[:, 0]) < 4) & (arch[:, 1] > D / 2 + 35)]
+    assert spinous[:, 2].min() < -0.5 * H and spinous[:, 2].max() > 0
+    # a thoracic arch reaches its disc too, and no arch reaches into the next vertebra's body
+    thoracic = _phantom(["T6", "T7", "T8"], seed=5)
+    local, (W, D, H, disc) = _local_bone(thoracic, "T7")
+    assert (local[(local[:, 1] > D / 2 + 2)][:, 2] < -H / 2 - 0.3 * disc).sum() > 20
+    for p, upper, lower in ((phantom, "L2", "L3"), (phantom, "L3", "L4"), (thoracic, "T7", "T8")):
+        centres, frames, dims = spine_curve(p.spec)
+        i = CHAIN.index(lower)
+        xyz = p.volume.voxel_to_world(np.argwhere(p.volume.labels == VERSE_NUMBER[upper])[:, ::-1])
+        x, y, z = ((xyz - centres[i]) @ frames[i]).T
+        W, D, H, _ = dims[i]
+        assert not np.any(((x / (W / 2)) ** 2 + (y / (D / 2)) ** 2 < 0.8) & (np.abs(z) < H / 2 - 2))
+
+
 def _height_profile(phantom, name):
     """Body height (voxels of its label along z) at its centre column and near its anterior rim."""
     v = next(v for v in phantom.vertebrae if v["label"] == name)

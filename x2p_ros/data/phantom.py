@@ -298,7 +298,7 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
                     rib_ends: dict) -> np.ndarray | None:
     """Paints one vertebra; returns its body centroid (mm), or None if the body is off the canvas.
     A thoracic vertebra's ribs are painted too, their front ends put in rib_ends[(name, side)]."""
-    W, D, H, _ = dim
+    W, D, H, disc = dim
     density = spec.bone_density
     label = VERSE_NUMBER[name]
     fracture = spec.fractures.get(name, 0.0)
@@ -379,18 +379,26 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
     xp = 0.32 * W
     y0, y1 = D / 2 - 3, D / 2 + p_len
     zp = 0.15 * H
+    # The posterior arch reaches down to the disc below (Bogduk, "Clinical Anatomy of the Lumbar Spine and
+    # Sacrum", 4th ed., 2005, ch. 2 and 3): the laminae cover the lower half of the body, and the inferior
+    # articular processes hang from them to meet the superior ones of the next vertebra beside the disc,
+    # where the facet joints lie. Engine 9's arch ended a third of the body above its lower end plate, so
+    # that an AP view showed every disc as an empty dark band, unlike the DRRs of patient CTs.
     for side in (-1, 1):
         paint([(side * xp, y0, zp), (side * xp, y1, zp)], r_ped)  # pedicle
-        for dz in (-0.2 * H, 0.2 * H):  # lamina as two stacked tubes
-            paint([(side * xp, y1, zp + dz), (0, y1 + l_len, dz)], 0.55 * r_ped)
-        paint([(side * xp, y1 + 2, zp + 0.5 * H), (side * xp, y1 + 2, zp - 0.5 * H)], 0.55 * r_ped)  # facets
+        for dz in (0.2 * H, -0.2 * H, -0.55 * H):  # lamina as three stacked tubes
+            paint([(side * xp, y1, zp + dz), (0, y1 + l_len, zp + dz - 0.15 * H)], 0.55 * r_ped)
+        paint([(side * xp, y1 + 2, zp), (side * xp, y1 + 2, H / 2 + 0.3 * disc)], 0.55 * r_ped)  # superior
+        paint([(side * 0.8 * xp, y1 + 5, zp - 0.2 * H), (side * 0.8 * xp, y1 + 5, -H / 2 - 0.6 * disc)],
+              0.55 * r_ped)  # inferior articular process
         tip = (side * (W / 2 + tp_len), y1 + (6 if region == "T" else -2), zp)
         paint([(side * xp, y1, zp), tip], max(2.0, 0.09 * W))  # transverse process
         if region == "T":
             rib_ends[(name, side)] = _paint_rib(canvas, spec, name, world(tip), side)
+    # the spinous process: a lumbar one is a tall plate over the lower half of the body
     sp = [(0, y1 + l_len, 0), (0, y1 + l_len + sp_len * s, -sp_drop * s)]
-    paint(sp, 3.0 * s)
-    paint([(p[0], p[1], p[2] - 4 * s) for p in sp], 3.0 * s)
+    for dz in ((0.0, -0.25 * H, -0.5 * H) if region == "L" else (0.0, -4 * s)):
+        paint([(p[0], p[1], p[2] + dz) for p in sp], 3.0 * s)
     if name in spec.implant_levels:
         for side in (-1, 1):  # pedicle screws converge medially into the body
             head = (side * (xp + 8 * s), y1 + 8 * s, zp)

@@ -27,8 +27,9 @@ MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
 # anatomy; 3: arms beside the chest only in fields that reach above T11; 4: fields framed with random margins;
 # 5: vessels in the lungs, gas-filled colon with haustra; 6: costal cartilage; 7: the vertebral body's cortex as
 # thin as measured, a one-voxel partial-volume rim; 8: body and disc heights that vary level by level;
-# 9: fields with up to 1.6 gaps of room, so that they may show a vertebra beyond the framed ones).
-ENGINE_VERSION = 9
+# 9: fields with up to 1.6 gaps of room, so that they may show a vertebra beyond the framed ones; 10: a
+# posterior arch that reaches down to the disc below).
+ENGINE_VERSION = 10
 
 
 @dataclass
