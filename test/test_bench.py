@@ -3,6 +3,7 @@ models: the rows carry the evaluation's own numbers for both methods and both
 field kinds, and the goals table says what was met; the ablation bench."""
 import csv
 import json
+import re
 import tempfile
 
 import pytest
@@ -95,8 +96,12 @@ def test_real_anatomy_rows_are_the_evaluation_of_the_real_ct_pairs_or_a_clear_sk
     assert row["pairs"] == 2 and row["3d_mm"]["mpe"] == pytest.approx(m["mpe"])
     assert set(row["per_ct"]) == set(realct.CASES)
 
-    line = bench.realism_sheet(realct.ROOT, 64, 2, sheet, pairs_per_ct=1, poses=1)[0]
-    assert "(realism_sheet.png)" in line
+    lines = bench.realism_sheet(realct.ROOT, 64, 2, sheet, pairs_per_ct=1, poses=1)
+    assert "(realism_sheet.png)" in lines[0]
+    # the discs' contrast, measured on both sets of pairs in both views
+    rows = {line.split(" (")[0]: line for line in lines if line.startswith("| synthetic") or line.startswith("| real")}
+    assert set(rows) == {"| synthetic test split", "| real CTs"} and "| real CTs (2) |" in rows["| real CTs"]
+    assert all(len(re.findall(r"[+-]\d\.\d{3} \[", row)) == 2 for row in rows.values())
     image = cv2.imread(str(sheet))  # rows: a synthetic pair (two views) beside a real CT's pair
     assert image.shape == (2 * 256, 4 * 256, 3)
     real_tile = image[256:, 512:]

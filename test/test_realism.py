@@ -9,7 +9,7 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from x2p_ros import geometry
-from x2p_ros.data import carm, context, drr
+from x2p_ros.data import carm, context, drr, realism
 from x2p_ros.data.phantom import (
     CHAIN,
     HU_LUNG,
@@ -291,6 +291,26 @@ def test_body_and_disc_heights_vary_level_by_level_and_the_painted_body_follows(
         heights.append(_body(phantom, "L3")[:, j, i].sum() * phantom.spec.voxel_mm)
     expected = 0.24 * phantom.spec.scale * level_dimensions("L3")[2]  # 1.12 - 0.88 of its height
     assert heights[1] - heights[0] == pytest.approx(expected, abs=2.0)
+
+
+def test_disc_contrast_tells_dark_discs_from_bright_ones_along_a_tilted_spine():
+    """Bodies 30 px apart along a tilted line: a dark band midway between them (a disc) gives a negative
+    contrast, the same band at the bodies' centres a positive one, a flat image none."""
+    v, u = np.mgrid[0:256, 0:256].astype(np.float64)
+    direction = np.array([np.sin(0.2), np.cos(0.2)])  # (u, v) down the spine
+    pixels = np.array([40.0, 20.0]) + np.arange(6)[:, None] * 30.0 * direction
+    along = (u - 40.0) * direction[0] + (v - 20.0) * direction[1]
+    phase = (along / 30.0) % 1.0
+    band = (np.abs(phase - 0.5) < 0.15).astype(np.float64)
+    noise = np.random.default_rng(0).normal(0, 0.01, band.shape)
+    dark_discs, bright_discs = 1.0 - band + noise, band + noise
+    assert realism.disc_contrast(dark_discs, pixels) < -0.5
+    assert realism.disc_contrast(bright_discs, pixels) > 0.5
+    assert abs(realism.disc_contrast(noise, pixels)) < 0.15  # noise alone, stretched to the window
+    assert realism.spine_profile(dark_discs, pixels).shape == (5, len(realism.PHASES))
+    # a step that leaves the image is left out; none inside: no figure
+    assert realism.spine_profile(dark_discs, np.vstack([pixels, [[300.0, 300.0]]])).shape[0] == 5
+    assert realism.disc_contrast(dark_discs, np.array([[300.0, 10.0], [300.0, 60.0]])) is None
 
 
 # --- context -------------------------------------------------------------------

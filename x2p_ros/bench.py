@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from . import ablation_bench, adapt_bench
-from .data import realct
+from .data import case_io, realct
 from .data.synth import SynthConfig, make_case, synthesize
+from .geometry import VIEWS
 from .model import preset
 from .model.summary import example_inputs, model_summary
 
@@ -290,7 +291,31 @@ def realism_sheet(root: Path, size: int, test_cases: int, out_png: Path, pairs_p
     synthetic = test_split(size, test_cases)
     side_by_side([synthetic / f"case_{i:05d}" for i in range(len(real_cases))], real_cases, out_png)
     return [f"Realism: synthetic test pairs (left) beside the real CTs' pairs (right) at {size} x {size}, "
-            f"the same display window: [{out_png.name}]({out_png.name}).", ""]
+            f"the same display window: [{out_png.name}]({out_png.name}).", "",
+            *disc_contrast_rows({"synthetic test split": [synthetic / n for n in case_io.read_split(synthetic, "test")],
+                                 "real CTs": [real / n for n in case_io.read_split(real, "test")]}), ""]
+
+
+def disc_contrast_rows(sets: dict) -> list[str]:
+    """The discs' brightness against the bodies along the spine (x2p_ros/data/realism.py), per view, in
+    each set of case folders: median and 10th-90th percentile over its pairs."""
+    from .data.realism import disc_contrast
+    lines = ["Discs against vertebral bodies along the spine, in the model's normalised input (its window spans "
+             "2; negative: darker discs), median [10th, 90th percentile] over the pairs:", "",
+             "| pairs | AP | LAT |", "|---|---|---|"]
+    for label, folders in sets.items():
+        cells = []
+        for view in VIEWS:
+            values = []
+            for folder in folders:
+                case = case_io.read_case(folder)
+                value = disc_contrast(case.views[view].image, case.pixels(view))
+                if value is not None:
+                    values.append(value)
+            lo, mid, hi = np.percentile(values, [10, 50, 90])
+            cells.append(f"{mid:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        lines.append(f"| {label} ({len(folders)}) | {' | '.join(cells)} |")
+    return lines
 
 
 def realct_rows(checkpoints: dict, root: Path, poses: int = realct.POSES) -> tuple[list[str], dict]:
