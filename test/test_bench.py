@@ -6,6 +6,7 @@ import json
 import re
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,8 +60,6 @@ def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path
 
 def test_real_anatomy_rows_are_the_evaluation_of_the_real_ct_pairs_or_a_clear_skip(tmp_path, monkeypatch):
     import cv2
-    import numpy as np
-    import pytest
 
     from x2p_ros import metrics
     from x2p_ros.data import case_io
@@ -216,3 +215,19 @@ def test_the_gpu_latency_section_names_the_node_default_and_whether_the_goal_is_
         with pytest.raises(SystemExit) as stop:
             bench.main(["--gpu-latency", str(tmp_path / "x.json")])
         assert stop.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_disc_contrast_rows_measure_each_view_and_say_so_when_a_view_has_no_step(tmp_path):
+    from x2p_ros import geometry
+    from x2p_ros.data import case_io
+    rng = np.random.default_rng(0)
+    Ps, spacings = {}, {}
+    for view in geometry.VIEWS:
+        Ps[view], spacings[view] = geometry.carm_view(view, 600.0, 1000.0, 200.0, 64)
+    images = {view: rng.integers(0, 65535, (64, 64)).astype(np.uint16) for view in geometry.VIEWS}
+    column = [{"label": name, "xyz_mm": [0.0, 0.0, z]} for name, z in (("L1", 40.0), ("L2", 5.0), ("L3", -30.0))]
+    three = case_io.write_case(tmp_path / "three", images, Ps, spacings, column, "test")
+    one = case_io.write_case(tmp_path / "one", images, Ps, spacings, column[:1], "test")
+    rows = bench.disc_contrast_rows({"three": [three], "one": [one]})
+    assert re.fullmatch(r"\| three \(1\) \| [+-]\d\.\d{3} \[.*\] \| [+-]\d\.\d{3} \[.*\] \|", rows[-2])
+    assert rows[-1] == "| one (1) | - | - |"

@@ -312,6 +312,9 @@ def disc_contrast_rows(sets: dict) -> list[str]:
                 value = disc_contrast(case.views[view].image, case.pixels(view))
                 if value is not None:
                     values.append(value)
+            if not values:  # no two vertebrae inside the view
+                cells.append("-")
+                continue
             lo, mid, hi = np.percentile(values, [10, 50, 90])
             cells.append(f"{mid:+.3f} [{lo:+.3f}, {hi:+.3f}]")
         lines.append(f"| {label} ({len(folders)}) | {' | '.join(cells)} |")

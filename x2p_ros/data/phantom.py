@@ -382,8 +382,7 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
     # The posterior arch reaches down to the disc below (Bogduk, "Clinical Anatomy of the Lumbar Spine and
     # Sacrum", 4th ed., 2005, ch. 2 and 3): the laminae cover the lower half of the body, and the inferior
     # articular processes hang from them to meet the superior ones of the next vertebra beside the disc,
-    # where the facet joints lie. Engine 9's arch ended a third of the body above its lower end plate, so
-    # that an AP view showed every disc as an empty dark band, unlike the DRRs of patient CTs.
+    # where the facet joints lie. Engine 9's arch ended a third of the body above its lower end plate.
     for side in (-1, 1):
         paint([(side * xp, y0, zp), (side * xp, y1, zp)], r_ped)  # pedicle
         for dz in (0.2 * H, -0.2 * H, -0.55 * H):  # lamina as three stacked tubes

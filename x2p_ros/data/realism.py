@@ -1,7 +1,7 @@
 """Realism measured: how a radiograph's brightness runs along the spine, from one
-vertebral body's centre to the next. A model that learnt to step from vertebra to
-vertebra on bright bodies between dark discs steps wrongly where the discs are not
-dark; this compares that pattern in synthetic pairs and in the real CTs' pairs."""
+vertebral body's centre to the next. Bright bodies between dark discs are a cue a
+model may learn to step from vertebra to vertebra by; this compares that pattern in
+synthetic pairs and in the real CTs' pairs."""
 from __future__ import annotations
 
 import numpy as np
