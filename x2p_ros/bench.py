@@ -304,14 +304,11 @@ def disc_contrast_rows(sets: dict) -> list[str]:
              "2; negative: darker discs), median [10th, 90th percentile] over the pairs:", "",
              "| pairs | AP | LAT |", "|---|---|---|"]
     for label, folders in sets.items():
+        cases = [case_io.read_case(folder) for folder in folders]
         cells = []
         for view in VIEWS:
-            values = []
-            for folder in folders:
-                case = case_io.read_case(folder)
-                value = disc_contrast(case.views[view].image, case.pixels(view))
-                if value is not None:
-                    values.append(value)
+            values = [value for case in cases
+                      if (value := disc_contrast(case.views[view].image, case.pixels(view))) is not None]
             if not values:  # no two vertebrae inside the view
                 cells.append("-")
                 continue
