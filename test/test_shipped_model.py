@@ -187,7 +187,8 @@ def test_ship_model_ships_a_calibrated_checkpoint_with_its_threshold_and_table(t
     (run / "log.csv").write_text("epoch,seconds\n1,2.0\n")
     assert tool.main(str(run), str(data), "default", str(run / "calibrated.pt")) == 0
     record = json.loads(shipped.with_suffix(".json").read_text())
-    assert record["config_changes"] == {"presence_threshold": 0.35} and record["presence_calibration"] == calibration
+    assert record["config_changes"] == {"presence_threshold": 0.35}
+    assert record["presence_calibration"] == {**calibration, "real_anatomy_validation_cts": False}
     assert checkpoint.load_model(shipped)[0].config.presence_threshold == 0.35
     assert tool.main(str(run), str(data)) == 0  # the run's best.pt as trained: no calibration
     assert json.loads(shipped.with_suffix(".json").read_text())["presence_calibration"] is None
@@ -214,7 +215,7 @@ def test_ship_model_recalibrated_changes_only_the_threshold_of_the_shipped_weigh
     assert tool.recalibrated(str(copy)) == 0
     record = json.loads(shipped.with_suffix(".json").read_text())
     assert record["config_changes"] == {"presence_threshold": 0.25} and record["training"] == training
-    assert record["presence_calibration"] == calibration
+    assert record["presence_calibration"] == {**calibration, "real_anatomy_validation_cts": False}
     after = checkpoint.read(shipped)
     assert after["config"]["presence_threshold"] == 0.25 and after["meta"]["note"].startswith("trained on the CPU")
     assert "presence threshold 0.25 chosen on 80 cases of split 'train'" in after["meta"]["note"]

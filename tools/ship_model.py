@@ -55,11 +55,12 @@ def refuse_validation_cts(data: Path, splits, use: str) -> list[str]:
 
 
 def checked_calibration(meta: dict) -> dict | None:
-    """The checkpoint's presence calibration, its data checked like training data."""
+    """The checkpoint's presence calibration, its data checked like training data, and the record saying so."""
     calibration = meta.get("presence_calibration")
     if calibration is not None:
         splits = ("train", "val", "test") if calibration["split"] == "all" else (calibration["split"],)
         refuse_validation_cts(Path(calibration["data"]), splits, "chose the presence threshold on")
+        calibration = {**calibration, "real_anatomy_validation_cts": False}
     return calibration
 
 
