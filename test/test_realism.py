@@ -197,11 +197,11 @@ def test_trabecular_bone_is_textured_inside_a_thin_partial_volume_cortex():
     assert np.isclose(thick.volume.hu, 1600.0).sum() > 200
 
 
-def _local_bone(phantom, name):
-    """The voxels labelled as vertebra `name`, in its local frame (x lateral, y posterior, z superior, mm
-    from its centre), with its (width, depth, height, disc below)."""
+def _local_bone(phantom, name, frame_of=None):
+    """The voxels labelled as vertebra `name`, in the local frame of vertebra `frame_of` (default: its own;
+    x lateral, y posterior, z superior, mm from its centre), with that one's (width, depth, height, disc below)."""
     centres, frames, dims = spine_curve(phantom.spec)
-    i = CHAIN.index(name)
+    i = CHAIN.index(frame_of or name)
     xyz = phantom.volume.voxel_to_world(np.argwhere(phantom.volume.labels == VERSE_NUMBER[name])[:, ::-1])
     return (xyz - centres[i]) @ frames[i], dims[i]
 
@@ -221,11 +221,8 @@ def test_the_posterior_arch_reaches_the_disc_below_where_the_facet_joints_are():
     local, (W, D, H, disc) = _local_bone(thoracic, "T7")
     assert (local[(local[:, 1] > D / 2 + 2)][:, 2] < -H / 2 - 0.3 * disc).sum() > 20
     for p, upper, lower in ((phantom, "L2", "L3"), (phantom, "L3", "L4"), (thoracic, "T7", "T8")):
-        centres, frames, dims = spine_curve(p.spec)
-        i = CHAIN.index(lower)
-        xyz = p.volume.voxel_to_world(np.argwhere(p.volume.labels == VERSE_NUMBER[upper])[:, ::-1])
-        x, y, z = ((xyz - centres[i]) @ frames[i]).T
-        W, D, H, _ = dims[i]
+        local, (W, D, H, _) = _local_bone(p, upper, frame_of=lower)
+        x, y, z = local.T
         assert not np.any(((x / (W / 2)) ** 2 + (y / (D / 2)) ** 2 < 0.8) & (np.abs(z) < H / 2 - 2))
 
 
