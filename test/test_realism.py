@@ -21,7 +21,8 @@ from x2p_ros.data.phantom import (
     spine_curve,
     spine_landmarks,
 )
-from x2p_ros.data.synth import SynthConfig, make_case
+from x2p_ros.data.synth import SynthConfig, make_case, render_pair
+from x2p_ros.data.volume import Volume
 
 # --- physics -----------------------------------------------------------------
 
@@ -153,6 +154,31 @@ def test_synthetic_vertebrae_lie_inside_both_exposed_fields():
             assert np.all(carm.inside_field(look, (128, 128), uv, 0.0)), f"seed {seed} {view}"
 
 
+def test_each_view_draws_its_noise_from_its_own_stream(monkeypatch):
+    # quantum noise takes a varying count of random numbers: drawn from the shared stream, the LAT view's
+    # noise and look depended on what the AP image held (engine 10 and before)
+    streams, images = [], []
+    record = carm.image
+
+    def recording(lines, look, rng):
+        streams.append(rng.bit_generator.state["state"])
+        return record(lines, look, rng)
+
+    monkeypatch.setattr(carm, "image", recording)
+    g = np.arange(-30.0, 31.0)
+    Z, Y, X = np.meshgrid(g, g, g, indexing="ij")
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = -30.0
+    for ball_hu in (40.0, 1500.0):  # two patients alike but for a small bone ball in soft tissue
+        hu = np.where((X - 12) ** 2 + Y ** 2 + Z ** 2 <= 25.0, ball_hu, 40.0).astype(np.float32)
+        out = render_pair(Volume(hu, affine), [{"label": "L1", "xyz_mm": [0.0, 0.0, 0.0]}], np.zeros(3), 100.0,
+                          np.random.default_rng(3), SynthConfig(size=64))
+        images.append(out[0])
+    assert not np.array_equal(images[0]["ap"], images[1]["ap"])
+    assert streams[0] == streams[2] and streams[1] == streams[3]  # AP's stream, LAT's stream: as before
+    assert streams[0] != streams[1]
+
+
 # --- the spine -----------------------------------------------------------------
 
 def _phantom(levels, seed=0, **spec_fields):
@@ -226,25 +252,47 @@ def test_the_posterior_arch_reaches_the_disc_below_where_the_facet_joints_are():
         assert not np.any(((x / (W / 2)) ** 2 + (y / (D / 2)) ** 2 < 0.8) & (np.abs(z) < H / 2 - 2))
 
 
-def _height_profile(phantom, name):
-    """Body height (voxels of its label along z) at its centre column and near its anterior rim."""
+def _plate_rows(phantom, name, anterior_mm=0):
+    """The lowest and highest voxel row (z) of a body's column at its centroid, or anterior_mm in front of it."""
     v = next(v for v in phantom.vertebrae if v["label"] == name)
     k, j, i = np.round(phantom.volume.world_to_voxel([v["xyz_mm"]])[0][::-1]).astype(int)
-    body = _body(phantom, name)
-    return body[:, j, i].sum(), body[:, j - 12, i].sum()
+    rows = np.flatnonzero(_body(phantom, name)[:, j - anterior_mm, i])
+    return rows.min(), rows.max()
 
 
-def test_end_plates_are_dished_and_a_burst_fracture_crushes_and_spreads_the_body():
+def test_end_plates_are_dished_in_their_centre_flat_over_their_rim_and_a_burst_fracture_crushes_the_body():
     flat = _phantom(["L2", "L3", "L4"], endplate_mm=0.0)
     dished = _phantom(["L2", "L3", "L4"], endplate_mm=3.0)
-    centre_flat, _ = _height_profile(flat, "L3")
-    centre_dished, rim_dished = _height_profile(dished, "L3")
-    assert centre_dished <= centre_flat - 4 and rim_dished > centre_dished
+    (low_flat, high_flat), (low_dished, high_dished) = _plate_rows(flat, "L3"), _plate_rows(dished, "L3")
+    assert 2 <= low_dished - low_flat <= 4  # the lower end plate's concavity: 3 mm deep at the centre
+    assert 0 <= high_flat - high_dished <= 2 and high_flat - high_dished < low_dished - low_flat  # the upper: half
+    # the epiphyseal rim, outside the central 70 % of the diameter (the body is 34 mm deep), lies flat
+    assert _plate_rows(dished, "L3", anterior_mm=15) == _plate_rows(flat, "L3", anterior_mm=15)
     burst = _phantom(["L2", "L3", "L4"], endplate_mm=0.0, fractures={"L3": 0.4}, burst=["L3"])
     assert _body(burst, "L3").sum() < _body(flat, "L3").sum()  # lower...
     width = lambda p: np.ptp(np.nonzero(_body(p, "L3").any(axis=(0, 1)))[0])  # noqa: E731
     assert width(burst) > width(flat) + 5  # ...and wider
     assert [v["label"] for v in burst.vertebrae] == ["L2", "L3", "L4"]  # the ground truth is still there
+
+
+def test_end_plates_seen_edge_on_are_brighter_than_the_body_they_close():
+    # the rows of bone a lateral ray crosses (along x), in a slab through the body's centre: at the lower end
+    # plate the flat dense rim adds up to far more than at mid-height; engine 10's plates, as thin as the side
+    # wall and dished over their whole width, did not. A straight column, so that the plates lie in voxel rows.
+    straight = dict(texture=0.0, trabecular_hu=200.0, cortical_hu=1600.0, cortex_mm=0.3, endplate_mm=1.5,
+                    bone_density=1.0, lordosis_mm=0.0, kyphosis_mm=0.0, lumbar_lordosis_mm=0.0)
+    phantom = _phantom(["L2", "L3", "L4"], endplate_cortex_mm=1.2, **straight)
+    v = next(v for v in phantom.vertebrae if v["label"] == "L3")
+    k, j, i = np.round(phantom.volume.world_to_voxel([v["xyz_mm"]])[0][::-1]).astype(int)
+    body = _body(phantom, "L3")[:, j - 3:j + 4]
+    rows = np.where(body, phantom.volume.hu[:, j - 3:j + 4], 0.0).sum(axis=2).mean(axis=1)  # per z
+    low, high = _plate_rows(phantom, "L3", anterior_mm=15)
+    middle = np.median(rows[low + (high - low) // 4:high - (high - low) // 4])
+    assert rows[low:low + 3].max() > 1.6 * middle and rows[high - 2:high + 1].max() > 1.6 * middle
+    # where the end plate is the side wall's thin rim (engine 10's cortex), the rows add up to much less
+    thin = _phantom(["L2", "L3", "L4"], endplate_cortex_mm=0.3, **straight)
+    thin_rows = np.where(_body(thin, "L3")[:, j - 3:j + 4], thin.volume.hu[:, j - 3:j + 4], 0.0).sum(axis=2).mean(1)
+    assert thin_rows[low:low + 3].max() < 0.8 * rows[low:low + 3].max()
 
 
 def test_degenerated_discs_narrow_and_osteophytes_and_cages_are_painted():

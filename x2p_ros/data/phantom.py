@@ -68,7 +68,8 @@ class PhantomSpec:
     cortex_mm: float = 0.4  # the vertebral body's cortical shell
     trabecular_hu: float = 220.0  # 80-130 in osteoporosis
     texture: float = 0.3  # trabecular contrast, relative
-    endplate_mm: float = 1.5  # depth of the end plates' central concavity
+    endplate_mm: float = 1.5  # depth of the lower end plate's central concavity; the upper one's is about half
+    endplate_cortex_mm: float = 0.8  # compact bone of the end plates, with the dense subchondral layer a CT adds to it
     # per CHAIN level, relative to level_dimensions x scale: the body's height and the disc below it; empty: 1
     body_heights: list[float] = field(default_factory=list)
     disc_heights: list[float] = field(default_factory=list)
@@ -100,6 +101,7 @@ class PhantomSpec:
                    cortical_hu=rng.uniform(1300, 1800), cortex_mm=rng.uniform(0.25, 0.7),
                    trabecular_hu=rng.uniform(80, 300),
                    texture=rng.uniform(0.1, 0.5), endplate_mm=rng.uniform(0.5, 3.0),
+                   endplate_cortex_mm=rng.uniform(0.4, 1.5),
                    arms_down=bool(rng.random() < 0.3), table_mm=rng.uniform(15, 40) if rng.random() < 0.6 else 0.0,
                    colon_gas=int(rng.integers(0, 5)),
                    cartilage_hu=120.0 if rng.random() < 0.6 else rng.uniform(300, 600))
@@ -108,7 +110,10 @@ class PhantomSpec:
         # disc's. A column whose steps follow one smooth law lets a model extrapolate the next vertebra
         # from the last instead of finding it.
         spec.body_heights = np.clip(rng.normal(1.0, 0.05, len(CHAIN)), 0.88, 1.12).tolist()
-        spec.disc_heights = (rng.uniform(0.75, 1.25) * np.clip(rng.normal(1.0, 0.12, len(CHAIN)), 0.7, 1.3)).tolist()
+        # Discs narrow with degeneration, which most patients of spine surgery's age show at many levels
+        # (grades III-V of Pfirrmann et al., "Magnetic resonance classification of lumbar intervertebral disc
+        # degeneration", Spine 26(17):1873-1878, 2001): the patient's disc height reaches down to half.
+        spec.disc_heights = (rng.uniform(0.5, 1.25) * np.clip(rng.normal(1.0, 0.12, len(CHAIN)), 0.7, 1.3)).tolist()
         if rng.random() < 0.2:
             spec.scoliosis_mm = rng.uniform(10, 40) * rng.choice([-1, 1])
             spec.scoliosis_phase = rng.uniform(-0.3, 0.3)
@@ -317,18 +322,30 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
     reach = 0.6 * max(W, D, H) + 2.0  # the body only: the other parts are tubes
     sl, X, Y, Z = canvas.axes(c - reach, c + reach)
     lx, ly, lz = _local(X, Y, Z, c, F)
-    # body: elliptic cylinder with a waist and end plates dished towards the centre;
-    # a compression fracture lowers the anterior end plate more than the posterior
-    # one (a wedge), a burst fracture all of it
+    # body: elliptic cylinder with a waist and dished end plates; a compression fracture
+    # lowers the anterior end plate more than the posterior one (a wedge), a burst fracture all of it.
+    # The end plates are flat over their rim, the epiphyseal ring, and concave over the central 70 % of
+    # their diameter, the lower one (cranial to its disc) twice as deep as the upper one (1.5 against 0.7 mm
+    # on average: Wang, Battie and Videman, "A morphological study of lumbar vertebral endplates", Eur Spine J
+    # 21(11):2316-2323, 2012). Engine 10 dished them over their whole width, so that no part lay flat.
     waist = 1.0 - 0.08 * (1.0 - np.clip(2 * lz / H, -1, 1) ** 2)
     top = H / 2 - fracture * H * (1.0 if burst else 0.5 - ly / D)
     ell = (lx / (W / 2 * waist)) ** 2 + (ly / (D / 2 * waist)) ** 2
-    dish = spec.endplate_mm * (1.0 - np.clip(ell, 0.0, 1.0))
-    body = (ell <= 1) & (lz >= -H / 2 + dish) & (lz <= top - dish)
-    core = (((lx / (W / 2 * waist - shell)) ** 2 + (ly / (D / 2 * waist - shell)) ** 2) <= 1) \
-        & (lz >= -H / 2 + shell + dish) & (lz <= top - shell - dish)
+    central = np.clip(1.0 - ell / 0.7 ** 2, 0.0, 1.0)
+    dish_top, dish_bottom = 0.47 * spec.endplate_mm * central, spec.endplate_mm * central
+    body = (ell <= 1) & (lz >= -H / 2 + dish_bottom) & (lz <= top - dish_top)
+    inside_plates = (lz >= -H / 2 + shell + dish_bottom) & (lz <= top - shell - dish_top)
+    core = (((lx / (W / 2 * waist - shell)) ** 2 + (ly / (D / 2 * waist - shell)) ** 2) <= 1) & inside_plates
+    # The bony end plate is denser than the side wall (its rim the densest: 32.5 % above its centre in CT,
+    # Segami et al., "Regional distribution of computed tomography attenuation across the lumbar endplate",
+    # 2021), and a CT voxel adds the dense subchondral bone under it. A flat plate across the whole body seen
+    # edge-on, as both views see it, draws the bright line a radiograph shows at every end plate; engine 10
+    # gave it the side wall's 0.25-0.7 mm.
+    plates = body & ~inside_plates
+    plate_hu = trabecular + (spec.cortical_hu - trabecular) * min(1.0, spec.endplate_cortex_mm / canvas.voxel)
     hu, labels = canvas.hu[sl], canvas.labels[sl]
     hu[body] = rim_hu * density
+    hu[plates] = np.minimum(plate_hu * (1.0 + 0.3 * (1.0 - central[plates])), spec.cortical_hu) * density
     k, j, i = np.nonzero(core)
     tile = _trabecular_tile()
     o = rng.integers(0, tile.shape[0], size=3)

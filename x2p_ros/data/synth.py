@@ -28,8 +28,9 @@ MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
 # 5: vessels in the lungs, gas-filled colon with haustra; 6: costal cartilage; 7: the vertebral body's cortex as
 # thin as measured, a one-voxel partial-volume rim; 8: body and disc heights that vary level by level;
 # 9: fields with up to 1.6 gaps of room, so that they may show a vertebra beyond the framed ones; 10: a
-# posterior arch that reaches down to the disc below).
-ENGINE_VERSION = 10
+# posterior arch that reaches down to the disc below; 11: end plates denser than the side walls and flat over
+# their rim, discs down to half height).
+ENGINE_VERSION = 11
 
 
 @dataclass
@@ -102,16 +103,22 @@ def render_pair(volume, vertebrae: list[dict], centre, fov: float, rng: np.rando
     inside = np.ones(len(xyz), dtype=bool)
     shape = (config.size, config.size)
     margin = 0.02 * config.size + 0.5  # from the edge pixels
+    # every setting of both views is drawn before any noise, and each view's noise from its own stream:
+    # quantum noise takes a varying count of random numbers, so that drawing it from the shared stream
+    # made the LAT view's look depend on the AP image (engine 10 and before)
+    views = {}
     for view in geometry.VIEWS:
         P, spacing = geometry.carm_view(view, rng.uniform(*config.sid_mm), rng.uniform(*config.sdd_mm), fov,
                                         config.size, rng.uniform(-5, 5, size=2))
         look = carm.Look.sample(rng, config.size, photons=config.photons, scatter=config.scatter)
+        views[view] = P, spacing, look, np.random.default_rng(rng.integers(2 ** 63))
+    for view, (P, spacing, look, noise) in views.items():
         lines = drr.line_integral(volume, P, shape, device=device, density=density)
         if blur_mm > 0:
             sigma_px = blur_mm / (fov / config.size)  # the field is fov mm wide at the isocentre
             lines = torch.stack([torch.as_tensor(cv2.GaussianBlur(channel.cpu().numpy(), (0, 0), sigma_px))
                                  for channel in lines]).to(device)
-        images[view] = carm.image(lines, look, rng)
+        images[view] = carm.image(lines, look, noise)
         Ps[view], spacings[view], looks[view] = P, spacing, look.as_dict()
         uv = geometry.project(P, xyz)
         inside &= geometry.inside_image(uv, shape, margin) & carm.inside_field(look, shape, uv, margin)
