@@ -194,6 +194,33 @@ def test_ship_model_ships_a_calibrated_checkpoint_with_its_threshold_and_table(t
     assert json.loads(shipped.with_suffix(".json").read_text())["presence_calibration"] is None
 
 
+def test_shipping_a_fine_tuned_run_again_keeps_the_model_it_started_from_as_its_parent(tmp_path, monkeypatch):
+    import torch
+
+    from x2p_ros.model import build_model, checkpoint, preset
+    tool, shipped = _ship_to(tmp_path, monkeypatch)
+    data = _data_set(tmp_path / "data", ["case_00000"])
+    torch.manual_seed(0)
+    checkpoint.save(shipped, build_model(preset("tiny")), meta={"config_name": "tiny"})
+    parent = {"training": {"epochs_run": 7, "epochs_before_fine_tune": 90, "fine_tuned_from_record": None},
+              "commit": "parent"}
+    shipped.with_suffix(".json").write_text(json.dumps(parent))
+    run = tmp_path / "run"  # fine-tuned from the shipped model, then shipped over it: twice
+    checkpoint.save(run / "best.pt", build_model(preset("tiny")), meta={"config_name": "tiny", "epoch": 2,
+                                                                        "init": str(shipped)})
+    (run / "log.csv").write_text("epoch,seconds\n1,2.0\n2,4.0\n")
+    for _ in range(2):
+        assert tool.main(str(run), str(data)) == 0
+        training = json.loads(shipped.with_suffix(".json").read_text())["training"]
+        assert training["fine_tuned_from_record"] == parent and training["epochs_before_fine_tune"] == 97
+    # another run started from this one names it, not its parent
+    checkpoint.save(run / "best.pt", build_model(preset("tiny")), meta={"config_name": "tiny", "epoch": 1,
+                                                                        "init": str(shipped)})
+    assert tool.main(str(run), str(data)) == 0
+    training = json.loads(shipped.with_suffix(".json").read_text())["training"]
+    assert training["fine_tuned_from_record"]["training"]["fine_tuned_from_record"] == parent
+
+
 def test_ship_model_recalibrated_changes_only_the_threshold_of_the_shipped_weights(tmp_path, monkeypatch):
     import pytest
     import torch

@@ -75,7 +75,8 @@ def main(run: str, data: str, name: str = "default", checkpoint_file: str | None
     if name not in TARGETS:
         raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
     run, data = Path(run), Path(data)
-    model, meta = checkpoint.load_model(checkpoint_file or run / "best.pt")
+    shipping = Path(checkpoint_file or run / "best.pt")
+    model, meta = checkpoint.load_model(shipping)
     dataset = json.loads((data / "dataset.json").read_text())
     patient_cases = refuse_validation_cts(data, ("train", "val"), "trains on")
     calibration = checked_calibration(meta)
@@ -83,11 +84,16 @@ def main(run: str, data: str, name: str = "default", checkpoint_file: str | None
     init = meta.get("init")  # a fine-tune: count the epochs of the run (or the shipped model) it started from
     init_log = Path(init).parent / "log.csv" if init else None
     init_record = Path(init).with_suffix(".json") if init else None
+    parent = json.loads(init_record.read_text()) if init_record and init_record.is_file() else None
+    checkpoint_sha256 = sha256(shipping)
+    if parent and parent.get("checkpoint_sha256") == checkpoint_sha256:
+        # this run shipped again over the model it started from: the record there is its own, its parent
+        # the one that record names
+        parent = parent["training"]["fine_tuned_from_record"]
     if init_log and init_log.is_file():
         prior = len(list(csv.DictReader(init_log.open())))
-    elif init_record and init_record.is_file():  # a shipped model: its provenance says how it was trained
-        trained = json.loads(init_record.read_text())["training"]
-        prior = trained.get("epochs_before_fine_tune", 0) + trained["epochs_run"]
+    elif parent:  # a shipped model: its provenance says how it was trained
+        prior = parent["training"].get("epochs_before_fine_tune", 0) + parent["training"]["epochs_run"]
     else:
         prior = 0
     epochs = f"{prior} + {len(log)} epochs (fine-tuned from {init})" if init else f"{len(log)} epochs"
@@ -102,13 +108,13 @@ def main(run: str, data: str, name: str = "default", checkpoint_file: str | None
                           "vertebrae_per_case": dataset["vertebrae_per_case"], "synth_config": dataset["config"]},
         "training": {"epochs_run": len(log), "best_epoch": meta.get("epoch"), "fine_tuned_from": init,
                      "epochs_before_fine_tune": prior,
-                     "fine_tuned_from_record": json.loads(init_record.read_text())
-                     if init_record and init_record.is_file() else None,
+                     "fine_tuned_from_record": parent,
                      "optimizer": "AdamW wd 0.05", "augment": meta.get("augment", "mild"),
                      "seconds": float(log[-1]["seconds"]) if log else None, "device": "cpu",
                      "machine": f"{platform.machine()}, torch {torch.__version__}"},
         "validation": {"mpe_mm": meta.get("val_mpe_mm"), "pcl10": meta.get("val_pcl10")},
         "presence_calibration": calibration,
+        "checkpoint_sha256": checkpoint_sha256,  # the run's file shipped, by which a second shipping knows it
         "commit": commit,
     }
     target = TARGETS[name]()
