@@ -252,12 +252,24 @@ def test_the_posterior_arch_reaches_the_disc_below_where_the_facet_joints_are():
         assert not np.any(((x / (W / 2)) ** 2 + (y / (D / 2)) ** 2 < 0.8) & (np.abs(z) < H / 2 - 2))
 
 
+def _centroid_voxel(phantom, name):
+    """(k, j, i): the voxel of a vertebra's ground-truth centroid."""
+    v = next(v for v in phantom.vertebrae if v["label"] == name)
+    return np.round(phantom.volume.world_to_voxel([v["xyz_mm"]])[0][::-1]).astype(int)
+
+
 def _plate_rows(phantom, name, anterior_mm=0):
     """The lowest and highest voxel row (z) of a body's column at its centroid, or anterior_mm in front of it."""
-    v = next(v for v in phantom.vertebrae if v["label"] == name)
-    k, j, i = np.round(phantom.volume.world_to_voxel([v["xyz_mm"]])[0][::-1]).astype(int)
+    _, j, i = _centroid_voxel(phantom, name)
     rows = np.flatnonzero(_body(phantom, name)[:, j - anterior_mm, i])
     return rows.min(), rows.max()
+
+
+def _lateral_rows(phantom, name, j):
+    """Per voxel row (z): the HU of the vertebra's bone a lateral ray (along x) adds up, averaged over a 7 mm slab
+    of rays about row j (y)."""
+    band = slice(j - 3, j + 4)
+    return np.where(_body(phantom, name)[:, band], phantom.volume.hu[:, band], 0.0).sum(axis=2).mean(axis=1)
 
 
 def test_end_plates_are_dished_in_their_centre_flat_over_their_rim_and_a_burst_fracture_crushes_the_body():
@@ -282,16 +294,14 @@ def test_end_plates_seen_edge_on_are_brighter_than_the_body_they_close():
     straight = dict(texture=0.0, trabecular_hu=200.0, cortical_hu=1600.0, cortex_mm=0.3, endplate_mm=1.5,
                     bone_density=1.0, lordosis_mm=0.0, kyphosis_mm=0.0, lumbar_lordosis_mm=0.0)
     phantom = _phantom(["L2", "L3", "L4"], endplate_cortex_mm=1.2, **straight)
-    v = next(v for v in phantom.vertebrae if v["label"] == "L3")
-    k, j, i = np.round(phantom.volume.world_to_voxel([v["xyz_mm"]])[0][::-1]).astype(int)
-    body = _body(phantom, "L3")[:, j - 3:j + 4]
-    rows = np.where(body, phantom.volume.hu[:, j - 3:j + 4], 0.0).sum(axis=2).mean(axis=1)  # per z
+    j = _centroid_voxel(phantom, "L3")[1]
+    rows = _lateral_rows(phantom, "L3", j)
     low, high = _plate_rows(phantom, "L3", anterior_mm=15)
     middle = np.median(rows[low + (high - low) // 4:high - (high - low) // 4])
     assert rows[low:low + 3].max() > 1.6 * middle and rows[high - 2:high + 1].max() > 1.6 * middle
     # where the end plate is the side wall's thin rim (engine 10's cortex), the rows add up to much less
     thin = _phantom(["L2", "L3", "L4"], endplate_cortex_mm=0.3, **straight)
-    thin_rows = np.where(_body(thin, "L3")[:, j - 3:j + 4], thin.volume.hu[:, j - 3:j + 4], 0.0).sum(axis=2).mean(1)
+    thin_rows = _lateral_rows(thin, "L3", j)
     assert thin_rows[low:low + 3].max() < 0.8 * rows[low:low + 3].max()
 
 
