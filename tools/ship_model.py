@@ -105,7 +105,8 @@ def main(run: str, data: str, name: str = "default", checkpoint_file: str | None
                           "patient_ct_cases": len(patient_cases), "real_anatomy_validation_cts": False,
                           "cases": dataset["cases"], "seed": dataset["seed"],
                           "size": dataset["config"]["size"], "folder": data.name,
-                          "vertebrae_per_case": dataset["vertebrae_per_case"], "synth_config": dataset["config"]},
+                          "vertebrae_per_case": dataset["vertebrae_per_case"], "synth_config": dataset["config"],
+                          **({"mix_of": dataset["mix_of"]} if "mix_of" in dataset else {})},  # x2p data mix
         "training": {"epochs_run": len(log), "best_epoch": meta.get("epoch"), "fine_tuned_from": init,
                      "epochs_before_fine_tune": prior,
                      "fine_tuned_from_record": parent,

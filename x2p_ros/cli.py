@@ -40,6 +40,14 @@ def _data_add_ct(args):
     return 0
 
 
+def _data_mix(args):
+    from .data.mix import mix_datasets
+    made = mix_datasets(args.out, train=args.train, val=args.val, test=args.test)
+    parts = ", ".join(f"{r['cases']} {r['split']} of {r['folder']}" for r in made["mix_of"])
+    print(f"{made['cases']} cases in {args.out} (links): {parts}")
+    return 0
+
+
 def _data_show(args):
     from .data.contact_sheet import contact_sheet
     out = contact_sheet(args.dir, args.out or Path(args.dir) / "contact_sheet.png", cases=args.cases)
@@ -238,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_data_add_ct)
+
+    p = data.add_parser("mix", help="a data set linking other data sets' splits (e.g. two engine versions)")
+    p.add_argument("--out", required=True, help="data set folder to make (must not exist)")
+    p.add_argument("--train", nargs="+", required=True, metavar="DATA", help="data sets whose train split it takes")
+    p.add_argument("--val", nargs="+", default=[], metavar="DATA", help="data sets whose val split it takes")
+    p.add_argument("--test", nargs="+", default=[], metavar="DATA", help="data sets whose test split it takes")
+    p.set_defaults(run=_data_mix)
 
     p = data.add_parser("show", help="write a contact sheet PNG with the projected ground truth")
     p.add_argument("dir")
