@@ -9,7 +9,7 @@ import torch
 from x2p_ros import geometry
 from x2p_ros.data import carm, case_io, drr
 from x2p_ros.data.phantom import CHAIN, VERSE_NUMBER, PhantomSpec, make_phantom, spine_curve
-from x2p_ros.data.synth import SynthConfig, field, make_case, synthesize
+from x2p_ros.data.synth import SynthConfig, field, first_framed, make_case, synthesize
 from x2p_ros.data.volume import Volume
 from x2p_ros.geometry import carm_view
 
@@ -202,6 +202,39 @@ def test_fields_are_framed_with_random_room_that_sometimes_shows_the_next_verteb
         assert 0.25 < np.mean(room > 1.0) < 0.6  # the next vertebra in the field, often
         assert room.max() - room.min() > 1.0  # not one framing
     assert abs(np.corrcoef(room_above, room_below)[0, 1]) < 0.2  # each edge drawn on its own
+
+
+def test_half_of_the_fields_end_on_the_lumbosacral_column_and_the_rest_anywhere():
+    # engine 11 placed every field anywhere along C1-S1 with equal chance: L5 was in 1 field of 10, S1 in 1 of
+    # 20, and a field starting at L1 or below came once in 15
+    rng = np.random.default_rng(0)
+    config = SynthConfig(size=64)
+    low, high = CHAIN.index("L3"), CHAIN.index("S1")
+    ends, starts = [], []
+    for n in list(range(3, 11)) * 300:
+        first = first_framed(n, rng, config)
+        assert 0 <= first and first + n <= len(CHAIN)
+        ends.append(first + n - 1)
+        starts.append(first)
+    ends, starts = np.array(ends), np.array(starts)
+    lumbosacral = (ends >= low) & (ends <= high)
+    assert 0.5 < lumbosacral.mean() < 0.65  # half by the rule, some more by chance
+    assert 0.12 < np.mean(ends == high) < 0.2 and np.mean(starts >= CHAIN.index("L1")) > 0.1
+    assert set(range(0, 8)) <= set(starts.tolist())  # cervical fields are still framed
+    only = SynthConfig(size=64, lumbosacral_share=1.0)
+    assert all(low <= first_framed(n, rng, only) + n - 1 <= high for n in range(3, 11) for _ in range(50))
+    never = SynthConfig(size=64, lumbosacral_share=0.0)
+    assert np.mean([first_framed(6, rng, never) + 5 >= low for _ in range(2000)]) < 0.3
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(lumbosacral_share=1.5), "lumbosacral_share must be 0 to 1"),
+    (dict(lumbosacral_ends=("S1", "L3")), "the upper first"),
+    (dict(lumbosacral_ends=("L3", "L7")), "two levels of C1-S1"),
+])
+def test_bad_field_placement_settings_are_refused(changes, message):
+    with pytest.raises(case_io.DatasetError, match=message):
+        SynthConfig(size=64, **changes)
 
 
 def test_every_vertebra_in_the_field_is_painted_and_its_neighbours_beyond_it_too():

@@ -29,8 +29,8 @@ MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
 # thin as measured, a one-voxel partial-volume rim; 8: body and disc heights that vary level by level;
 # 9: fields with up to 1.6 gaps of room, so that they may show a vertebra beyond the framed ones; 10: a
 # posterior arch that reaches down to the disc below; 11: end plates denser than the side walls and flat over
-# their rim, discs down to half height).
-ENGINE_VERSION = 11
+# their rim, discs down to half height; 12: a share of fields framed over the lumbosacral column).
+ENGINE_VERSION = 12
 
 
 @dataclass
@@ -61,10 +61,22 @@ class SynthConfig:
     # phantoms with 1.05-1.6 gaps of room, 6.9 mm on 60 framed within a gap); `x2p data import-ct` leaves
     # more than a gap, too.
     field_margin: tuple[float, float] = (0.3, 1.6)
+    # Share of fields whose bottom-most framed vertebra is one of lumbosacral_ends: robotic pedicle screws go
+    # mostly into the lumbar spine, and a field placed anywhere along C1-S1 with equal chance frames the
+    # lumbar levels least of all (L5 in 1 field of 10, S1 in 1 of 20; with half of them lumbosacral: 3 and 6
+    # times as often).
+    lumbosacral_share: float = 0.5
+    lumbosacral_ends: tuple[str, str] = ("L3", "S1")
 
     def __post_init__(self):
         if not MIN_SIZE <= self.size <= MAX_SIZE:
             raise case_io.DatasetError(f"image size must be {MIN_SIZE} to {MAX_SIZE} pixels, got {self.size}")
+        if not 0.0 <= self.lumbosacral_share <= 1.0:
+            raise case_io.DatasetError(f"lumbosacral_share must be 0 to 1, got {self.lumbosacral_share}")
+        low, high = self.lumbosacral_ends
+        if low not in CHAIN or high not in CHAIN or CHAIN.index(low) > CHAIN.index(high):
+            raise case_io.DatasetError(f"lumbosacral_ends must be two levels of {CHAIN[0]}-{CHAIN[-1]}, the upper "
+                                       f"first, got {self.lumbosacral_ends}")
 
 
 def _rotation(yaw, pitch, roll) -> np.ndarray:
@@ -139,12 +151,22 @@ def field(curve: np.ndarray, first: int, n_visible: int, rng: np.random.Generato
     return np.array([*centres[:, :2].mean(axis=0), (top + bottom) / 2]), float(max(top - bottom, 100.0))
 
 
+def first_framed(n_visible: int, rng: np.random.Generator, config: SynthConfig = SynthConfig()) -> int:
+    """Index in CHAIN of a field's top-most framed vertebra: anywhere along the column, or, in
+    config.lumbosacral_share of fields, such that the bottom-most one lies in config.lumbosacral_ends."""
+    if rng.random() < config.lumbosacral_share:
+        low, high = (CHAIN.index(name) for name in config.lumbosacral_ends)
+        last = int(rng.integers(max(low, n_visible - 1), high + 1))
+        return last - n_visible + 1
+    return int(rng.integers(0, len(CHAIN) - n_visible + 1))
+
+
 def make_case(seed: int, config: SynthConfig = SynthConfig(), device: str = "cpu"):
     """Everything of one case from its own seed: (images, Ps, spacings, vertebrae, info)."""
     rng = np.random.default_rng(seed)
     low, high = config.short_field if rng.random() < config.short_field_share else config.long_field
     n_visible = int(rng.integers(low, high + 1))
-    first = int(rng.integers(0, len(CHAIN) - n_visible + 1))
+    first = first_framed(n_visible, rng, config)
     beyond = int(np.floor(config.field_margin[1])) + 1  # levels past each end that the widest room can show
     rendered = CHAIN[max(first - beyond, 0):min(first + n_visible + beyond, len(CHAIN))]
     spec = PhantomSpec.sample(rng, rendered)
