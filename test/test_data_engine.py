@@ -237,11 +237,17 @@ def test_bad_field_placement_settings_are_refused(changes, message):
         SynthConfig(size=64, **changes)
 
 
-def test_every_vertebra_in_the_field_is_painted_and_its_neighbours_beyond_it_too():
+@pytest.mark.parametrize("config", [
+    SynthConfig(size=64),
+    # three framed vertebrae above the lumbar spine: fields widened to their 100 mm minimum, with small gaps
+    # that the patient's shift crosses (engine 12 left the column ending inside some of these images)
+    SynthConfig(size=64, short_field_share=1.0, short_field=(3, 3), lumbosacral_share=0.0),
+], ids=["default", "short-fields"])
+def test_every_vertebra_in_the_field_is_painted_and_its_neighbours_beyond_it_too(config):
     # fields with more than a gap of room show vertebrae past the framed ones: they must be in the phantom
     counts = []
-    for seed in range(6):
-        _, _, _, vertebrae, info = make_case(seed, SynthConfig(size=64))
+    for seed in range(8):
+        _, _, _, vertebrae, info = make_case(seed, config)
         rendered = [CHAIN.index(name) for name in info["phantom"]["levels_rendered"]]
         shown = [CHAIN.index(v["label"]) for v in vertebrae]
         assert min(rendered) <= max(min(shown) - 1, 0) and max(rendered) >= min(max(shown) + 1, len(CHAIN) - 1)

@@ -22,6 +22,7 @@ from .phantom import CHAIN, PhantomSpec, make_phantom, spine_curve
 
 
 MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
+MIN_FIELD_MM = 100.0  # the smallest field of view a case is framed with, at the isocentre
 # Raised whenever the same seed and config would render other images, so that a data set is
 # never completed, nor a cached one reused, with cases of another engine (2: the C-arm chain and context
 # anatomy; 3: arms beside the chest only in fields that reach above T11; 4: fields framed with random margins;
@@ -29,8 +30,9 @@ MIN_SIZE, MAX_SIZE = 32, 4096  # below 32 px a vertebra is a pixel or two
 # thin as measured, a one-voxel partial-volume rim; 8: body and disc heights that vary level by level;
 # 9: fields with up to 1.6 gaps of room, so that they may show a vertebra beyond the framed ones; 10: a
 # posterior arch that reaches down to the disc below; 11: end plates denser than the side walls and flat over
-# their rim, discs down to half height; 12: a share of fields framed over the lumbosacral column).
-ENGINE_VERSION = 12
+# their rim, discs down to half height; 12: a share of fields framed over the lumbosacral column; 13: every
+# level a field may show painted, and the next one past it).
+ENGINE_VERSION = 13
 
 
 @dataclass
@@ -141,14 +143,14 @@ def render_pair(volume, vertebrae: list[dict], centre, fov: float, rng: np.rando
 def field(curve: np.ndarray, first: int, n_visible: int, rng: np.random.Generator,
           config: SynthConfig = SynthConfig()) -> tuple[np.ndarray, float]:
     """The field of view of the vertebrae curve[first:first + n_visible] (centres of the whole
-    CHAIN, mm, z up): its centre and its height (mm, at least 100), with random room above and
+    CHAIN, mm, z up): its centre and its height (mm, at least MIN_FIELD_MM), with random room above and
     below of config.field_margin gaps to the next vertebra."""
     centres = curve[first:first + n_visible]
     gaps = np.linalg.norm(np.diff(curve, axis=0), axis=1)
     gap_above, gap_below = gaps[max(first - 1, 0)], gaps[min(first + n_visible - 1, len(gaps) - 1)]
     top = centres[0, 2] + rng.uniform(*config.field_margin) * gap_above
     bottom = centres[-1, 2] - rng.uniform(*config.field_margin) * gap_below
-    return np.array([*centres[:, :2].mean(axis=0), (top + bottom) / 2]), float(max(top - bottom, 100.0))
+    return np.array([*centres[:, :2].mean(axis=0), (top + bottom) / 2]), float(max(top - bottom, MIN_FIELD_MM))
 
 
 def first_framed(n_visible: int, rng: np.random.Generator, config: SynthConfig = SynthConfig()) -> int:
@@ -168,16 +170,22 @@ def make_case(seed: int, config: SynthConfig = SynthConfig(), device: str = "cpu
     n_visible = int(rng.integers(low, high + 1))
     first = first_framed(n_visible, rng, config)
     beyond = int(np.floor(config.field_margin[1])) + 1  # levels past each end that the widest room can show
-    rendered = CHAIN[max(first - beyond, 0):min(first + n_visible + beyond, len(CHAIN))]
-    spec = PhantomSpec.sample(rng, rendered)
+    lo, hi = max(first - beyond, 0), min(first + n_visible + beyond, len(CHAIN))
+    spec = PhantomSpec.sample(rng, CHAIN[lo:hi])
     curve = spine_curve(spec)[0]
     field_centre, fov = field(curve, first, n_visible, rng, config)
+    # The patient's shift, a field widened to MIN_FIELD_MM (short cervical ones) and the magnification show
+    # more than the room at a field's ends: paint the levels whose centres it may show (10 % to spare for the
+    # magnification and the principal point's offset) and the next one past them, so that no column ends
+    # inside an image (in 1 case of 100 with engine 12).
+    seen = np.flatnonzero(np.abs(curve[:, 2] - field_centre[2]) <= 0.55 * fov + config.shift_mm)
+    spec.levels = CHAIN[min(lo, max(seen.min() - 1, 0)):max(hi, seen.max() + 2)]
     spec.voxel_mm = float(max(1.0, fov / 400.0))
     phantom = make_phantom(spec, rng)
     blur_mm = float(rng.uniform(*config.ct_blur_mm))
     images, Ps, spacings, vertebrae, looks = render_pair(phantom.volume, phantom.vertebrae, field_centre, fov, rng,
                                                          config, device, blur_mm)
-    info = {"phantom": {"levels_rendered": rendered, "scoliosis": bool(spec.scoliosis_mm != 0.0),
+    info = {"phantom": {"levels_rendered": spec.levels, "scoliosis": bool(spec.scoliosis_mm != 0.0),
                         "fractures": sorted(spec.fractures), "implants": list(spec.implant_levels),
                         "voxel_mm": spec.voxel_mm, "ct_blur_mm": round(blur_mm, 3)},
             "looks": looks}
