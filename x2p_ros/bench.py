@@ -27,7 +27,7 @@ import torch
 
 from . import ablation_bench, adapt_bench
 from .data import case_io, realct
-from .data.synth import SynthConfig, make_case, synthesize
+from .data.synth import ENGINE_VERSION, SynthConfig, make_case, synthesize
 from .geometry import VIEWS
 from .model import preset
 from .model.summary import example_inputs, model_summary
@@ -377,7 +377,8 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
                      f"stride {model.config.chain_stride}, prompt refinements {model.config.prompt_refinements}; "
                      f"{meta.get('note', '')}")
     sizes = sorted({c.image_size for c in configs.values()})
-    lines += ["", f"Test split: {test_cases} phantom cases rendered with seed {TEST_SEED}, never used in training "
+    lines += ["", f"Test split: {test_cases} phantom cases rendered by version {ENGINE_VERSION} of the data engine "
+              f"with seed {TEST_SEED}, never used in training "
               f"(`x2p data synth --cases {test_cases} --size {'/'.join(map(str, sizes))} --seed {TEST_SEED}`), "
               "evaluated with `x2p evaluate --split test --sweep` and the ground-truth top-most vertebra as the "
               "prompt. MPE is over the vertebrae found; a vertebra not found counts as a miss in PCL and AUC. "
