@@ -36,6 +36,11 @@ def localizer(ckpt, *extra):
             "-p", "keyframe_max_rate_hz:=4.0", "-p", "keyframe_change_threshold:=0.0", *extra]
 
 
+def last_diagnostics(received) -> dict:
+    """The key-values of the localizer's newest diagnostics message; empty before the first."""
+    return {kv.key: kv.value for kv in received["/diagnostics"][-1].status[0].values} if received["/diagnostics"] else {}
+
+
 def test_outputs_agree_are_metric_stamped_and_services_work(tiny_checkpoint):
     listener = Listener([("vertebrae/poses", PoseArray, RELIABLE), ("vertebrae/markers", MarkerArray, RELIABLE),
                          ("vertebrae", VertebraArray, RELIABLE), ("ground_truth/poses", PoseArray, LATCHED),
@@ -74,10 +79,8 @@ def test_outputs_agree_are_metric_stamped_and_services_work(tiny_checkpoint):
             # the pair's stamp: the simulated images' stamp, not the time of publication
             assert abs(va.header.stamp.sec + 1e-9 * va.header.stamp.nanosec - time.time()) < 60
 
-            def diag():
-                return {kv.key: kv.value for kv in r["/diagnostics"][-1].status[0].values} if r["/diagnostics"] else {}
-            assert listener.spin_until(lambda: int(diag().get("published", 0)) >= 1, 5)
-            assert diag()["state"] == "active" and diag()["device"] == "cpu"
+            assert listener.spin_until(lambda: int(last_diagnostics(r).get("published", 0)) >= 1, 5)
+            assert last_diagnostics(r)["state"] == "active" and last_diagnostics(r)["device"] == "cpu"
 
             response = listener.call(SetBool, "enable", SetBool.Request(data=False))
             assert response.success and response.message == "disabled"
@@ -126,13 +129,10 @@ def test_unsynchronised_pair_gives_no_pose(tiny_checkpoint):
             # images reach the localizer (its diagnostics count unpaired frames), yet nothing pairs;
             # waiting on the count, not on a number of diagnostics, as the simulator's images may
             # take a few diagnostics periods longer than the localizer to be discovered
-            def last_values():
-                return {kv.key: kv.value for kv in r["/diagnostics"][-1].status[0].values} if r["/diagnostics"] else {}
-
-            assert listener.spin_until(lambda: int(last_values().get("unpaired_frames", 0)) >= 4, 60)
+            assert listener.spin_until(lambda: int(last_diagnostics(r).get("unpaired_frames", 0)) >= 4, 60)
             listener.spin_until(lambda: False, 1.0)  # a pose that did pair would arrive within this
             assert r["vertebrae/poses"] == []
-            assert last_values()["published"] == "0"
+            assert last_diagnostics(r)["published"] == "0"
     finally:
         listener.close()
 
