@@ -38,7 +38,8 @@ def localizer(ckpt, *extra):
 
 def last_diagnostics(received) -> dict:
     """The key-values of the localizer's newest diagnostics message; empty before the first."""
-    return {kv.key: kv.value for kv in received["/diagnostics"][-1].status[0].values} if received["/diagnostics"] else {}
+    diagnostics = received["/diagnostics"]
+    return {kv.key: kv.value for kv in diagnostics[-1].status[0].values} if diagnostics else {}
 
 
 def test_outputs_agree_are_metric_stamped_and_services_work(tiny_checkpoint):
