@@ -95,7 +95,9 @@ def test_real_anatomy_rows_are_the_evaluation_of_the_real_ct_pairs_or_a_clear_sk
     from x2p_ros.training.evaluate import real_anatomy
     row = real_anatomy(Localizer.from_checkpoint(ckpt), realct.ROOT, poses=1)  # x2p evaluate's row: the same
     assert row["pairs"] == 2 and row["3d_mm"]["mpe"] == pytest.approx(m["mpe"])
-    assert set(row["per_ct"]) == set(realct.CASES)
+    assert set(row["per_ct"]) == set(realct.CASES) and set(row["per_ct_steps"]) == set(realct.CASES)
+    steps = row["steps"]
+    assert f"| X2P-Net, real CTs | {steps['n']} | {steps['true_mm']:.1f} | {steps['predicted_mm']:.1f} |" in report
 
     lines = bench.realism_sheet(realct.ROOT, 64, 2, sheet, pairs_per_ct=1, poses=1)
     assert "(realism_sheet.png)" in lines[0]

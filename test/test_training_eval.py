@@ -47,15 +47,38 @@ def test_spurious_counts_present_predictions_past_the_last_ground_truth_vertebra
     assert metrics.spurious([True, True], 3) == 0 and metrics.spurious([], 0) == 0
 
 
+def test_steps_pair_consecutive_vertebrae_found_and_say_whether_the_spacing_is_read():
+    gt = np.array([[0.0, 0, 0], [0, 0, -30], [0, 0, -65], [0, 0, -105]])  # true steps 30, 35, 40
+    read = gt * 0.9 + 1.0  # the spacing read, 10 % short: every step 0.9 times the true one
+    true, predicted = metrics.steps(read, [True] * 4, gt)
+    assert true == pytest.approx([30, 35, 40]) and predicted == pytest.approx([27, 31.5, 36])
+    s = metrics.step_summary(true, predicted)
+    assert s["n"] == 3 and s["true_mm"] == pytest.approx(35) and s["predicted_mm"] == pytest.approx(31.5)
+    assert s["error_mm"] == pytest.approx(3.5) and s["slope"] == pytest.approx(0.9)
+    assert s["correlation"] == pytest.approx(1.0)
+    learnt = np.array([[0.0, 0, 0], [0, 0, -33], [0, 0, -66], [0, 0, -99], [0, 0, -132]])  # 33 mm whatever the truth
+    s = metrics.step_summary(*metrics.steps(learnt, [True] * 5, gt))
+    assert s["n"] == 3 and s["slope"] == pytest.approx(0.0) and np.isnan(s["correlation"])  # a constant step
+    assert s["error_mm"] == pytest.approx((3 + 2 + 7) / 3)
+    # a vertebra not found breaks the two steps beside it; predictions past the truth's end are no steps
+    true, predicted = metrics.steps(learnt, [True, False, True, True, True], gt)
+    assert true == pytest.approx([40]) and predicted == pytest.approx([33])
+    assert metrics.steps(learnt[:1], [True], gt)[0].size == 0
+    empty = metrics.step_summary([], [])
+    assert empty["n"] == 0 and all(np.isnan(empty[k]) for k in ("true_mm", "error_mm", "slope", "correlation"))
+
+
 def test_report_groups_3d_errors_by_level_index_and_field_kind():
     from x2p_ros.training.evaluate import field_kind, report
     short, long = field_kind(4), field_kind(8)
     assert short != long and field_kind(6) == short and field_kind(7) == long
     errors = {"3d": np.array([1.0, 3.0, np.inf, 10.0, 30.0]), "ap": [], "lat": [],
               "levels": ["L1", "L2", "L3", "L1", "L2"], "indices": [0, 1, 2, 0, 1],
-              "fields": [short] * 3 + [long] * 2, "swaps": 2, "spurious": 3, "pairs": 2, "windows": 5}
+              "fields": [short] * 3 + [long] * 2, "swaps": 2, "spurious": 3, "pairs": 2, "windows": 5,
+              "steps": [(np.array([30.0, 40.0]), np.array([33.0, 33.0])), (np.zeros(0), np.zeros(0))]}
     result = report(errors)
     assert result["spurious"] == 3 and result["windows_per_pair"] == 2.5
+    assert result["steps"]["n"] == 2 and result["steps"]["error_mm"] == 5.0 and result["steps"]["slope"] == 0.0
     by_index = result["per_index_3d_mm"]
     assert list(by_index) == [0, 1, 2] and by_index[0]["mpe"] == 5.5 and by_index[1]["mpe"] == 16.5
     assert by_index[2]["missed"] == 1 and result["identity_swaps"] == 2
@@ -170,10 +193,12 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(result["3d_mm"]) >= {"pcl@10", "pcl@20", "mpe", "auc", "missed"}
     assert {"2d_ap_px", "2d_lat_px", "per_level_mpe_mm", "identity_swaps"} <= set(result)
+    assert set(result["steps"]) == {"n", "true_mm", "predicted_mm", "error_mm", "slope", "correlation"}
     test_names = case_io.read_split(small_data, "test")
     assert result["split"] == "test" and result["cases"] == len(test_names)
     out = capsys.readouterr().out
     assert f"{len(test_names)} cases of split 'test'" in out and "real anatomy: not measured (--no-realct)" in out
+    assert "steps to the next vertebra: " in out
     assert "real_anatomy" not in result and result["chain_stride"] == 0  # the checkpoint's
     assert result["prompt_refinements"] == 0
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--no-realct",

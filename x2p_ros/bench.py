@@ -325,6 +325,7 @@ def realct_rows(checkpoints: dict, root: Path, poses: int = realct.POSES) -> tup
         return lines + [f"Skipped: the real CTs are not at {root} (`../shared/realct` beside the project).", ""], {}
     from . import metrics
     from .inference import Localizer
+    from .training.evaluate import step_report
     lines += [f"DRR pairs of the two labelled patient CTs in `{os.path.relpath(root)}` ({', '.join(realct.CASES)}), "
               f"{poses} random C-arm poses each (`x2p data import-ct --seed 0..{poses - 1}`, the data engine's "
               "physics), the ground-truth top-most vertebra as the prompt. They are the real-anatomy validation "
@@ -332,10 +333,12 @@ def realct_rows(checkpoints: dict, root: Path, poses: int = realct.POSES) -> tup
               "whose body is cut by a CT's edge is left out (T11 and T12 of the TotalSegmentator example).", "",
               "| method | PCL@10mm | PCL@20mm | MPE mm | AUC | 2D MPE LAT / AP px | vertebrae (missed) |",
               "|---|---|---|---|---|---|---|"]
-    summaries = {}
+    summaries, steps = {}, {}
     for label, ckpt in checkpoints.items():
         localizer = Localizer.from_checkpoint(ckpt)
         per_ct = realct.validation_errors(localizer, root, poses)
+        steps[f"{label}, real CTs"] = step_report({"steps": [s for e in per_ct.values() for s in e["steps"]]})
+        steps.update({f"{label}, {name}": step_report(e) for name, e in per_ct.items()})
         joined = {k: np.concatenate([e[k] for e in per_ct.values()]) for k in ("3d", "ap", "lat")}
         two_d = " / ".join(f"{metrics.summary(joined[v])['mpe']:.2f}" if joined[v].size else "-"
                            for v in ("lat", "ap"))
@@ -343,7 +346,20 @@ def realct_rows(checkpoints: dict, root: Path, poses: int = realct.POSES) -> tup
         lines.append(_metric_row(f"{label}, real CTs", summaries[label], two_d))
         for name, errors in per_ct.items():
             lines.append(_metric_row(f"{label}, {name}", metrics.summary(errors["3d"])))
-    return lines + [""], summaries
+    return lines + ["", *step_table(steps), ""], summaries
+
+
+def step_table(steps: dict) -> list[str]:
+    """{label: metrics.step_summary} as a table: do the steps from one vertebra to the next follow the true ones?"""
+    lines = ["Distance from each vertebra found to the next one found below it, against the true distance "
+             "(`metrics.steps`): a model that reads the spacing from the images has a slope and a correlation "
+             "near 1; one that steps by a learnt spacing whatever the anatomy, a slope near 0.", "",
+             "| method | steps | true mm | predicted mm | off by mm | slope | correlation |",
+             "|---|---|---|---|---|---|---|"]
+    for label, s in steps.items():
+        lines.append(f"| {label} | {s['n']} | {s['true_mm']:.1f} | {s['predicted_mm']:.1f} | {s['error_mm']:.1f} | "
+                     f"{s['slope']:.2f} | {s['correlation']:.2f} |")
+    return lines
 
 
 def _metric_row(label: str, m: dict, two_d: str = "") -> str:
@@ -405,6 +421,7 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
         each = ", ".join(f"{k}: {v['mpe']:.2f}" for k, v in r["prompt_sweep"].items())
         lines.append(f"| {label} | {r['prompt_sweep_max_mpe_change_mm']:.3f} | {each} |")
     lines += per_index_rows(results)
+    lines += ["", *step_table({f"{label}, test split": r["steps"] for label, r in results.items()})]
 
     lines += ["", "## Latency and memory per pair", "", "Model forward for one AP/LAT pair, median of 10 after 3 "
               "warm-up runs, each configuration in a fresh process (so that the CPU's resident peak is its own; "

@@ -38,6 +38,39 @@ def spurious(pred_present, n_gt: int) -> int:
     return int(np.sum(present[n_gt:]))
 
 
+def steps(pred, pred_present, gt) -> tuple[np.ndarray, np.ndarray]:
+    """The true and the predicted distance from each vertebra to the next one below, for every pair of
+    consecutive indices whose two predictions are present: whether a model reads the spacing of the
+    vertebrae from the images or steps by a spacing it has learnt, whatever the anatomy."""
+    n = min(len(gt), len(pred))
+    if n < 2:
+        return np.zeros(0), np.zeros(0)
+    gt, pred = np.asarray(gt, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    present = np.asarray(pred_present, dtype=bool)[:n]
+    both = present[:-1] & present[1:]  # (n - 1,)
+    true = np.linalg.norm(np.diff(gt[:n], axis=0), axis=-1)
+    predicted = np.linalg.norm(np.diff(pred[:n], axis=0), axis=-1)
+    return true[both], predicted[both]
+
+
+def step_summary(true, predicted) -> dict:
+    """How the predicted steps follow the true ones: their means (mm), the mean absolute difference (mm), and
+    the least-squares slope and the correlation of predicted on true (slope 1 and correlation 1: the spacing is
+    read; slope 0: every step is the same whatever the anatomy). NaN where there are too few steps."""
+    true, predicted = np.asarray(true, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    out = {"n": int(true.size), "true_mm": float("nan"), "predicted_mm": float("nan"), "error_mm": float("nan"),
+           "slope": float("nan"), "correlation": float("nan")}
+    if true.size:
+        out.update(true_mm=float(true.mean()), predicted_mm=float(predicted.mean()),
+                   error_mm=float(np.abs(predicted - true).mean()))
+    if true.size >= 2 and np.ptp(true) > 0:
+        dt, dp = true - true.mean(), predicted - predicted.mean()
+        out["slope"] = float((dt * dp).sum() / (dt * dt).sum())
+        if np.ptp(predicted) > 0:
+            out["correlation"] = float((dt * dp).sum() / np.sqrt((dt * dt).sum() * (dp * dp).sum()))
+    return out
+
+
 def pcl(errors, threshold: float) -> float:
     errors = np.asarray(errors, dtype=np.float64)
     return float(np.mean(errors <= threshold)) if errors.size else float("nan")

@@ -3,8 +3,9 @@ top-most vertebra as the prompt (optionally displaced, as Figure 9).
 
 3D: PCL@10/20 mm, MPE, AUC(10-50 mm); 2D per view (heatmap peaks): PCL@10/20
 px, MPE, AUC(10-50 px); 3D errors per level and per index below the prompt, and
-identity swaps (a vertebra found nearer to another's ground truth), and
-spurious vertebrae (present predictions past the last ground-truth one); a
+identity swaps (a vertebra found nearer to another's ground truth),
+spurious vertebrae (present predictions past the last ground-truth one), and
+how the steps from one vertebra to the next follow the true ones; a
 ground-truth vertebra without a present prediction is a miss."""
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
     error, its level, its index below the prompt and its case's field kind
     ('levels', 'indices', 'fields'); 'swaps': present predictions nearer to
     another vertebra's ground truth; 'spurious': present predictions past the
-    last ground-truth vertebra; 'pairs' localised and the model's 'windows' (forwards)
+    last ground-truth vertebra; 'steps': (true, predicted) distances between
+    consecutive vertebrae found (metrics.steps); 'pairs' localised and the model's 'windows' (forwards)
     for them. A case whose model output is not finite is a
     failed frame: every vertebra of it a miss, and its name and the reason in
     'failed'."""
     errors = {"3d": [], "ap": [], "lat": [], "levels": [], "indices": [], "fields": [], "failed": [], "swaps": 0,
-              "spurious": 0, "pairs": 0}
+              "spurious": 0, "pairs": 0, "steps": []}
     windows_before = localizer.windows_run
     has_heatmaps = localizer.config.use_sce or localizer.config.lifting
     for name in names:
@@ -65,6 +67,7 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
         errors["3d"].append(metrics.match_errors([f.xyz_mm for f in found], present, case.xyz_mm))
         errors["swaps"] += metrics.identity_swaps([f.xyz_mm for f in found], present, case.xyz_mm)
         errors["spurious"] += metrics.spurious(present, len(case.labels))
+        errors["steps"].append(metrics.steps([f.xyz_mm for f in found], present, case.xyz_mm))
         for v in VIEWS:
             if found and found[0].heatmap_pixels:
                 errors[v].append(metrics.match_errors([f.heatmap_pixels[v] for f in found], present, gt_px[v]))
@@ -86,12 +89,20 @@ def report(errors: dict) -> dict:
     out["per_index_3d_mm"] = {int(k): metrics.summary(errors["3d"][indices == k]) for k in np.unique(indices)}
     out["identity_swaps"] = errors["swaps"]
     out["spurious"] = errors["spurious"]
+    out["steps"] = step_report(errors)
     out["windows_per_pair"] = errors["windows"] / max(errors["pairs"], 1)  # model forwards per AP/LAT pair
     fields = {}
     for kind, e in zip(errors["fields"], errors["3d"]):
         fields.setdefault(kind, []).append(e)
     out["by_field_3d_mm"] = {k: metrics.summary(np.array(v)) for k, v in sorted(fields.items(), reverse=True)}
     return out
+
+
+def step_report(errors: dict) -> dict:
+    """metrics.step_summary over every case's steps."""
+    true, predicted = (np.concatenate([s[i] for s in errors["steps"]]) if errors["steps"] else np.zeros(0)
+                       for i in (0, 1))
+    return metrics.step_summary(true, predicted)
 
 
 def plot_pcl(errors: dict, png):
@@ -176,7 +187,9 @@ def real_anatomy(localizer: Localizer, root, poses: int | None = None) -> dict:
     per_ct = realct.validation_errors(localizer, root, poses)
     joined = np.concatenate([e["3d"] for e in per_ct.values()])
     return {"root": str(root), "pairs": poses * len(per_ct), "3d_mm": metrics.summary(joined),
-            "per_ct": {name: metrics.summary(e["3d"]) for name, e in per_ct.items()}}
+            "steps": step_report({"steps": [s for e in per_ct.values() for s in e["steps"]]}),
+            "per_ct": {name: metrics.summary(e["3d"]) for name, e in per_ct.items()},
+            "per_ct_steps": {name: step_report(e) for name, e in per_ct.items()}}
 
 
 def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=False, limit=None,
