@@ -337,7 +337,7 @@ def realct_rows(checkpoints: dict, root: Path, poses: int = realct.POSES) -> tup
     for label, ckpt in checkpoints.items():
         localizer = Localizer.from_checkpoint(ckpt)
         per_ct = realct.validation_errors(localizer, root, poses)
-        steps[f"{label}, real CTs"] = step_report({"steps": [s for e in per_ct.values() for s in e["steps"]]})
+        steps[f"{label}, real CTs"] = step_report(*per_ct.values())
         steps.update({f"{label}, {name}": step_report(e) for name, e in per_ct.items()})
         joined = {k: np.concatenate([e[k] for e in per_ct.values()]) for k in ("3d", "ap", "lat")}
         two_d = " / ".join(f"{metrics.summary(joined[v])['mpe']:.2f}" if joined[v].size else "-"

@@ -98,11 +98,12 @@ def report(errors: dict) -> dict:
     return out
 
 
-def step_report(errors: dict) -> dict:
-    """metrics.step_summary over every case's steps."""
-    true, predicted = (np.concatenate([s[i] for s in errors["steps"]]) if errors["steps"] else np.zeros(0)
-                       for i in (0, 1))
-    return metrics.step_summary(true, predicted)
+def step_report(*errors: dict) -> dict:
+    """metrics.step_summary over every case's steps of one or more evaluate_cases results."""
+    steps = [s for e in errors for s in e["steps"]]
+    if not steps:
+        return metrics.step_summary([], [])
+    return metrics.step_summary(np.concatenate([t for t, _ in steps]), np.concatenate([p for _, p in steps]))
 
 
 def plot_pcl(errors: dict, png):
@@ -187,7 +188,7 @@ def real_anatomy(localizer: Localizer, root, poses: int | None = None) -> dict:
     per_ct = realct.validation_errors(localizer, root, poses)
     joined = np.concatenate([e["3d"] for e in per_ct.values()])
     return {"root": str(root), "pairs": poses * len(per_ct), "3d_mm": metrics.summary(joined),
-            "steps": step_report({"steps": [s for e in per_ct.values() for s in e["steps"]]}),
+            "steps": step_report(*per_ct.values()),
             "per_ct": {name: metrics.summary(e["3d"]) for name, e in per_ct.items()},
             "per_ct_steps": {name: step_report(e) for name, e in per_ct.items()}}
 
