@@ -11,6 +11,7 @@ from x2p_ros import geometry
 from x2p_ros.geometry import carm_view
 from x2p_ros.model import X2PNet, build_model, preset
 from x2p_ros.model.brickformer import SCE, BrickLayer, brick_token_indices
+from x2p_ros.model.encoder import flatten_background
 from x2p_ros.model.fusion import Fusion3D, unproject, volume_frame, voxel_centres
 from x2p_ros.model.prompt_fe import PromptFE
 from x2p_ros.model.summary import example_inputs
@@ -396,3 +397,44 @@ def test_config_overrides_are_read_as_each_fields_type_and_bad_ones_refused():
                       ("heatmap_prior", "FIELD=VALUE")):
         with pytest.raises(ValueError, match=says):
             parse_overrides([bad])
+
+
+def _spine_like(size=64, seed=0):
+    """(1, 1, size, size): a column of bright blocks (vertebrae) with noise on a dark background."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 0.02, (size, size))
+    for top in range(4, size - 8, 12):
+        x[top:top + 8, size // 2 - 6:size // 2 + 6] += 0.5
+    return torch.tensor(x, dtype=torch.float32)[None, None]
+
+
+def test_background_flattening_removes_the_bodys_gradient_and_exposure_and_keeps_the_spine():
+    spine = _spine_like()
+    rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    thick = 3.0 * spine + 0.7 + 0.05 * rows - 0.03 * cols  # more contrast, a brighter exposure, a tilted body
+    sigma = 0.125 * 64
+    flat, flat_thick = flatten_background(spine, sigma), flatten_background(thick, sigma)
+    # a linear ramp is not blurred to itself near the replicated edges, which also moves the median (the scale)
+    inner = (slice(None), slice(None), slice(16, 48), slice(16, 48))
+    agreement = torch.corrcoef(torch.stack([flat[inner].flatten(), flat_thick[inner].flatten()]))[0, 1]
+    before = torch.corrcoef(torch.stack([spine[inner].flatten(), thick[inner].flatten()]))[0, 1]
+    assert agreement > 0.999 > before + 0.05
+    assert flat.shape == spine.shape and float(flat.abs().max()) <= 1.5
+    assert float(flat.abs().median()) == pytest.approx(0.25, rel=0.05)  # the scale the docstring promises
+    assert float(flat[0, 0, 8, 32]) > 0.5 > float(flat[0, 0, 8, 10])  # a block stays brighter than beside it
+    assert float(flat[0, 0, 14, 32]) < float(flat[0, 0, 8, 32])  # and than the gap below it
+
+
+def test_background_flattening_is_part_of_the_model_only_when_configured():
+    torch.manual_seed(0)
+    images, P, prompt = example_inputs(preset("tiny"), batch=1)
+    ramp = torch.linspace(0, 2, 64).view(1, 1, 1, 1, 64)
+    shifted = images * 3 + 1 + 0 * ramp  # contrast and exposure only: flattening undoes them exactly
+    plain = X2PNet(preset("tiny")).eval()
+    flattening = X2PNet(preset("tiny", background_sigma=0.125)).eval()
+    flattening.load_state_dict(plain.state_dict())  # the same weights: the option adds none
+    with torch.no_grad():
+        assert torch.allclose(flattening(images, P, prompt)["xyz"], flattening(shifted, P, prompt)["xyz"], atol=1e-4)
+        assert not torch.allclose(plain(images, P, prompt)["xyz"], plain(shifted, P, prompt)["xyz"], atol=1e-2)
+    with pytest.raises(ValueError, match="background_sigma"):
+        preset("cpu", background_sigma=0.8)

@@ -58,6 +58,10 @@ class X2PConfig:
     # sine position codes: 0 = DETR's doubling frequencies on 0..1 (the shipped cpu models); > 0 =
     # cell centres and frequencies up to this many cycles per image side (position_encoding.py)
     position_max_cycles: float = 0.0
+    # each input view minus its Gaussian blur of this sigma (a share of the input side) before the VFE, as a
+    # C-arm's dynamic-range compression flattens soft tissue: the spine's local contrast without the body's
+    # thickness gradient (encoder.py); 0: none (the shipped models before it)
+    background_sigma: float = 0.0
     # the lifting baseline on the same VFE and prompt FE: per-view high-resolution
     # heatmaps, 2D soft-argmax, closed-form two-view triangulation
     lifting: bool = False
@@ -86,6 +90,9 @@ class X2PConfig:
         if self.prompt_refinements < 0:
             raise ValueError(f"prompt_refinements must be 0 (the prompt as given) or more, got "
                              f"{self.prompt_refinements}")
+        if not 0 <= self.background_sigma <= 0.5:
+            raise ValueError(f"background_sigma must be 0 (none) to 0.5 of the input side, got "
+                             f"{self.background_sigma}")
         if self.hires_stride not in (1, 2, 4, 8):
             raise ValueError(f"hires_stride must be 1, 2, 4 or 8, got {self.hires_stride}")
 

@@ -2,11 +2,30 @@
 the prompt-guided FE."""
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import X2PConfig
 from .prompt_fe import PromptFE
 from .vfe import VFE
+
+
+def flatten_background(images, sigma_px: float):
+    """images (N, 1, H, W) minus their Gaussian blur of sigma_px, scaled so that the median absolute value is
+    1/4 and clipped to [-1.5, 1.5] as `preprocess.normalize` clips. C-arms compress a radiograph's dynamic range
+    this way before display: what is left is the bone's local contrast, without the body's thickness gradient
+    or the exposure, which differ more between patients than between vertebrae. The median, not the spread,
+    sets the scale, so that a collimator's or a round field's edge does not dim the spine."""
+    radius = min(int(3 * sigma_px), max(images.shape[-2:]) - 1)
+    t = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma_px) ** 2)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(images, (radius,) * 4, mode="replicate")  # (N, 1, H + 2r, W + 2r)
+    blurred = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))  # (N, 1, H, W)
+    detail = images - blurred
+    scale = detail.abs().flatten(1).median(dim=1).values.clamp_min(1e-6)  # (N,)
+    return (detail / (4 * scale.view(-1, 1, 1, 1))).clamp(-1.5, 1.5)
 
 
 class BiplanarEncoder(nn.Module):
@@ -23,6 +42,9 @@ class BiplanarEncoder(nn.Module):
     def encode(self, images, prompt):
         """-> high (B*V, c_hi, H/s, W/s) and f_m (B*V, d, H/8, W/8), views along the batch."""
         H, W = images.shape[-2:]
-        low, high = self.vfe(images.flatten(0, 1))  # (B*V, 8c, H/8, W/8), (B*V, c_hi, H/s, W/s)
+        views = images.flatten(0, 1)  # (B*V, 1, H, W)
+        if self.config.background_sigma > 0:
+            views = flatten_background(views, self.config.background_sigma * max(H, W))
+        low, high = self.vfe(views)  # (B*V, 8c, H/8, W/8), (B*V, c_hi, H/s, W/s)
         f_m = self.fe(low, prompt.flatten(0, 1).float(), (H, W))  # (B*V, d, H/8, W/8)
         return high, f_m
