@@ -423,6 +423,8 @@ def test_background_flattening_removes_the_bodys_gradient_and_exposure_and_keeps
     assert float(flat.abs().median()) == pytest.approx(0.25, rel=0.05)  # the scale the docstring promises
     assert float(flat[0, 0, 8, 32]) > 0.5 > float(flat[0, 0, 8, 10])  # a block stays brighter than beside it
     assert float(flat[0, 0, 14, 32]) < float(flat[0, 0, 8, 32])  # and than the gap below it
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the node's bf16 runs it: the same, in float32
+        torch.testing.assert_close(flatten_background(thick, sigma), flat_thick)
 
 
 def test_background_flattening_is_part_of_the_model_only_when_configured():

@@ -17,15 +17,17 @@ def flatten_background(images, sigma_px: float):
     this way before display: what is left is the bone's local contrast, without the body's thickness gradient
     or the exposure, which differ more between patients than between vertebrae. The median, not the spread,
     sets the scale, so that a collimator's or a round field's edge does not dim the spine."""
-    radius = min(int(3 * sigma_px), max(images.shape[-2:]) - 1)
-    t = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-0.5 * (t / sigma_px) ** 2)
-    kernel = kernel / kernel.sum()
-    padded = F.pad(images, (radius,) * 4, mode="replicate")  # (N, 1, H + 2r, W + 2r)
-    blurred = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))  # (N, 1, H, W)
-    detail = images - blurred
-    scale = detail.abs().flatten(1).median(dim=1).values.clamp_min(1e-6)  # (N,)
-    return (detail / (4 * scale.view(-1, 1, 1, 1))).clamp(-1.5, 1.5)
+    with torch.autocast(images.device.type, enabled=False):  # in bf16 the detail left is at its rounding step
+        x = images.float()
+        radius = min(int(3 * sigma_px), max(x.shape[-2:]) - 1)
+        t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+        kernel = torch.exp(-0.5 * (t / sigma_px) ** 2)
+        kernel = kernel / kernel.sum()
+        padded = F.pad(x, (radius,) * 4, mode="replicate")  # (N, 1, H + 2r, W + 2r)
+        blurred = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))  # (N, 1, H, W)
+        detail = x - blurred
+        scale = detail.abs().flatten(1).median(dim=1).values.clamp_min(1e-6)  # (N,)
+        return (detail / (4 * scale.view(-1, 1, 1, 1))).clamp(-1.5, 1.5).to(images.dtype)
 
 
 class BiplanarEncoder(nn.Module):
