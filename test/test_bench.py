@@ -96,6 +96,9 @@ def test_real_anatomy_rows_are_the_evaluation_of_the_real_ct_pairs_or_a_clear_sk
     row = real_anatomy(Localizer.from_checkpoint(ckpt), realct.ROOT, poses=1)  # x2p evaluate's row: the same
     assert row["pairs"] == 2 and row["3d_mm"]["mpe"] == pytest.approx(m["mpe"])
     assert set(row["per_ct"]) == set(realct.CASES) and set(row["per_ct_steps"]) == set(realct.CASES)
+    assert set(row["steps_2d"]) == {"ap", "lat"} and set(row["per_ct_steps_2d"]) == set(realct.CASES)
+    for view, pooled in row["steps_2d"].items():  # the heatmap peaks' steps over both CTs: each CT's together
+        assert pooled["n"] == sum(s[view]["n"] for s in row["per_ct_steps_2d"].values())
     steps = row["steps"]
     assert f"| X2P-Net, real CTs | {steps['n']} | {steps['true_mm']:.1f} | {steps['predicted_mm']:.1f} |" in report
 

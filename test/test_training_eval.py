@@ -75,10 +75,14 @@ def test_report_groups_3d_errors_by_level_index_and_field_kind():
     errors = {"3d": np.array([1.0, 3.0, np.inf, 10.0, 30.0]), "ap": [], "lat": [],
               "levels": ["L1", "L2", "L3", "L1", "L2"], "indices": [0, 1, 2, 0, 1],
               "fields": [short] * 3 + [long] * 2, "swaps": 2, "spurious": 3, "pairs": 2, "windows": 5,
-              "steps": [(np.array([30.0, 40.0]), np.array([33.0, 33.0])), (np.zeros(0), np.zeros(0))]}
+              "steps": [(np.array([30.0, 40.0]), np.array([33.0, 33.0])), (np.zeros(0), np.zeros(0))],
+              "steps_2d": {"ap": [(np.array([20.0, 30.0, 40.0]), np.array([22.0, 30.0, 38.0]))], "lat": []}}
     result = report(errors)
     assert result["spurious"] == 3 and result["windows_per_pair"] == 2.5
     assert result["steps"]["n"] == 2 and result["steps"]["error_mm"] == 5.0 and result["steps"]["slope"] == 0.0
+    ap = result["steps_2d"]["ap"]  # the heatmap peaks' steps, in pixels; a view without peaks has none
+    assert list(result["steps_2d"]) == ["ap"] and ap["n"] == 3 and ap["true_px"] == 30.0
+    assert ap["error_px"] == pytest.approx(4 / 3) and ap["slope"] == pytest.approx(0.8) and "true_mm" not in ap
     by_index = result["per_index_3d_mm"]
     assert list(by_index) == [0, 1, 2] and by_index[0]["mpe"] == 5.5 and by_index[1]["mpe"] == 16.5
     assert by_index[2]["missed"] == 1 and result["identity_swaps"] == 2
@@ -194,11 +198,13 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     assert set(result["3d_mm"]) >= {"pcl@10", "pcl@20", "mpe", "auc", "missed"}
     assert {"2d_ap_px", "2d_lat_px", "per_level_mpe_mm", "identity_swaps"} <= set(result)
     assert set(result["steps"]) == {"n", "true_mm", "predicted_mm", "error_mm", "slope", "correlation"}
+    assert set(result["steps_2d"]) == {"ap", "lat"}
+    assert set(result["steps_2d"]["lat"]) == {"n", "true_px", "predicted_px", "error_px", "slope", "correlation"}
     test_names = case_io.read_split(small_data, "test")
     assert result["split"] == "test" and result["cases"] == len(test_names)
     out = capsys.readouterr().out
     assert f"{len(test_names)} cases of split 'test'" in out and "real anatomy: not measured (--no-realct)" in out
-    assert "steps to the next vertebra: " in out
+    assert "steps to the next vertebra: " in out and "steps of the heatmap peaks, LAT: " in out
     assert "real_anatomy" not in result and result["chain_stride"] == 0  # the checkpoint's
     assert result["prompt_refinements"] == 0
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--no-realct",

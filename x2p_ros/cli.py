@@ -84,13 +84,20 @@ def _train(args):
     return 0
 
 
-def _steps_line(s: dict) -> str:
+def _steps_line(s: dict, unit: str = "mm") -> str:
     """metrics.step_summary in words."""
     if not s["n"]:
         return "none (no two consecutive vertebrae found)"
-    return (f"{s['n']} steps, true {s['true_mm']:.1f} mm, predicted {s['predicted_mm']:.1f} mm on average, "
-            f"off by {s['error_mm']:.1f} mm; slope {s['slope']:.2f}, correlation {s['correlation']:.2f} "
-            f"(1 and 1: the spacing is read from the images)")
+    return (f"{s['n']} steps, true {s[f'true_{unit}']:.1f} {unit}, predicted {s[f'predicted_{unit}']:.1f} {unit} "
+            f"on average, off by {s[f'error_{unit}']:.1f} {unit}; slope {s['slope']:.2f}, correlation "
+            f"{s['correlation']:.2f} (1 and 1: the spacing is read from the images)")
+
+
+def _print_steps(result: dict, prefix: str = ""):
+    """The 3D estimates' steps and each view's heatmap peaks' steps."""
+    print(f"{prefix}steps to the next vertebra: {_steps_line(result['steps'])}")
+    for view, s in result["steps_2d"].items():
+        print(f"{prefix}steps of the heatmap peaks, {view.upper()}: {_steps_line(s, 'px')}")
 
 
 def _adapt(args):
@@ -130,14 +137,14 @@ def _evaluate(args):
     print(f"3D MPE mm by index below the prompt (missed/vertebrae): {per_index}")
     print(f"identity swaps: {result['identity_swaps']} (found nearer to another vertebra's ground truth)")
     print(f"spurious: {result['spurious']} (found past the last vertebra of the ground truth)")
-    print(f"steps to the next vertebra: {_steps_line(result['steps'])}")
+    _print_steps(result)
     print(f"model forwards per pair: {result['windows_per_pair']:.1f} (windows; a chain stride adds some)")
     if "real_anatomy" in result:
         r = result["real_anatomy"]
         m = r["3d_mm"]
         print(f"real anatomy (validation only: {r['pairs']} pairs of the CTs in {r['root']}): PCL@10 "
               f"{100 * m['pcl@10']:.1f} %  MPE {m['mpe']:.2f} mm  ({m['n']} vertebrae, {m['missed']} missed)")
-        print(f"real anatomy, steps to the next vertebra: {_steps_line(r['steps'])}")
+        _print_steps(r, "real anatomy, ")
     elif args.no_realct:
         print("real anatomy: not measured (--no-realct)")
     else:

@@ -53,16 +53,17 @@ def steps(pred, pred_present, gt) -> tuple[np.ndarray, np.ndarray]:
     return true[both], predicted[both]
 
 
-def step_summary(true, predicted) -> dict:
-    """How the predicted steps follow the true ones: their means (mm), the mean absolute difference (mm), and
-    the least-squares slope and the correlation of predicted on true (slope 1 and correlation 1: the spacing is
-    read; slope 0: every step is the same whatever the anatomy). NaN where there are too few steps."""
+def step_summary(true, predicted, unit: str = "mm") -> dict:
+    """How the predicted steps follow the true ones: their means, the mean absolute difference (keys
+    true_UNIT, predicted_UNIT, error_UNIT: mm in 3D, px for heatmap peaks), and the least-squares slope and
+    the correlation of predicted on true (slope 1 and correlation 1: the spacing is read; slope 0: every step
+    is the same whatever the anatomy). NaN where there are too few steps."""
     true, predicted = np.asarray(true, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
-    out = {"n": int(true.size), "true_mm": float("nan"), "predicted_mm": float("nan"), "error_mm": float("nan"),
-           "slope": float("nan"), "correlation": float("nan")}
+    out = {"n": int(true.size), f"true_{unit}": float("nan"), f"predicted_{unit}": float("nan"),
+           f"error_{unit}": float("nan"), "slope": float("nan"), "correlation": float("nan")}
     if true.size:
-        out.update(true_mm=float(true.mean()), predicted_mm=float(predicted.mean()),
-                   error_mm=float(np.abs(predicted - true).mean()))
+        out.update({f"true_{unit}": float(true.mean()), f"predicted_{unit}": float(predicted.mean()),
+                    f"error_{unit}": float(np.abs(predicted - true).mean())})
     if true.size >= 2 and np.ptp(true) > 0:
         dt, dp = true - true.mean(), predicted - predicted.mean()
         out["slope"] = float((dt * dp).sum() / (dt * dt).sum())

@@ -35,12 +35,13 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
     ('levels', 'indices', 'fields'); 'swaps': present predictions nearer to
     another vertebra's ground truth; 'spurious': present predictions past the
     last ground-truth vertebra; 'steps': (true, predicted) distances between
-    consecutive vertebrae found (metrics.steps); 'pairs' localised and the model's 'windows' (forwards)
+    consecutive vertebrae found (metrics.steps), and 'steps_2d' {view: the same of the heatmap peaks, px};
+    'pairs' localised and the model's 'windows' (forwards)
     for them. A case whose model output is not finite is a
     failed frame: every vertebra of it a miss, and its name and the reason in
     'failed'."""
     errors = {"3d": [], "ap": [], "lat": [], "levels": [], "indices": [], "fields": [], "failed": [], "swaps": 0,
-              "spurious": 0, "pairs": 0, "steps": []}
+              "spurious": 0, "pairs": 0, "steps": [], "steps_2d": {v: [] for v in VIEWS}}
     windows_before = localizer.windows_run
     has_heatmaps = localizer.config.use_sce or localizer.config.lifting
     for name in names:
@@ -70,7 +71,9 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
         errors["steps"].append(metrics.steps([f.xyz_mm for f in found], present, case.xyz_mm))
         for v in VIEWS:
             if found and found[0].heatmap_pixels:
-                errors[v].append(metrics.match_errors([f.heatmap_pixels[v] for f in found], present, gt_px[v]))
+                peaks = [f.heatmap_pixels[v] for f in found]
+                errors[v].append(metrics.match_errors(peaks, present, gt_px[v]))
+                errors["steps_2d"][v].append(metrics.steps(peaks, present, gt_px[v]))
     errors["windows"] = localizer.windows_run - windows_before
     return {k: (np.concatenate(v) if k in ("3d",) + VIEWS and v else v) for k, v in errors.items()}
 
@@ -90,6 +93,7 @@ def report(errors: dict) -> dict:
     out["identity_swaps"] = errors["swaps"]
     out["spurious"] = errors["spurious"]
     out["steps"] = step_report(errors)
+    out["steps_2d"] = steps_2d(errors)
     out["windows_per_pair"] = errors["windows"] / max(errors["pairs"], 1)  # model forwards per AP/LAT pair
     fields = {}
     for kind, e in zip(errors["fields"], errors["3d"]):
@@ -98,12 +102,20 @@ def report(errors: dict) -> dict:
     return out
 
 
-def step_report(*errors: dict) -> dict:
-    """metrics.step_summary over every case's steps of one or more evaluate_cases results."""
-    steps = [s for e in errors for s in e["steps"]]
+def step_report(*errors: dict, view: str | None = None) -> dict:
+    """metrics.step_summary over every case's steps of one or more evaluate_cases results: the 3D estimates'
+    (mm), or with a view its heatmap peaks' (px)."""
+    steps = [s for e in errors for s in (e["steps"] if view is None else e["steps_2d"][view])]
+    unit = "mm" if view is None else "px"
     if not steps:
-        return metrics.step_summary([], [])
-    return metrics.step_summary(np.concatenate([t for t, _ in steps]), np.concatenate([p for _, p in steps]))
+        return metrics.step_summary([], [], unit)
+    return metrics.step_summary(np.concatenate([t for t, _ in steps]), np.concatenate([p for _, p in steps]), unit)
+
+
+def steps_2d(*errors: dict) -> dict:
+    """{view: step_report of its heatmap peaks} for the views that have them: whether the 2D branch reads the
+    spacing where the 3D output does not."""
+    return {v: step_report(*errors, view=v) for v in VIEWS if any(e["steps_2d"][v] for e in errors)}
 
 
 def plot_pcl(errors: dict, png):
@@ -188,9 +200,10 @@ def real_anatomy(localizer: Localizer, root, poses: int | None = None) -> dict:
     per_ct = realct.validation_errors(localizer, root, poses)
     joined = np.concatenate([e["3d"] for e in per_ct.values()])
     return {"root": str(root), "pairs": poses * len(per_ct), "3d_mm": metrics.summary(joined),
-            "steps": step_report(*per_ct.values()),
+            "steps": step_report(*per_ct.values()), "steps_2d": steps_2d(*per_ct.values()),
             "per_ct": {name: metrics.summary(e["3d"]) for name, e in per_ct.items()},
-            "per_ct_steps": {name: step_report(e) for name, e in per_ct.items()}}
+            "per_ct_steps": {name: step_report(e) for name, e in per_ct.items()},
+            "per_ct_steps_2d": {name: steps_2d(e) for name, e in per_ct.items()}}
 
 
 def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=False, limit=None,
