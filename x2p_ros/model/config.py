@@ -60,7 +60,7 @@ class X2PConfig:
     position_max_cycles: float = 0.0
     # each input view minus its Gaussian blur of this sigma (a share of the input side) before the VFE, as a
     # C-arm's dynamic-range compression flattens soft tissue: the spine's local contrast without the body's
-    # thickness gradient (encoder.py); 0: none (the shipped models before it)
+    # thickness gradient (encoder.py); 0: none (both shipped models; README: tried at 0.125, not shipped)
     background_sigma: float = 0.0
     # the lifting baseline on the same VFE and prompt FE: per-view high-resolution
     # heatmaps, 2D soft-argmax, closed-form two-view triangulation
