@@ -124,3 +124,26 @@ def test_inference_windowing_maps_the_percentiles_to_unit_range_in_float32():
         assert x.min() >= -1.5 and x.max() <= 1.5
     with pytest.raises(ValueError, match="NaN or Inf"):
         preprocess.normalize(np.array([[0.0, np.nan]]))
+
+
+def test_looks_are_the_image_and_distinct_deterministic_windowed_versions_that_keep_the_bright_squares():
+    image = _radiograph()
+    looks = preprocess.looks(image, 5)
+    assert len(looks) == 5 and looks[0] is image  # the first look is the image as given
+    again = preprocess.looks(image, 5)
+    squares = np.zeros(image.shape, dtype=bool)
+    for top in range(10, 128 - 20, 24):
+        squares[top + 3:top + 13, 64 - 7:64 + 7] = True
+    for k, look in enumerate(looks[1:], 1):
+        np.testing.assert_array_equal(look, again[k])
+        assert look.shape == image.shape and look.dtype == np.float32
+        assert look.min() >= -1.5 and look.max() <= 1.5
+        assert np.abs(look - image).mean() > 0.02, f"look {k} is the image again"
+        assert look[squares].mean() > look[~squares].mean() + 0.5, f"look {k} lost the bone"
+    for j in range(1, 5):
+        for k in range(j + 1, 5):
+            assert np.abs(looks[j] - looks[k]).mean() > 0.02, f"looks {j} and {k} are the same"
+    assert preprocess.looks(image, 1) == [image]
+    for bad in (0, 6):
+        with pytest.raises(ValueError, match="looks"):
+            preprocess.looks(image, bad)

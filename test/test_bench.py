@@ -44,7 +44,7 @@ def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path
         assert f"| {label} | {mpe} ({first['n']}, {first['missed']}) |" in report
         assert f"| {r['identity_swaps']} / {found} | {r['spurious']} | {r['windows_per_pair']:.1f} |" in report
         assert r["windows_per_pair"] >= 1
-    assert "64 x 64, presence threshold 0.5, chain stride 1, prompt refinements 1;" in report
+    assert "64 x 64, presence threshold 0.5, chain stride 1, prompt refinements 1, extra looks 0;" in report
     assert f"Test split: 3 phantom cases rendered by version {ENGINE_VERSION} of the data engine with seed " in report
     for row in ("X2P-Net (shipped) | 64", "X2P-Net, same architecture | 512", "lifting baseline (shipped) | 64",
                 f"{bench.PAPER_CONFIG_LATENCY} | 64"):

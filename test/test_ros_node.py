@@ -199,7 +199,7 @@ def test_the_presence_threshold_and_inference_settings_are_the_checkpoints_own_u
     from x2p_ros.ros.localizer_node import LocalizerNode
     torch.manual_seed(0)
     ckpt = checkpoint.save(tmp_path / "calibrated.pt", X2PNet(preset("tiny", presence_threshold=0.3, chain_stride=2,
-                                                                           prompt_refinements=1)))
+                                                                           prompt_refinements=1, extra_looks=2)))
     context = rclpy.Context()
     rclpy.init(context=context)
     node = LocalizerNode(context=context, parameter_overrides=[Parameter("checkpoint", value=str(ckpt)),
@@ -216,7 +216,8 @@ def test_the_presence_threshold_and_inference_settings_are_the_checkpoints_own_u
         assert node.localizer.threshold == 0.3
         assert not node.set_parameters([Parameter("presence_threshold", value=1.5)])[0].successful
         assert node.localizer.threshold == 0.3
-        for name, own, chosen, out_of_range in (("chain_stride", 2, 0, 11), ("prompt_refinements", 1, 3, 6)):
+        for name, own, chosen, out_of_range in (("chain_stride", 2, 0, 11), ("prompt_refinements", 1, 3, 6),
+                                                ("extra_looks", 2, 4, 5)):
             assert getattr(node.localizer, name) == own  # the checkpoint's, like the threshold
             assert node.set_parameters([Parameter(name, value=chosen)])[0].successful
             assert getattr(node.localizer, name) == chosen

@@ -218,6 +218,22 @@ def test_training_resumes_from_its_last_checkpoint_and_evaluates(small_data, tmp
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--no-realct",
                  "--prompt-refinements", "-1"]) == 2
     assert "prompt refinements must be 0" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--no-realct",
+                 "--extra-looks", "5"]) == 2
+    assert "extra looks must be at most 4" in capsys.readouterr().err
+    looked = []
+    for name in ("looks", "looks-again"):  # the random looks are drawn from the seed: the same twice
+        assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--no-realct",
+                     "--extra-looks", "2", "--look-seed", "3", "--out", str(tmp_path / name)]) == 0
+        looked.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert looked[0]["extra_looks"] == 2 and looked[0]["look_seed"] == 3 and result["look_seed"] is None
+    assert looked[0]["3d_mm"] == looked[1]["3d_mm"] and looked[0]["2d_ap_px"] == looked[1]["2d_ap_px"]
+    assert "extra looks 2, random looks of seed 3" in capsys.readouterr().out
+    # the split's images in other looks: the heatmaps (and their peaks) of a model that reads the images move
+    assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--no-realct",
+                 "--look-seed", "3", "--out", str(tmp_path / "looked")]) == 0
+    assert json.loads((tmp_path / "looked" / "metrics.json").read_text())["2d_ap_px"] != result["2d_ap_px"]
+    capsys.readouterr()
     assert main(["evaluate", "--data", str(small_data), "--checkpoint", str(run / "best.pt"), "--split", "all",
                  "--no-realct", "--out", str(tmp_path / "all")]) == 0
     every = json.loads((tmp_path / "all" / "metrics.json").read_text())
@@ -587,3 +603,53 @@ def test_the_peaked_3d_target_tells_a_peak_from_a_blob_the_squared_error_cannot(
     off = -((points - torch.tensor([0.0, 0.0, 30.0])).square().sum(-1)[None]) / (2 * 6.0 ** 2)
     assert peak_3d_loss(off, points, truth, torch.ones(1, 1), 6.0) > peak_3d_loss(logits, points, truth,
                                                                                  torch.ones(1, 1), 6.0)
+
+
+class LookMisreadingOracle(OracleNet):
+    """An oracle that misreads one look: run on a batch of looks of one window, it places every vertebra 50
+    mm off sideways and finds none present in the second look, and is right in the others; it keeps each
+    batch it was given."""
+
+    def __init__(self, xyz, config):
+        super().__init__(xyz, config)
+        self.batches = []
+
+    def forward(self, images, P, prompt):
+        self.batches.append((images.clone(), P.clone(), prompt.clone()))
+        one = super().forward(images[:1], P[:1], prompt[:1])
+        xyz, presence = one["xyz"].repeat(len(images), 1, 1), one["presence"].repeat(len(images), 1)
+        if len(images) > 1:
+            xyz[1, :, 0] += 50.0
+            presence[1] = 0.0
+        return {"xyz": xyz, "presence": presence}
+
+
+@pytest.mark.parametrize("extra_looks", [0, 2, 4])
+def test_extra_looks_run_each_window_in_other_looks_and_one_misread_look_moves_no_estimate(extra_looks):
+    from x2p_ros.geometry import carm_view
+    Ps = {v: carm_view(v, 550.0, 1000.0, 100.0, 64)[0] for v in ("ap", "lat")}
+    xyz = np.array([[0.0, 0.0, 20.0 - 12.0 * i] for i in range(3)])
+    net = LookMisreadingOracle(xyz, preset("tiny", n_vertebrae=4, extra_looks=extra_looks))
+    localizer = Localizer(net, presence_threshold=0.5)
+    assert localizer.extra_looks == extra_looks  # the checkpoint's own
+    images = {v: np.random.default_rng(1).random((64, 64)).astype(np.float32) for v in Ps}
+    present = [f for f in localizer.localize(images, Ps, {v: geometry.project(Ps[v], xyz[:1])[0] for v in Ps})
+               if f.present]
+    assert net.calls == localizer.windows_run == 1  # the looks share one forward: a batch
+    batch_images, batch_P, batch_prompt = net.batches[0]
+    assert batch_images.shape == (extra_looks + 1, 2, 1, 64, 64)
+    for k in range(1, extra_looks + 1):  # the same window in another look, with the same geometry
+        assert (batch_images[k] - batch_images[0]).abs().mean() > 0.02
+        torch.testing.assert_close(batch_P[k], batch_P[0])
+        torch.testing.assert_close(batch_prompt[k], batch_prompt[0])
+    # the median of the looks' estimates and their mean presence (0.9 but in the misread look)
+    np.testing.assert_allclose([f.xyz_mm for f in present], xyz, atol=1e-9)
+    np.testing.assert_allclose([f.confidence for f in present], 0.9 * extra_looks / (extra_looks + 1) if extra_looks
+                               else 0.9, rtol=1e-6)
+
+
+def test_extra_looks_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="extra_looks"):
+        preset("tiny", extra_looks=5)
+    with pytest.raises(ValueError, match="extra_looks"):
+        preset("tiny", extra_looks=-1)

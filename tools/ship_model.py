@@ -15,11 +15,13 @@ presence threshold; its JSON keeps the training record and gets the new threshol
 
   python tools/ship_model.py --chain-stride S NAME MEASURED.json
   python tools/ship_model.py --prompt-refinements R NAME MEASURED.json
+  python tools/ship_model.py --extra-looks L NAME MEASURED.json
 
-sets the shipped model's chain stride (X2PConfig.chain_stride: prompt again every S vertebrae) or
+sets the shipped model's chain stride (X2PConfig.chain_stride: prompt again every S vertebrae),
 prompt refinements (X2PConfig.prompt_refinements: prompt again R times at the prompted vertebra's
-estimate), its weights unchanged; MEASURED.json, the figures it was chosen by (`x2p evaluate
---chain-stride` or `--prompt-refinements` on phantom data), goes into its JSON."""
+estimate) or extra looks (X2PConfig.extra_looks: the median over L more looks of each window), its
+weights unchanged; MEASURED.json, the figures it was chosen by (`x2p evaluate --chain-stride`,
+`--prompt-refinements` or `--extra-looks` on phantom data), goes into its JSON."""
 import csv
 import json
 import platform
@@ -156,11 +158,13 @@ def recalibrated(copy: str, name: str = "default") -> int:
 
 
 INFERENCE_SETTINGS = {"--chain-stride": ("chain_stride", "chain stride"),
-                      "--prompt-refinements": ("prompt_refinements", "prompt refinements")}
+                      "--prompt-refinements": ("prompt_refinements", "prompt refinements"),
+                      "--extra-looks": ("extra_looks", "extra looks")}
 
 
 def with_inference_setting(option: str, value: str, name: str, measured: str) -> int:
-    """The shipped model with another chain stride or number of prompt refinements, its weights unchanged."""
+    """The shipped model with another chain stride, number of prompt refinements or of extra looks, its weights
+    unchanged."""
     if name not in TARGETS:
         raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
     field, words = INFERENCE_SETTINGS[option]

@@ -390,7 +390,8 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
         lines.append(f"- {label}: `{os.path.relpath(ckpt)}`, "
                      f"config {json.dumps(meta.get('config_name', '?'))}, {model.config.image_size} x "
                      f"{model.config.image_size}, presence threshold {model.config.presence_threshold:g}, chain "
-                     f"stride {model.config.chain_stride}, prompt refinements {model.config.prompt_refinements}; "
+                     f"stride {model.config.chain_stride}, prompt refinements {model.config.prompt_refinements}, "
+                     f"extra looks {model.config.extra_looks}; "
                      f"{meta.get('note', '')}")
     sizes = sorted({c.image_size for c in configs.values()})
     lines += ["", f"Test split: {test_cases} phantom cases rendered by version {ENGINE_VERSION} of the data engine "

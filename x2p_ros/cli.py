@@ -120,11 +120,13 @@ def _evaluate(args):
     root = args.realct or (None if args.no_realct or not realct.available() else realct.ROOT)
     result = evaluate(args.data, args.checkpoint, split=args.split, out=args.out, device=args.device,
                       sweep=args.sweep, limit=args.limit, realct_root=root, chain_stride=args.chain_stride,
-                      prompt_refinements=args.prompt_refinements)
+                      prompt_refinements=args.prompt_refinements, extra_looks=args.extra_looks,
+                      look_seed=args.look_seed)
     for failed in result["failed_cases"]:
         print(f"x2p: error: case {failed['case']}: {failed['error']} (counted as missed)", file=sys.stderr)
     print(f"{result['cases']} cases of split '{result['split']}' in {result['data']}, chain stride "
-          f"{result['chain_stride']}, prompt refinements {result['prompt_refinements']}")
+          f"{result['chain_stride']}, prompt refinements {result['prompt_refinements']}, extra looks "
+          f"{result['extra_looks']}" + ("" if args.look_seed is None else f", random looks of seed {args.look_seed}"))
     m = result["3d_mm"]
     print(f"3D: PCL@10 {100 * m['pcl@10']:.1f} %  PCL@20 {100 * m['pcl@20']:.1f} %  MPE {m['mpe']:.2f} mm  "
           f"AUC {m['auc']:.4f}  ({m['n']} vertebrae, {m['missed']} missed)")
@@ -338,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-refinements", type=int, default=None,
                    help="prompt again R times at the estimate of the prompted vertebra (0: the prompt as given; "
                         "default: the checkpoint's)")
+    p.add_argument("--extra-looks", type=int, default=None,
+                   help="also run each window in L other looks (edge enhancement, gamma, CLAHE) and take the median "
+                        "estimate (0: the image as given; at most 4; default: the checkpoint's)")
+    p.add_argument("--look-seed", type=int, default=None,
+                   help="give each view of the split a random look first, drawn as training draws it from this "
+                        "seed: how the estimates depend on the images' look (the real CTs stay as they are)")
     p.set_defaults(run=_evaluate)
 
     p = commands.add_parser("presence", help="choose the presence threshold on a data split (vertebrae within "

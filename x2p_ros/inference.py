@@ -82,7 +82,8 @@ def check_inputs(images: dict, Ps: dict, prompts: dict) -> tuple[dict, dict, dic
 class Localizer:
     # settings of how a pair is localised, each the checkpoint's config unless the node or x2p evaluate sets it,
     # with what 0 means
-    SETTINGS = {"chain_stride": "the whole view's estimates", "prompt_refinements": "the prompt as given"}
+    SETTINGS = {"chain_stride": "the whole view's estimates", "prompt_refinements": "the prompt as given",
+                "extra_looks": "the image as given"}
 
     def __init__(self, model: X2PNet, device="cpu", presence_threshold: float | None = None, bf16: bool = False,
                  cuda_graph: bool = True):
@@ -97,6 +98,7 @@ class Localizer:
         self.threshold = model.config.presence_threshold if presence_threshold is None else presence_threshold
         self.chain_stride = model.config.chain_stride  # 0: one window gives the chain
         self.prompt_refinements = model.config.prompt_refinements  # 0: the prompt as given
+        self.extra_looks = model.config.extra_looks  # 0: the image as given
         self.windows_run = 0  # forwards so far: a pair costs one per window
 
     @classmethod
@@ -150,19 +152,22 @@ class Localizer:
     @torch.no_grad()
     def _run_window(self, images, Ps, prompts, boxes):
         self.windows_run += 1
-        size = self.config.image_size
+        size, n_looks = self.config.image_size, self.extra_looks + 1
         tiles, Pw, pw, A = [], [], [], {}
         for view in VIEWS:
             tile, P, A[view] = preprocess.window(images[view], Ps[view], boxes[view], size)
-            tiles.append(preprocess.normalize(tile))
+            tiles.append(preprocess.looks(preprocess.normalize(tile), n_looks))
             Pw.append(P)
             pw.append(geometry.transform_pixels(A[view], prompts[view])[0])
-        t = lambda a: torch.as_tensor(np.stack(a)[None], dtype=torch.float32, device=self.device)  # noqa: E731
-        out = self.forward(t(tiles)[:, :, None], t(Pw), t(pw))
-        outputs = {"3D positions": out["xyz"][0].double().cpu().numpy(),
-                   "presence": out["presence"][0].float().cpu().numpy()}
+        # one batch of the looks, each with the same P and prompt
+        t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
+        out = self.forward(t(np.stack(tiles, axis=1)[:, :, None]),  # (L, V, 1, S, S)
+                           t(np.stack(Pw)).expand(n_looks, -1, -1, -1), t(np.stack(pw)).expand(n_looks, -1, -1))
+        # over the looks: the median estimate (one look's misreading does not move it) and the mean presence
+        outputs = {"3D positions": np.median(out["xyz"].double().cpu().numpy(), axis=0),
+                   "presence": out["presence"].float().cpu().numpy().mean(axis=0)}
         if "pixels" in out:
-            outputs["heatmap peaks"] = out["pixels"][0].double().cpu().numpy()
+            outputs["heatmap peaks"] = np.median(out["pixels"].double().cpu().numpy(), axis=0)
         bad = [name for name, value in outputs.items() if not np.all(np.isfinite(value))]
         if bad:
             raise ModelOutputError(f"the model's {' and '.join(bad)} are not finite (NaN or Inf) for this pair; "

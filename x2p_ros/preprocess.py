@@ -17,6 +17,32 @@ def normalize(image: np.ndarray) -> np.ndarray:
     return ((image - lo) / max(hi - lo, 1e-6) * 2.0 - 1.0).clip(-1.5, 1.5)
 
 
+def looks(image: np.ndarray, count: int) -> list[np.ndarray]:
+    """A normalised image ([-1, 1], bone bright) and count - 1 more looks of it, each normalised again: edge
+    enhancement (unsharp masking), a lighter and a darker gamma, and local histogram equalisation (CLAHE).
+    C-arm vendors post-process radiographs in these ways, each differently, and a model localises in some
+    looks better than in others; the estimates over several looks vary less with the one a C-arm chose.
+    Sizes are for a 256 x 256 image and scale with its side."""
+    if not 1 <= count <= len(_LOOKS) + 1:
+        raise ValueError(f"looks: 1 (the image as given) to {len(_LOOKS) + 1}, got {count}")
+    x = ((np.asarray(image, dtype=np.float32).clip(-1, 1) + 1) / 2).astype(np.float32)  # [0, 1]
+    scale = max(x.shape) / 256.0
+    return [image] + [normalize(look(x, scale)) for look in _LOOKS[:count - 1]]
+
+
+def _unsharp(x, scale):
+    return x + 1.5 * (x - cv2.GaussianBlur(x, (0, 0), 8.0 * scale))
+
+
+def _clahe(x, scale):
+    u16 = np.round(x * 65535).astype(np.uint16)
+    return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(4, 4)).apply(u16).astype(np.float32) / 65535
+
+
+_LOOKS = (_unsharp, lambda x, scale: x ** np.float32(0.6), lambda x, scale: x ** np.float32(1.6), _clahe)
+MAX_EXTRA_LOOKS = len(_LOOKS)  # looks besides the image as given
+
+
 def to_display_8bit(image: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
     """uint8 image for display (overlays, contact sheets) of a radiograph of any
     dtype, windowed between two percentiles. The percentiles come from every

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+from ..preprocess import MAX_EXTRA_LOOKS
+
 
 @dataclass(frozen=True)
 class X2PConfig:
@@ -37,6 +39,9 @@ class X2PConfig:
     # estimate of the prompted vertebra, before the chain is localised: where the click fell within the
     # vertebra moves the estimates less, but the model's own error on that vertebra grows (README)
     prompt_refinements: int = 0
+    # inference: L > 0 = each window is also run in L other looks (preprocess.looks: edge enhancement, gamma,
+    # CLAHE), and the estimates are the median over the looks, the presence their mean; 0 = the image as given
+    extra_looks: int = 0
     heatmap_sigma: float = 1.0  # ground-truth Gaussian, heatmap cells
     loss_3d_scale_mm: float = 30.0  # 3D error is measured in units of this many mm in the loss
     # a peaked 3D target: KL divergence of the fusion volume's distribution from a Gaussian of this sigma
@@ -90,6 +95,9 @@ class X2PConfig:
         if self.prompt_refinements < 0:
             raise ValueError(f"prompt_refinements must be 0 (the prompt as given) or more, got "
                              f"{self.prompt_refinements}")
+        if not 0 <= self.extra_looks <= MAX_EXTRA_LOOKS:
+            raise ValueError(f"extra_looks must be 0 (the image as given) to {MAX_EXTRA_LOOKS}, got "
+                             f"{self.extra_looks}")
         if not 0 <= self.background_sigma <= 0.5:
             raise ValueError(f"background_sigma must be 0 (none) to 0.5 of the input side, got "
                              f"{self.background_sigma}")

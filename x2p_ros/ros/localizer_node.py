@@ -44,6 +44,7 @@ from ..model import checkpoint
 from ..models import default_checkpoint
 from ..msg import VertebraArray
 from ..overlay import draw_overlay
+from ..preprocess import MAX_EXTRA_LOOKS
 from ..session import Job, Refusal, Session, Settings, Skip
 from ..worker import InferenceWorker
 from . import messages
@@ -73,6 +74,9 @@ PARAMETERS = {  # name: (default, descriptor)
                                          "estimates); below 0: the checkpoint's own")),
     "prompt_refinements": (-1, ranged(-1, 5, "prompt again R times at the estimate of the prompted vertebra "
                                               "(0: the prompt as given); below 0: the checkpoint's own")),
+    "extra_looks": (-1, ranged(-1, MAX_EXTRA_LOOKS, "also run each window in L other looks (edge enhancement, "
+                                                    "gamma, CLAHE) and take the median estimate (0: the image as "
+                                                    "given); below 0: the checkpoint's own")),
     "reference_level": ("", ParameterDescriptor(description="level of the prompted vertebra, e.g. T12; empty: V0..")),
     "auto_prompt": (True, ParameterDescriptor(description="reuse the last reference vertebra when no new prompt")),
     "publish_overlays": (True, ParameterDescriptor(description="publish ap/overlay and lat/overlay")),
@@ -91,7 +95,8 @@ def presence_threshold(value: float) -> float | None:
 
 
 def inference_setting(name: str, value: int, localizer: Localizer) -> int:
-    """The chain stride or prompt refinements that run: the parameter's, or the checkpoint's own below 0."""
+    """The chain stride, prompt refinements or extra looks that run: the parameter's, or the checkpoint's own
+    below 0."""
     return getattr(localizer.config, name) if value < 0 else value
 
 
@@ -202,7 +207,8 @@ class LocalizerNode(LifecycleNode):
         with self._lock:
             self.localizer, self.device, self.model_path = localizer, device, path
         self.get_logger().info(f"model {path} on {device}, presence threshold {localizer.threshold:g}, chain "
-                               f"stride {localizer.chain_stride}, prompt refinements {localizer.prompt_refinements}")
+                               f"stride {localizer.chain_stride}, prompt refinements {localizer.prompt_refinements}, "
+                               f"extra looks {localizer.extra_looks}")
 
     # parameters ------------------------------------------------------------------------------
     def _validate_parameters(self, params):

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import metrics
+from .. import metrics, preprocess
 from ..data import case_io
 from ..data.synth import SynthConfig
 from ..geometry import VIEWS
 from ..inference import InputError, Localizer, ModelOutputError
+from . import appearance
 
 SHORT_FIELD = SynthConfig.short_field  # vertebrae in a C-arm-like field of the data engine
 PRESENCE_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # presence thresholds tried: 0.1 .. 0.9
@@ -29,7 +30,7 @@ def field_kind(n_vertebrae: int) -> str:
     return f"short field ({low}-{high})" if n_vertebrae <= high else f"long field ({high + 1}+)"
 
 
-def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0)) -> dict:
+def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0), look_seed=None) -> dict:
     """Errors concatenated over cases: {'3d', 'ap', 'lat'} arrays and, per 3D
     error, its level, its index below the prompt and its case's field kind
     ('levels', 'indices', 'fields'); 'swaps': present predictions nearer to
@@ -39,12 +40,14 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
     'pairs' localised and the model's 'windows' (forwards)
     for them. A case whose model output is not finite is a
     failed frame: every vertebra of it a miss, and its name and the reason in
-    'failed'."""
+    'failed'. look_seed: each view is first given a random look (appearance.strong, as training draws it, from
+    this seed, the case's place in names and the view), so that the split shows how the estimates depend on
+    how the images look."""
     errors = {"3d": [], "ap": [], "lat": [], "levels": [], "indices": [], "fields": [], "failed": [], "swaps": 0,
               "spurious": 0, "pairs": 0, "steps": [], "steps_2d": {v: [] for v in VIEWS}}
     windows_before = localizer.windows_run
     has_heatmaps = localizer.config.use_sce or localizer.config.lifting
-    for name in names:
+    for i, name in enumerate(names):
         case = case_io.read_case(Path(root) / name)
         if not case.labels:
             continue
@@ -57,8 +60,11 @@ def evaluate_cases(localizer: Localizer, root, names, prompt_offset_px=(0.0, 0.0
         errors["indices"] += list(range(len(case.labels)))
         errors["fields"] += [field_kind(len(case.labels))] * len(case.labels)
         try:
-            found = localizer.localize({v: case.views[v].image for v in VIEWS}, {v: case.views[v].P for v in VIEWS},
-                                       prompts)
+            images = {v: case.views[v].image for v in VIEWS}
+            if look_seed is not None:
+                images = {v: appearance.strong(preprocess.normalize(images[v]),
+                                               np.random.default_rng([look_seed, i, k])) for k, v in enumerate(VIEWS)}
+            found = localizer.localize(images, {v: case.views[v].P for v in VIEWS}, prompts)
         except ModelOutputError as e:
             errors["failed"].append({"case": name, "error": str(e)})
             for key in ("3d",) + (VIEWS if has_heatmaps else ()):
@@ -207,21 +213,26 @@ def real_anatomy(localizer: Localizer, root, poses: int | None = None) -> dict:
 
 
 def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=False, limit=None,
-             realct_root=None, chain_stride: int | None = None, prompt_refinements: int | None = None) -> dict:
+             realct_root=None, chain_stride: int | None = None, prompt_refinements: int | None = None,
+             extra_looks: int | None = None, look_seed: int | None = None) -> dict:
     """Metrics of a split ('train', 'val', 'test') or of every case ('all'), and the real-anatomy
-    validation row when realct_root holds the real CTs; chain_stride and prompt_refinements: the
-    checkpoint's unless given."""
+    validation row when realct_root holds the real CTs; chain_stride, prompt_refinements and extra_looks:
+    the checkpoint's unless given; look_seed: the split's images in random looks (evaluate_cases)."""
     localizer = Localizer.from_checkpoint(checkpoint_path, device)
-    for name, value in (("chain_stride", chain_stride), ("prompt_refinements", prompt_refinements)):
+    for name, value in (("chain_stride", chain_stride), ("prompt_refinements", prompt_refinements),
+                        ("extra_looks", extra_looks)):
         if value is not None:
             if value < 0:
                 raise InputError(f"{name.replace('_', ' ')} must be 0 ({Localizer.SETTINGS[name]}) or more, "
                                  f"got {value}")
+            if name == "extra_looks" and value > preprocess.MAX_EXTRA_LOOKS:
+                raise InputError(f"extra looks must be at most {preprocess.MAX_EXTRA_LOOKS}, got {value}")
             setattr(localizer, name, value)
     names = split_names(data, split, limit)
-    errors = evaluate_cases(localizer, data, names)
+    errors = evaluate_cases(localizer, data, names, look_seed=look_seed)
     result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
               "chain_stride": localizer.chain_stride, "prompt_refinements": localizer.prompt_refinements,
+              "extra_looks": localizer.extra_looks, "look_seed": look_seed,
               **report(errors), "failed_cases": errors["failed"]}
     if realct_root is not None:
         result["real_anatomy"] = real_anatomy(localizer, realct_root)
@@ -230,7 +241,7 @@ def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=
         for axis, values in (("x", (-20, -10, 10, 20)), ("y", (-10, -5, 5, 10))):
             for d in values:
                 offset = (d, 0) if axis == "x" else (0, d)
-                table[(axis, d)] = metrics.summary(evaluate_cases(localizer, data, names, offset)["3d"])
+                table[(axis, d)] = metrics.summary(evaluate_cases(localizer, data, names, offset, look_seed)["3d"])
         table[("x", 0)] = table[("y", 0)] = result["3d_mm"]
         result["prompt_sweep"] = {f"{a}{d:+d}": r for (a, d), r in sorted(table.items())}
         result["prompt_sweep_max_mpe_change_mm"] = max(abs(r["mpe"] - result["3d_mm"]["mpe"]) for r in table.values())
