@@ -37,6 +37,11 @@ def test_bench_reports_x2p_net_and_the_baseline_by_field_with_the_goals(tmp_path
         assert f"({m['missed']}) |" in report
         for kind, f in r["by_field_3d_mm"].items():
             assert f"| {label}, {kind} | {100 * f['pcl@10']:.1f} |" in report
+        other = evaluate(data, path, split="test", look_seed=bench.TEST_SEED)
+        o = other["3d_mm"]
+        assert f"| {label}, random looks | {100 * o['pcl@10']:.1f} | {100 * o['pcl@20']:.1f} | {o['mpe']:.2f} |" \
+            in report
+        assert other["2d_ap_px"] != r["2d_ap_px"]  # the looks reach the model
         assert f"| {label} | {r['prompt_sweep_max_mpe_change_mm']:.3f} |" in report
         first = r["per_index_3d_mm"][0]
         found = m["n"] - m["missed"]

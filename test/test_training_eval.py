@@ -1,5 +1,6 @@
 """Metrics against hand-computed values, safe checkpoints, resumable training,
 evaluation output, and the long-film sliding window."""
+import csv
 import json
 
 import numpy as np
@@ -653,3 +654,40 @@ def test_extra_looks_out_of_range_are_refused():
         preset("tiny", extra_looks=5)
     with pytest.raises(ValueError, match="extra_looks"):
         preset("tiny", extra_looks=-1)
+
+
+def test_look_consistency_is_zero_for_equal_halves_and_the_hand_computed_difference_otherwise():
+    from x2p_ros.training.losses import look_consistency
+    present = torch.tensor([[True, True, False], [True, True, False]] * 2).float()  # (4, 3): 2 samples, twice
+    xyz = torch.zeros(4, 3, 3)
+    maps = torch.zeros(4, 2, 3, 4, 4)
+    assert float(look_consistency({"xyz": xyz, "heatmaps": maps}, present, 30.0)) == 0.0
+    xyz[2, 0, 0] = 30.0  # sample 0's first vertebra 30 mm off in the other look: 1 in loss units
+    xyz[3, 2, 1] = 300.0  # an absent vertebra counts for nothing
+    maps[3, 1, 1, 2, 2] = 0.5  # sample 1's second vertebra, LAT view: one cell 0.5 off
+    # 3D: 1 over the 4 present vertebrae; heatmaps: 0.25 over their 8 maps
+    assert float(look_consistency({"xyz": xyz, "heatmaps": maps}, present, 30.0)) == pytest.approx(1 / 4 + 0.25 / 8)
+
+
+def test_training_with_look_consistency_runs_each_sample_in_two_looks_of_the_same_geometry(small_data, tmp_path):
+    from x2p_ros.training.data import BiplanarDataset, with_paired_looks
+    names = case_io.read_split(small_data, "train")
+    sample = BiplanarDataset(small_data, names, 64, 4, train=True, paired_looks=True)[0]
+    plain = BiplanarDataset(small_data, names, 64, 4, train=True)[0]
+    assert sample["other_images"].shape == sample["images"].shape == plain["images"].shape
+    assert (sample["other_images"] - sample["images"]).abs().mean() > 0.02  # another look
+    for key in ("P", "xyz", "present", "pixels"):  # of the same crop
+        torch.testing.assert_close(sample[key], plain[key])
+    assert "other_images" not in plain
+    batch = torch.utils.data.default_collate([sample, sample])
+    doubled = with_paired_looks(batch)
+    assert doubled["images"].shape[0] == 4 and doubled["paired_looks"] and "other_images" not in doubled
+    torch.testing.assert_close(doubled["images"][2:], batch["other_images"])
+    torch.testing.assert_close(doubled["xyz"][2:], batch["xyz"])
+    assert doubled["name"] == batch["name"] * 2
+    assert main(["train", "--data", str(small_data), "--config", "tiny", "--out", str(tmp_path / "run"), "--workers",
+                 "0", "--quiet", "--epochs", "1", "--set", "loss_look_consistency_weight=1.0"]) == 0
+    log = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert float(log[0]["looks"]) > 0  # the term was there and finite
+    with pytest.raises(ValueError, match="loss_look_consistency_weight"):
+        preset("tiny", loss_look_consistency_weight=-1.0)

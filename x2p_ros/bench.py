@@ -381,12 +381,13 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
     from .model.checkpoint import load_model
     from .training.evaluate import evaluate
 
-    results, configs, lines = {}, {}, ["## Accuracy on the held-out test split", ""]
+    results, looked, configs, lines = {}, {}, {}, ["## Accuracy on the held-out test split", ""]
     for label, ckpt in checkpoints.items():
         model, meta = load_model(ckpt)
         configs[label] = model.config
         data = test_split(model.config.image_size, test_cases)
         results[label] = evaluate(data, ckpt, split="test", out=None, sweep=True)
+        looked[label] = evaluate(data, ckpt, split="test", out=None, look_seed=TEST_SEED)
         lines.append(f"- {label}: `{os.path.relpath(ckpt)}`, "
                      f"config {json.dumps(meta.get('config_name', '?'))}, {model.config.image_size} x "
                      f"{model.config.image_size}, presence threshold {model.config.presence_threshold:g}, chain "
@@ -401,7 +402,9 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
               "prompt. MPE is over the vertebrae found; a vertebra not found counts as a miss in PCL and AUC. "
               "Fields are framed on {}-{} vertebrae (C-arm-like) or {}-{}, with {}-{} gaps of room at each "
               "edge that may show one more.".format(*SynthConfig.short_field, *SynthConfig.long_field,
-                                                    *SynthConfig.field_margin), "",
+                                                    *SynthConfig.field_margin),
+              f"The rows \"random looks\" are the same pairs with each view given a random look first, drawn as "
+              f"training draws it (`x2p evaluate --look-seed {TEST_SEED}`): how much a model relies on one look.", "",
               "| method | PCL@10mm | PCL@20mm | MPE mm | AUC | 2D MPE LAT / AP px | vertebrae (missed) |",
               "|---|---|---|---|---|---|---|"]
     for label, r in results.items():
@@ -409,6 +412,9 @@ def bench_models(checkpoints: dict, test_cases: int, reference_configs=REFERENCE
         lines.append(_metric_row(f"{label}, all", r["3d_mm"], two_d))
         for kind, m in r["by_field_3d_mm"].items():
             lines.append(_metric_row(f"{label}, {kind}", m))
+        two_d = " / ".join(f"{looked[label][f'2d_{v}_px']['mpe']:.2f}" if f"2d_{v}_px" in r else "-"
+                           for v in ("lat", "ap"))
+        lines.append(_metric_row(f"{label}, random looks", looked[label]["3d_mm"], two_d))
     lines += [f"| {label} | {' | '.join(map(str, row))} | |" for label, row in PAPER_ROWS.items()]
     real_lines, real = realct_rows(checkpoints, realct_root)
     lines += real_lines

@@ -52,6 +52,11 @@ class X2PConfig:
     # weight of the cross-entropy of each BrickFormer layer's routing against the bricks under the vertebra
     # (brick attention only); 0: none (the shipped cpu models)
     loss_routing_weight: float = 0.0
+    # weight of the difference between the outputs for two random looks of each training sample (its 3D error
+    # in loss units and its heatmaps' squared difference): a model that gives the same estimates whatever the
+    # look relies less on the look of our renders (AugMix's consistency, Hendrycks et al., ICLR 2020); each
+    # step then runs every sample twice; 0: none (both shipped models)
+    loss_look_consistency_weight: float = 0.0
     # ablations (paper, Table 3 and section 4.4)
     use_prompt: bool = True
     use_sce: bool = True
@@ -88,6 +93,9 @@ class X2PConfig:
                              f"embedding grid's Nyquist), got {self.position_max_cycles}")
         if self.loss_3d_peak_sigma_mm < 0:
             raise ValueError(f"loss_3d_peak_sigma_mm must be 0 (none) or more, got {self.loss_3d_peak_sigma_mm}")
+        if not 0 <= self.loss_look_consistency_weight <= 100 or not math.isfinite(self.loss_look_consistency_weight):
+            raise ValueError(f"loss_look_consistency_weight must be 0 (none) to 100, got "
+                             f"{self.loss_look_consistency_weight}")
         if self.heatmap_prior and not self.use_sce:
             raise ValueError("heatmap_prior needs the SCE's heatmaps (use_sce)")
         if self.chain_stride < 0:

@@ -27,7 +27,7 @@ PROMPT_JITTER_PX = (30.0, 15.0)
 class BiplanarDataset(Dataset):
     def __init__(self, root, names: list[str], image_size: int, n_vertebrae: int, train: bool = False,
                  prompt_jitter_px=PROMPT_JITTER_PX, seed: int = 0, full_share: float = 0.2,
-                 augment: str = "strong"):
+                 augment: str = "strong", paired_looks: bool = False):
         self.randomise = appearance.randomiser(augment)  # of training images' look (training/appearance.py)
         self.augment = augment
         self.root, self.names = Path(root), list(names)
@@ -35,6 +35,7 @@ class BiplanarDataset(Dataset):
         self.jitter_px = tuple(prompt_jitter_px)  # half range of the prompt jitter (x, y), pixels at 512
         self.seed = seed
         self.full_share = full_share  # training samples that show the whole images, uncropped
+        self.paired_looks = paired_looks  # training samples also in a second random look ("other_images")
         self.epoch = 0
         if not self.names:
             raise case_io.DatasetError(f"{root}: no cases in this split")
@@ -48,7 +49,7 @@ class BiplanarDataset(Dataset):
     def __getitem__(self, i):
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
         case = case_io.read_case(self.root / self.names[i])
-        images, Ps = [], []
+        images, others, Ps = [], [], []
         inside = np.ones(len(case.labels), dtype=bool)
         crop = _random_crop(rng, self.full_share) if rng is not None else None
         for k, view in enumerate(geometry.VIEWS):
@@ -60,6 +61,8 @@ class BiplanarDataset(Dataset):
             image, P, _ = preprocess.window(v.image.astype(np.float32), v.P, box, self.size)
             image = preprocess.normalize(image)
             if rng is not None:
+                if self.paired_looks:
+                    others.append(self.randomise(image, rng))
                 image = self.randomise(image, rng)
             images.append(image)
             Ps.append(P)
@@ -87,7 +90,7 @@ class BiplanarDataset(Dataset):
             prompt = np.full((2, 2), (self.size - 1) / 2)
         if rng is not None:
             prompt += rng.uniform(-1, 1, size=(2, 2)) * np.array(self.jitter_px) * self.size / 512.0
-        return {
+        sample = {
             "images": torch.from_numpy(np.stack(images)[:, None].astype(np.float32)),  # (V, 1, S, S)
             "P": torch.from_numpy(np.stack(Ps).astype(np.float32)),  # (V, 3, 4)
             "prompt": torch.from_numpy(prompt.astype(np.float32)),  # (V, 2)
@@ -97,6 +100,19 @@ class BiplanarDataset(Dataset):
             "first": first,  # index of the prompted vertebra in the case's list
             "name": self.names[i],  # the case folder, named when its batch goes wrong
         }
+        if others:
+            sample["other_images"] = torch.from_numpy(np.stack(others)[:, None].astype(np.float32))  # (V, 1, S, S)
+        return sample
+
+
+def with_paired_looks(batch: dict) -> dict:
+    """A batch of samples with "other_images" -> one batch of twice the size: the samples, then the same
+    samples in their other looks, with the same geometry and targets; "paired_looks" marks it (losses.py)."""
+    doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) else v + v if isinstance(v, list) else v
+               for k, v in batch.items() if k != "other_images"}
+    doubled["images"] = torch.cat([batch["images"], batch["other_images"]])
+    doubled["paired_looks"] = True
+    return doubled
 
 
 def _random_crop(rng: np.random.Generator, full_share: float):

@@ -1,7 +1,8 @@
 """Losses (docs/design.md, section 2): per view MSE + Dice between predicted and
 Gaussian ground-truth heatmaps, plus the mean squared 3D error over the
-vertebrae present; optionally a peaked 3D target for the fusion's volume and a
-target for the BrickFormer's routing (X2PConfig's loss_* fields)."""
+vertebrae present; optionally a peaked 3D target for the fusion's volume, a
+target for the BrickFormer's routing and the consistency of the outputs over
+two looks of each sample (X2PConfig's loss_* fields)."""
 from __future__ import annotations
 
 import torch
@@ -56,12 +57,30 @@ def routing_loss(routing, pixels, present, image_hw):
     return (ce * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def look_consistency(out: dict, present, scale_mm: float):
+    """For a batch whose second half is its first in other looks: the mean over the vertebrae present of the
+    squared 3D difference between the halves' estimates (in units of scale_mm), plus the mean over the present
+    vertebrae's heatmaps of their summed squared difference. 0 when both looks give the same outputs."""
+    half = present.shape[0] // 2
+    own = present[:half]  # (B/2, N)
+    xyz = out["xyz"].float() / scale_mm
+    term = ((((xyz[:half] - xyz[half:]) ** 2).sum(-1) * own).sum() / own.sum().clamp_min(1.0))
+    if "heatmaps" in out:
+        maps = out["heatmaps"].float()  # (B, V, N, S, S)
+        per_map = ((maps[:half] - maps[half:]) ** 2).sum((-1, -2))  # (B/2, V, N)
+        weight = own[:, None].expand_as(per_map)
+        term = term + (per_map * weight).sum() / weight.sum().clamp_min(1.0)
+    return term
+
+
 def x2p_losses(out: dict, batch: dict, config) -> dict:
     """Each term and their sum ('total'), weighted as the X2PConfig says.
 
     The targets of absent vertebrae are zeroed before use: whatever a data set
     holds there (NaN for a vertebra behind a source, say) would survive a
-    multiplication by 0 as NaN, in the loss and in its gradient."""
+    multiplication by 0 as NaN, in the loss and in its gradient. A batch with "paired_looks" holds each
+    sample twice, in two looks (training/data.py): both halves are fitted to the targets, and their outputs'
+    difference is the term "looks"."""
     present_mask = batch["present"].bool()  # (B, N)
     present = present_mask.float()
     xyz_true = torch.where(present_mask[..., None], batch["xyz"], 0.0)  # (B, N, 3)
@@ -86,5 +105,8 @@ def x2p_losses(out: dict, batch: dict, config) -> dict:
             out["volume_logits"], out["volume_points"], xyz_true, present, config.loss_3d_peak_sigma_mm)
     if config.loss_routing_weight > 0 and "routing" in out:
         terms["routing"] = config.loss_routing_weight * routing_loss(out["routing"], pixels_true, present, image_hw)
+    if config.loss_look_consistency_weight > 0 and batch.get("paired_looks"):
+        terms["looks"] = config.loss_look_consistency_weight * look_consistency(out, present,
+                                                                              config.loss_3d_scale_mm)
     terms["total"] = sum(terms.values())
     return terms

@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data import case_io
 from ..model import X2PConfig, build_model, checkpoint, preset
-from .data import PROMPT_JITTER_PX, BiplanarDataset
+from .data import PROMPT_JITTER_PX, BiplanarDataset, with_paired_looks
 from .losses import x2p_losses
 
-LOG_FIELDS = ["epoch", "step", "lr", "loss", "mse", "dice", "3d", "peak", "routing", "skipped", "val_mpe_mm",
-              "val_pcl10", "seconds"]
+LOG_FIELDS = ["epoch", "step", "lr", "loss", "mse", "dice", "3d", "peak", "routing", "looks", "skipped",
+              "val_mpe_mm", "val_pcl10", "seconds"]
 
 
 class TrainingError(RuntimeError):
@@ -117,7 +117,8 @@ def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: fl
     if len(prompt_jitter_px) != 2 or not all(0 <= j <= 256 and math.isfinite(j) for j in prompt_jitter_px):
         raise TrainingError(f"the prompt jitter must be two numbers of 0-256 px (at 512), got {prompt_jitter_px}")
     train_set = BiplanarDataset(data, names["train"], cfg.image_size, cfg.n_vertebrae, train=True, seed=seed,
-                                augment=augment, prompt_jitter_px=prompt_jitter_px)
+                                augment=augment, prompt_jitter_px=prompt_jitter_px,
+                                paired_looks=cfg.loss_look_consistency_weight > 0)
     val_set = BiplanarDataset(data, names["val"] or names["train"][:2], cfg.image_size, cfg.n_vertebrae)
     sampler = DistributedSampler(train_set, world, rank, seed=seed) if world > 1 else None
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
@@ -170,6 +171,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     bar = tqdm(run.loader, desc=f"epoch {epoch}", disable=not run.progress or run.rank != 0, leave=False)
     for batch in bar:
         batch = to_device(batch, run.device)
+        if "other_images" in batch:
+            batch = with_paired_looks(batch)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
             out = run.net(batch["images"], batch["P"], batch["prompt"])
         losses = x2p_losses(out, batch, cfg)
@@ -206,7 +209,7 @@ def end_epoch(run: Run, epoch: int, stats: dict, seconds: float):
     row = {"epoch": epoch, "step": run.step, "lr": run.scheduler.get_last_lr()[0],
            "loss": mean.get("total", float("nan")), "mse": mean.get("mse", 0.0), "dice": mean.get("dice", 0.0),
            "3d": mean.get("3d", float("nan")), "peak": mean.get("peak", 0.0),
-           "routing": mean.get("routing", 0.0), "skipped": stats["skipped"],
+           "routing": mean.get("routing", 0.0), "looks": mean.get("looks", 0.0), "skipped": stats["skipped"],
            **validate(run.model, run.val_loader, run.device), "seconds": round(seconds, 1)}
     _append_log(run.out / "log.csv", row)
     if math.isfinite(row["val_mpe_mm"]) and row["val_mpe_mm"] < run.best["val_mpe_mm"]:
@@ -320,7 +323,8 @@ def _plot_log(csv_path: Path, png_path: Path):
     rows = list(csv.DictReader(csv_path.open()))
     epochs = [int(r["epoch"]) for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    losses = {key: [float(r[key] or 0.0) for r in rows] for key in ("loss", "mse", "dice", "3d", "peak", "routing")}
+    losses = {key: [float(r.get(key) or 0.0) for r in rows]
+              for key in ("loss", "mse", "dice", "3d", "peak", "routing", "looks")}
     for key, values in losses.items():
         a.plot(epochs, values, label=key)
     if any(v > 0 for values in losses.values() for v in values):  # epochs whose every step was skipped are NaN
