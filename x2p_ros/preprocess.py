@@ -39,7 +39,15 @@ def _clahe(x, scale):
     return cv2.createCLAHE(clipLimit=2.0, tileGridSize=(4, 4)).apply(u16).astype(np.float32) / 65535
 
 
-_LOOKS = (_unsharp, lambda x, scale: x ** np.float32(0.6), lambda x, scale: x ** np.float32(1.6), _clahe)
+def _lighter(x, scale):
+    return x ** np.float32(0.6)
+
+
+def _darker(x, scale):
+    return x ** np.float32(1.6)
+
+
+_LOOKS = (_unsharp, _lighter, _darker, _clahe)
 MAX_EXTRA_LOOKS = len(_LOOKS)  # looks besides the image as given
 
 
