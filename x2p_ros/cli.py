@@ -84,7 +84,7 @@ def _train(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DistributedDataParallel keeps the process group, and gloo's threads, alive after
         # destroy_process_group, and the interpreter's shutdown now and then destroys them while they run
-        # (SIGABRT, "terminate called without an active exception", after a finished run; 1 in about 200
+        # (SIGABRT, "terminate called without an active exception", after a finished run; 1 in about 250
         # runs here). Everything is written and closed by now: leave without that shutdown.
         sys.stdout.flush()
         sys.stderr.flush()
