@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .data import case_io, realct
 
 # key: (row label, preset at the paper's sizes, preset at the cpu sizes)
@@ -108,6 +109,7 @@ def section(path: Path) -> list[str]:
 
 
 def main(argv=None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="python -m x2p_ros.ablation_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--sizes", choices=("paper", "cpu", "tiny"), default="paper")

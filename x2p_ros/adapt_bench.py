@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .allocator import keep_freed_memory
+
 EVAL_SEED = 99  # the held-out poses and deformations (adaptation: seeds 0 and 1)
 ADAPTED = "lifting baseline adapted (`x2p adapt`)"
 
@@ -118,6 +120,7 @@ def section(path: Path) -> list[str]:
 
 
 def main(argv=None) -> int:
+    keep_freed_memory()
     from .data.realct import ROOT as REALCT
     parser = argparse.ArgumentParser(prog="python -m x2p_ros.adapt_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="adaptation budget per CT")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import ablation_bench, adapt_bench
+from .allocator import keep_freed_memory
 from .data import case_io, realct
 from .data.synth import ENGINE_VERSION, SynthConfig, make_case, synthesize
 from .geometry import VIEWS
@@ -187,6 +188,7 @@ def write_report(out: Path, sections: list[str]):
 
 
 def main(argv=None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="docs/BENCHMARKS.md", type=Path)
     parser.add_argument("--synth-cases", type=int, default=6)

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .inference import InputError
 
 
@@ -389,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     from .data.case_io import DatasetError
     from .geometry import CalibrationError

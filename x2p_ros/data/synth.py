@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import geometry
+from ..allocator import keep_freed_memory
 from . import carm, case_io, drr
 from .phantom import CHAIN, PhantomSpec, make_phantom, spine_curve
 
@@ -272,7 +273,7 @@ def synthesize(out, cases: int, seed: int = 0, config: SynthConfig = SynthConfig
             bar.update()
     else:
         import multiprocessing as mp
-        with mp.get_context("spawn").Pool(workers) as pool:
+        with mp.get_context("spawn").Pool(workers, initializer=keep_freed_memory) as pool:
             for result in pool.imap_unordered(_generate, jobs):
                 results.append(result)
                 bar.update()
