@@ -5,8 +5,9 @@ the kernel when it is freed, so the next array of that size is faulted in again 
 engine's volumes and DRR lookups and training's activations are such blocks, made and freed at every case
 or step. On the 2-core machine of 2026-12-07 those page faults took as long as the work: a 512 x 512
 synthetic case 5.5 s against 2.9 s with freed memory kept, a `cpu` training step at batch 4 3.5 s against
-2.4 s (docs/BENCHMARKS.md). The command line and the benchmarks call keep_freed_memory() first; the ROS
-node keeps glibc's default, as a process that runs for days should give memory back."""
+2.4 s (commit 00b0baf; the synthesis in docs/BENCHMARKS.md). The command line and the benchmarks call
+keep_freed_memory() first; the ROS node keeps glibc's default, as a process that runs for days should
+give memory back."""
 from __future__ import annotations
 
 import ctypes
