@@ -37,6 +37,19 @@ def test_the_shipped_models_load_and_have_their_provenance_beside_them(path, lif
     assert localizer.config.lifting is lifting  # default.pt is X2P-Net, baseline.pt the lifting baseline
 
 
+@pytest.mark.parametrize("path", [default_checkpoint(), baseline_checkpoint()])
+def test_the_shipped_models_record_that_no_real_anatomy_validation_ct_trained_them_or_chose_a_setting(path):
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["training_data"]["generator"] == "x2p data synth"
+    assert meta["training_data"]["real_anatomy_validation_cts"] is False
+    # every choice made after training (threshold, inference settings) names its data, checked the same way
+    choices = [meta[key] for key in ("presence_calibration", "chain_stride", "prompt_refinements", "extra_looks")
+               if meta.get(key) is not None]
+    assert choices, "a shipped model records at least how its presence threshold was chosen"
+    assert all(choice["real_anatomy_validation_cts"] is False for choice in choices)
+    assert meta["presence_calibration"]["threshold"] == meta["config_values"]["presence_threshold"]
+
+
 def test_the_shipped_model_localises_a_fresh_case_within_10mm(tmp_path):
     localizer = Localizer.from_checkpoint(default_checkpoint())
     seed, folder = carm_like_seed(tmp_path, localizer.config.image_size)
