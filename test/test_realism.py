@@ -13,11 +13,13 @@ from x2p_ros.data import carm, context, drr, realism
 from x2p_ros.data.phantom import (
     CHAIN,
     HU_LUNG,
+    HU_PROCESS,
     VERSE_NUMBER,
     PhantomSpec,
     _Canvas,
     level_dimensions,
     make_phantom,
+    pedicle_dimensions,
     spine_curve,
     spine_landmarks,
 )
@@ -250,6 +252,34 @@ def test_the_posterior_arch_reaches_the_disc_below_where_the_facet_joints_are():
         local, (W, D, H, _) = _local_bone(p, upper, frame_of=lower)
         x, y, z = local.T
         assert not np.any(((x / (W / 2)) ** 2 + (y / (D / 2)) ** 2 < 0.8) & (np.abs(z) < H / 2 - 2))
+
+
+def _extent(points, axis):
+    return points[:, axis].max() - points[:, axis].min() if len(points) else 0.0
+
+
+@pytest.mark.parametrize("level, seed", [("L3", 5), ("L5", 6), ("T6", 7)])
+def test_pedicles_facets_and_transverse_processes_have_their_measured_shapes(level, seed):
+    i = CHAIN.index(level)
+    phantom = _phantom(CHAIN[i - 1:i + 2], seed=seed, bone_density=1.0)
+    local, (W, D, H, disc) = _local_bone(phantom, level)
+    s = phantom.spec.scale
+    width, height = pedicle_dimensions(level) * s
+    # the pedicle between the body and the arch, on the left: its oval section, to a voxel or two
+    pedicle = local[(local[:, 1] > D / 2 + 0.5) & (local[:, 1] < D / 2 + 4) & (local[:, 0] > 0)]
+    assert abs(_extent(pedicle, 2) - height) <= 2.5 and abs(_extent(pedicle, 0) - width) <= 2.5
+    assert (_extent(pedicle, 2) > _extent(pedicle, 0)) == (height > width)  # L5's is wider than tall
+    if level[0] == "L":
+        # the superior articular process above the body: a plate about as wide (front to back) as its facet
+        superior = local[(local[:, 2] > H / 2 + 1) & (local[:, 0] > 5) & (local[:, 1] > D / 2)]
+        assert _extent(superior, 1) >= 14 * s - 2
+        # the transverse process beyond the body: flat front to back, a third of the body high,
+        # cancellous bone in a thin cortex
+        bone = phantom.volume.labels == VERSE_NUMBER[level]
+        hu = phantom.volume.hu[bone]
+        process = (local[:, 0] > W / 2 + 5) & (local[:, 0] < W / 2 + 15)
+        assert _extent(local[process], 1) <= 4 * s + 2 < _extent(local[process], 2)
+        np.testing.assert_allclose(np.median(hu[process]), HU_PROCESS, rtol=0.02)
 
 
 def _centroid_voxel(phantom, name):
