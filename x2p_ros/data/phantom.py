@@ -386,6 +386,11 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
         canvas.hu[idx] = value * density
         canvas.labels[idx] = label
 
+    def paint_plate(points, offsets, radius, value=800.0):
+        """Tubes along the same polyline, each shifted by one of `offsets` (local mm): a plate or an oval bar."""
+        for offset in offsets:
+            paint(np.asarray(points, dtype=np.float64) + offset, radius, value)
+
     s = spec.scale
     # bony lips around the front and sides of both end plates, cortex over cancellous bone as dense as the rim
     if name in spec.osteophytes:
@@ -430,26 +435,29 @@ def _paint_vertebra(canvas: _Canvas, spec: PhantomSpec, name: str, c, F, dim, rn
     r_oval, long_half = min(pedicle_w, pedicle_h) / 2, max(pedicle_w, pedicle_h) / 2
     facet = (14.0 if region == "L" else 10.0) * s
     r_tp = 2.0 * s
+    # the oval's long axis: vertical, but across for a pedicle wider than tall (L5)
+    oval_axis = np.array([0.0, 0.0, 1.0]) if pedicle_h >= pedicle_w else np.array([1.0, 0.0, 0.0])
+    oval = np.linspace(r_oval - long_half, long_half - r_oval, 3)[:, None] * oval_axis
+    r_thin = 0.55 * r_ped  # laminae and articular processes
+    facet_plate = np.linspace(r_thin - facet / 2, facet / 2 - r_thin, 3)[:, None] * [0.0, 1.0, 0.0]
     for side in (-1, 1):
-        for t in np.linspace(r_oval - long_half, long_half - r_oval, 3):  # the pedicle's oval section
-            dx, dz = (0.0, t) if pedicle_h >= pedicle_w else (t, 0.0)
-            paint([(side * xp + dx, y0, zp + dz), (side * xp + dx, y1, zp + dz)], r_oval)
-        for dz in (0.2 * H, -0.2 * H, -0.55 * H):  # lamina as three stacked tubes
-            paint([(side * xp, y1, zp + dz), (0, y1 + l_len, zp + dz - 0.15 * H)], 0.55 * r_ped)
-        for dy in np.linspace(0.55 * r_ped - facet / 2, facet / 2 - 0.55 * r_ped, 3):  # plates in the sagittal plane
-            paint([(side * xp, y1 + 2 + dy, zp), (side * xp, y1 + 2 + dy, H / 2 + 0.3 * disc)],
-                  0.55 * r_ped)  # superior articular process
-            paint([(side * 0.8 * xp, y1 + 5 + dy, zp - 0.2 * H), (side * 0.8 * xp, y1 + 5 + dy, -H / 2 - 0.6 * disc)],
-                  0.55 * r_ped)  # inferior articular process
+        paint_plate([(side * xp, y0, zp), (side * xp, y1, zp)], oval, r_oval)  # pedicle
+        paint_plate([(side * xp, y1, zp), (0, y1 + l_len, zp - 0.15 * H)],
+                    [(0.0, 0.0, dz) for dz in (0.2 * H, -0.2 * H, -0.55 * H)], r_thin)  # lamina
+        paint_plate([(side * xp, y1 + 2, zp), (side * xp, y1 + 2, H / 2 + 0.3 * disc)], facet_plate,
+                    r_thin)  # superior articular process
+        paint_plate([(side * 0.8 * xp, y1 + 5, zp - 0.2 * H), (side * 0.8 * xp, y1 + 5, -H / 2 - 0.6 * disc)],
+                    facet_plate, r_thin)  # inferior articular process
         tip = (side * (W / 2 + tp_len), y1 + (6 if region == "T" else -2), zp)
-        for dz in (-0.12 * H, 0.0, 0.12 * H):  # transverse process: a plate about a third of the body high
-            paint([(side * xp, y1, zp + dz), (tip[0], tip[1], tip[2] + dz)], r_tp, HU_PROCESS)
+        # transverse process: a plate about a third of the body high
+        paint_plate([(side * xp, y1, zp), tip], [(0.0, 0.0, dz) for dz in (-0.12 * H, 0.0, 0.12 * H)], r_tp,
+                    HU_PROCESS)
         if region == "T":
             rib_ends[(name, side)] = _paint_rib(canvas, spec, name, world(tip), side)
     # the spinous process: a lumbar one is a tall plate over the lower half of the body
     sp = [(0, y1 + l_len, 0), (0, y1 + l_len + sp_len * s, -sp_drop * s)]
-    for dz in ((0.0, -0.25 * H, -0.5 * H) if region == "L" else (0.0, -4 * s)):
-        paint([(p[0], p[1], p[2] + dz) for p in sp], 3.0 * s)
+    paint_plate(sp, [(0.0, 0.0, dz) for dz in ((0.0, -0.25 * H, -0.5 * H) if region == "L" else (0.0, -4 * s))],
+                3.0 * s)
     if name in spec.implant_levels:
         for side in (-1, 1):  # pedicle screws converge medially into the body
             head = (side * (xp + 8 * s), y1 + 8 * s, zp)
