@@ -286,7 +286,8 @@ def test_presence_command_tabulates_thresholds_and_writes_the_chosen_one_into_a_
     assert main(args + ["--out", str(source)]) == 2
     assert "--out must be another file than --checkpoint" in capsys.readouterr().err
     assert main(args[:-1] + ["val", "--limit", "0", "--out", str(tmp_path / "none.pt")]) == 2
-    assert "has no cases" in capsys.readouterr().err and not (tmp_path / "none.pt").exists()
+    assert "argument --limit: must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "none.pt").exists()
     assert source.read_bytes() == before
 
 
@@ -647,6 +648,30 @@ def test_extra_looks_run_each_window_in_other_looks_and_one_misread_look_moves_n
     np.testing.assert_allclose([f.xyz_mm for f in present], xyz, atol=1e-9)
     np.testing.assert_allclose([f.confidence for f in present], 0.9 * extra_looks / (extra_looks + 1) if extra_looks
                                else 0.9, rtol=1e-6)
+
+
+SYNTH = ["data", "synth", "--out", "{tmp}/out", "--cases", "2"]
+EVALUATE = ["evaluate", "--data", "{tmp}/data", "--checkpoint", "{tmp}/m.pt", "--out", "{tmp}/out"]
+TRAIN = ["train", "--data", "{tmp}/data", "--out", "{tmp}/out"]
+
+
+@pytest.mark.parametrize("command, message", [
+    (SYNTH + ["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+    (SYNTH + ["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (EVALUATE + ["--limit", "-1"], "argument --limit: must be at least 1, got -1"),
+    (EVALUATE + ["--look-seed", "-3"], "argument --look-seed: must be at least 0, got -3"),
+    (TRAIN + ["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+    (TRAIN + ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (TRAIN + ["--lr", "nan"], "argument --lr: must be at least 0.0, got nan"),
+    (TRAIN + ["--lr", "-1"], "argument --lr: must be at least 0.0, got -1"),
+    (TRAIN + ["--time-limit", "-5"], "argument --time-limit: must be at least 0.0, got -5"),
+    (TRAIN + ["--workers", "-1"], "argument --workers: must be at least 0, got -1")])
+def test_out_of_range_numbers_are_usage_errors_that_write_nothing(tmp_path, capsys, command, message):
+    """Before: a negative seed ended in numpy's traceback, --limit -1 evaluated every case but the last,
+    --epochs 0 wrote a run with an infinite 'best' validation and --time-limit -5 trained an epoch."""
+    assert main([arg.format(tmp=tmp_path) for arg in command]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_extra_looks_out_of_range_are_refused():

@@ -11,6 +11,19 @@ from .allocator import keep_freed_memory
 from .inference import InputError
 
 
+def at_least(minimum, kind=int):
+    """An argparse type: a finite `kind` of at least `minimum`. A value below it is a usage error that names
+    the option, where it would otherwise end in a traceback (a negative seed, a batch size of 0) or do the
+    wrong thing quietly (--limit -1 took every case but the last)."""
+    def parse(text: str):
+        value = kind(text)
+        if not (math.isfinite(value) and value >= minimum):
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" for a non-number, as with type=int
+    return parse
+
+
 def _data_synth(args):
     from .data.synth import SynthConfig, synthesize
     stats = synthesize(args.out, args.cases, seed=args.seed, config=SynthConfig(size=args.size),
@@ -250,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="data set folder (an interrupted run resumes)")
     p.add_argument("--cases", type=int, required=True)
     p.add_argument("--size", type=int, default=512, help="image size in pixels (square)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core)")
     p.add_argument("--split", choices=("train", "val", "test"), default=None,
                    help="only the cases of this split of the data set (the same names and seeds); the same "
@@ -262,17 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     _ct_arguments(p)
     p.add_argument("--out", required=True, help="case folder to write")
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.set_defaults(run=_data_import)
 
     p = data.add_parser("add-ct", help="add DRR pairs of a real CT (random poses and table deformations) "
                                        "to a data set")
     _ct_arguments(p)
     p.add_argument("--data", required=True, help="data set folder (made when missing; an interrupted run resumes)")
-    p.add_argument("--pairs", type=int, required=True, help="pairs to render")
+    p.add_argument("--pairs", type=at_least(1), required=True, help="pairs to render")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_data_add_ct)
 
@@ -286,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("show", help="write a contact sheet PNG with the projected ground truth")
     p.add_argument("dir")
     p.add_argument("--out", help="PNG path (default: DIR/contact_sheet.png)")
-    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--cases", type=at_least(1), default=8)
     p.set_defaults(run=_data_show)
 
     p = data.add_parser("check", help="validate a data set and list its problems")
@@ -300,18 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--config", default="cpu", choices=sorted(PRESETS))
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, loss.png")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--epochs", type=at_least(1), default=100)
+    p.add_argument("--batch-size", type=at_least(1), default=2)
+    p.add_argument("--lr", type=at_least(0.0, float), default=5e-4)
+    p.add_argument("--workers", type=at_least(0), default=2, help="data loading processes (0: in the training process)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, default=None, help="minutes; stop after the epoch that passes it")
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--time-limit", type=at_least(0.0, float), default=None,
+                   help="minutes; stop after the epoch that passes it")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one field of the config (x2p_ros/model/config.py), e.g. heatmap_prior=true")
     p.add_argument("--init", help="checkpoint to start from (fine-tune, new schedule); one of another config "
                                   "whose weights all fit this one is a warm start")
-    p.add_argument("--max-bad-steps", type=int, default=20,
+    p.add_argument("--max-bad-steps", type=at_least(1), default=20,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     p.add_argument("--prompt-jitter", type=float, nargs=2, default=PROMPT_JITTER_PX, metavar=("X", "Y"),
                    help="half range of the training prompt's random displacement, px at 512 (scaled to the size)")
@@ -328,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default="baseline",
                    help="checkpoint to adapt: baseline (default) or default, the shipped models, or a file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_adapt)
 
@@ -339,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for metrics.json and the plots")
     p.add_argument("--device", default="cpu")
     p.add_argument("--sweep", action="store_true", help="also displace the prompt (paper, Figure 9)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    p.add_argument("--limit", type=at_least(1), default=None, help="only the first N cases")
     p.add_argument("--realct", type=Path, default=None,
                    help="the labelled real CTs for the real-anatomy validation row (default: ../shared/realct "
                         "beside the project, when there)")
@@ -352,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-looks", type=int, default=None,
                    help="also run each window in L other looks (edge enhancement, gamma, CLAHE) and take the median "
                         "estimate (0: the image as given; at most 4; default: the checkpoint's)")
-    p.add_argument("--look-seed", type=int, default=None,
+    p.add_argument("--look-seed", type=at_least(0), default=None,
                    help="give each view of the split a random look first, drawn as training draws it from this "
                         "seed: how the estimates depend on the images' look (the real CTs stay as they are)")
     p.set_defaults(run=_evaluate)
@@ -362,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
-    p.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    p.add_argument("--limit", type=at_least(1), default=None, help="only the first N cases")
     p.add_argument("--out", help="checkpoint to write with the chosen threshold (default: only print the table)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=_presence)
@@ -391,7 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     keep_freed_memory()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage error (2) or the help (0)
+        return e.code
     from .data.case_io import DatasetError
     from .geometry import CalibrationError
     from .model.checkpoint import CheckpointError
