@@ -67,6 +67,32 @@ def test_localize_refuses_bad_files_with_a_reason(setup, tmp_path, capsys):
     assert "not a readable checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"--calibration": "{tmp}/words.yaml"}, "words.yaml: not a calibration: expected 'ap' and 'lat' entries"),
+    ({"--reference-level": "Q7"}, "reference level: unknown vertebral level 'Q7'"),
+    ({"--out": "{tmp}/a-file/x.json"}, "a-file: cannot write the results there")])
+def test_localize_refuses_what_it_could_not_use_or_write_with_a_reason(setup, tmp_path, capsys, change, message):
+    """Each ended in a traceback: YAML that is not a mapping, an unknown level (after the model had run), a
+    results folder that cannot be made."""
+    root, ckpt = setup
+    case = case_io.read_case(root / "data" / "case_00000")
+    (tmp_path / "words.yaml").write_text("just words\n")
+    (tmp_path / "a-file").write_text("")
+    calib = {v: {"P": case.views[v].P.tolist()} for v in ("ap", "lat")}
+    (tmp_path / "calib.yaml").write_text(yaml.safe_dump(calib))
+    for v in ("ap", "lat"):
+        cv2.imwrite(str(tmp_path / f"{v}.png"), case.views[v].image)
+    args = {"--ap": "{tmp}/ap.png", "--lat": "{tmp}/lat.png", "--calibration": "{tmp}/calib.yaml",
+            "--out": "{tmp}/out/r.json", "--checkpoint": str(ckpt), **change}
+    argv = ["localize", "--prompt-ap", "40", "10", "--prompt-lat", "40", "10"]
+    for name, value in args.items():
+        argv += [name, value.format(tmp=tmp_path)]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_mcap_recording_reads_back_with_its_schemas(tmp_path):
     pytest.importorskip("rclpy")
     from mcap.reader import make_reader

@@ -25,7 +25,7 @@ import torch
 from . import geometry, preprocess
 from .cuda_graph import GraphedForward
 from .geometry import VIEWS
-from .levels import levels_below
+from .levels import level_order, levels_below
 from .model import X2PNet, checkpoint
 
 TALL = 1.25  # height / width above which a view is a long film
@@ -218,6 +218,11 @@ class Localizer:
         """Vertebrae from the prompted one down, superior first; absent ones are
         listed with present=False up to the model's N."""
         images, Ps, prompts = check_inputs(images, Ps, prompts)
+        if reference_level:  # before the model runs, not when naming what it found
+            try:
+                level_order(reference_level)
+            except ValueError as e:
+                raise InputError(f"reference level: {e}") from None
         stride = self.chain_stride  # read once: the node may set another while this pair runs
         prompts = self._refined_prompts(images, Ps, prompts, self.prompt_refinements)
         found: list[Vertebra] = []

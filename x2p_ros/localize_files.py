@@ -4,6 +4,7 @@ to JSON (mm, labels, confidence, 2D points) and an overlay PNG."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -51,9 +52,12 @@ def read_calibration(path) -> dict:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise InputError(f"{path}: not a readable calibration YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: not a calibration: expected 'ap' and 'lat' entries (P, or K with "
+                         f"translation_m and rotation_xyzw)")
     Ps = {}
     for view in VIEWS:
-        entry = (data or {}).get(view)
+        entry = data.get(view)
         if not isinstance(entry, dict):
             raise InputError(f"{path}: missing '{view}' (P, or K with translation_m and rotation_xyzw)")
         try:
@@ -67,8 +71,21 @@ def read_calibration(path) -> dict:
     return Ps
 
 
+def _check_writable(folder: Path):
+    """A results folder that cannot be made is found before the model runs; nothing is made here (refused
+    input leaves no empty folder behind)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: cannot write the results there ({existing} is not a writable folder)")
+
+
 def localize_files(checkpoint, out_json, case=None, images=None, calibration=None, prompts=None,
                    reference_level="", device="cpu", overlay=None) -> dict:
+    out_json = Path(out_json)
+    overlay = Path(overlay) if overlay else out_json.with_suffix(".png")
+    _check_writable(out_json.parent)
     localizer = Localizer.from_checkpoint(checkpoint, device)
     if case is not None:
         c = case_io.read_case(case)
@@ -92,9 +109,11 @@ def localize_files(checkpoint, out_json, case=None, images=None, calibration=Non
               "vertebrae": [{"index": f.index, "label": f.label, "present": f.present,
                              "confidence": f.confidence, "xyz_mm": [float(x) for x in f.xyz_mm],
                              **{f"{v}_px": [float(x) for x in f.pixels[v]] for v in VIEWS}} for f in found]}
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1))
-    overlay = Path(overlay) if overlay else out_json.with_suffix(".png")
-    cv2.imwrite(str(overlay), np.hstack([draw_overlay(imgs[v], prompts[v], found, v) for v in VIEWS]))
+    try:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(result, indent=1))
+    except OSError as e:
+        raise InputError(f"{out_json}: cannot write the results ({e.strerror})") from None
+    if not cv2.imwrite(str(overlay), np.hstack([draw_overlay(imgs[v], prompts[v], found, v) for v in VIEWS])):
+        raise InputError(f"{overlay}: cannot write the overlay (the results are in {out_json})")
     return result
