@@ -69,7 +69,8 @@ def test_localize_refuses_bad_files_with_a_reason(setup, tmp_path, capsys):
 
 @pytest.mark.parametrize("change, message", [
     ({"--calibration": "{tmp}/words.yaml"}, "words.yaml: not a calibration: expected 'ap' and 'lat' entries"),
-    ({"--reference-level": "Q7"}, "reference level: unknown vertebral level 'Q7'"),
+    ({"--reference-level": "Q7"}, "reference level: unknown vertebral level 'Q7'; expected one of C1, C2, "),
+    ({"--reference-level": "T14"}, "L5, L6, S1 or T13"),
     ({"--out": "{tmp}/a-file/x.json"}, "a-file: cannot write the results there")])
 def test_localize_refuses_what_it_could_not_use_or_write_with_a_reason(setup, tmp_path, capsys, change, message):
     """Each ended in a traceback: YAML that is not a mapping, an unknown level (after the model had run), a

@@ -665,10 +665,13 @@ TRAIN = ["train", "--data", "{tmp}/data", "--out", "{tmp}/out"]
     (TRAIN + ["--lr", "nan"], "argument --lr: must be at least 0.0, got nan"),
     (TRAIN + ["--lr", "-1"], "argument --lr: must be at least 0.0, got -1"),
     (TRAIN + ["--time-limit", "-5"], "argument --time-limit: must be at least 0.0, got -5"),
-    (TRAIN + ["--workers", "-1"], "argument --workers: must be at least 0, got -1")])
+    (TRAIN + ["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+    (["model", "summary", "--size", "7"], "--size 7: image_size must be a positive multiple of 8"),
+    (["model", "summary", "--size", "-64"], "--size -64: image_size must be a positive multiple of 8")])
 def test_out_of_range_numbers_are_usage_errors_that_write_nothing(tmp_path, capsys, command, message):
     """Before: a negative seed ended in numpy's traceback, --limit -1 evaluated every case but the last,
-    --epochs 0 wrote a run with an infinite 'best' validation and --time-limit -5 trained an epoch."""
+    --epochs 0 wrote a run with an infinite 'best' validation, --time-limit -5 trained an epoch and a size
+    the config cannot take ended model summary in a traceback."""
     assert main([arg.format(tmp=tmp_path) for arg in command]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

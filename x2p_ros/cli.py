@@ -217,7 +217,10 @@ def _model_summary(args):
     if args.checkpoint:
         config = saved_config(read(args.checkpoint), args.checkpoint)
     else:
-        config = preset(args.config, **({"image_size": args.size} if args.size else {}))
+        try:
+            config = preset(args.config, **({"image_size": args.size} if args.size else {}))
+        except ValueError as e:  # a size the config cannot take
+            raise InputError(f"--size {args.size}: {e}") from None
     rows = model_summary(config)
     print(f"X2P-Net ({args.checkpoint or args.config}) at {config.image_size} x {config.image_size}, per pair:")
     print(f"{'unit':<8}{'parameters':>12}{'GMACs':>10}")

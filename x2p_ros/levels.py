@@ -19,7 +19,7 @@ def level_order(name: str) -> float:
     try:
         return _ORDER[name]
     except KeyError:
-        raise ValueError(f"unknown vertebral level {name!r}; expected one of {', '.join(LEVELS)}") from None
+        raise ValueError(f"unknown vertebral level {name!r}; expected one of {', '.join(LEVELS)} or T13") from None
 
 
 def levels_below(reference: str, count: int) -> list[str]:

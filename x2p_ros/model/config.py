@@ -77,8 +77,8 @@ class X2PConfig:
     lifting: bool = False
 
     def __post_init__(self):
-        if self.image_size % 8:
-            raise ValueError(f"image_size must be a multiple of 8, got {self.image_size}")
+        if self.image_size < 8 or self.image_size % 8:
+            raise ValueError(f"image_size must be a positive multiple of 8, got {self.image_size}")
         low = self.image_size // 8
         if low % self.pool_stride:
             raise ValueError(f"image_size / 8 = {low} must be a multiple of pool_stride = {self.pool_stride}")
