@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "to a data set")
     _ct_arguments(p)
     p.add_argument("--data", required=True, help="data set folder (made when missing; an interrupted run resumes)")
-    p.add_argument("--pairs", type=at_least(1), required=True, help="pairs to render")
+    p.add_argument("--pairs", type=int, required=True, help="pairs to render")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--seed", type=at_least(0), default=0)
