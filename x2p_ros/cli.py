@@ -92,7 +92,7 @@ def _train(args):
     best = train(args.data, args.config, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  workers=args.workers, device=args.device, seed=args.seed, time_limit_min=args.time_limit,
                  progress=not args.quiet, init=args.init, max_bad_steps=args.max_bad_steps, augment=args.augment,
-                 prompt_jitter_px=tuple(args.prompt_jitter), **overrides)
+                 prompt_jitter_px=tuple(args.prompt_jitter), train_only=args.train_only, **overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 validates and writes
         print(f"best validation: {json.dumps(best)}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="half range of the training prompt's random displacement, px at 512 (scaled to the size)")
     p.add_argument("--augment", default="strong", choices=list(appearance.KINDS),
                    help="appearance randomisation of the training images (x2p_ros/training/appearance.py)")
+    p.add_argument("--train-only", metavar="PREFIX",
+                   help="only the weights whose names begin with PREFIX learn, e.g. centre_head. (a new head on "
+                        "--init's weights, which stay as they are)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_train)
 

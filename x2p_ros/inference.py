@@ -27,6 +27,7 @@ from .cuda_graph import GraphedForward
 from .geometry import VIEWS
 from .levels import level_order, levels_below
 from .model import X2PNet, checkpoint
+from .model.centres import snapped_estimates
 
 TALL = 1.25  # height / width above which a view is a long film
 CONTINUATION_SIDE = 0.7  # the continuation window's side as a share of the image (training crops: 0.7-1)
@@ -99,6 +100,7 @@ class Localizer:
         self.chain_stride = model.config.chain_stride  # 0: one window gives the chain
         self.prompt_refinements = model.config.prompt_refinements  # 0: the prompt as given
         self.extra_looks = model.config.extra_looks  # 0: the image as given
+        self.centre_snap = model.config.centre_snap  # 0: the model's own estimates
         self.windows_run = 0  # forwards so far: a pair costs one per window
 
     @classmethod
@@ -163,8 +165,11 @@ class Localizer:
         t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
         out = self.forward(t(np.stack(tiles, axis=1)[:, :, None]),  # (L, V, 1, S, S)
                            t(np.stack(Pw)).expand(n_looks, -1, -1, -1), t(np.stack(pw)).expand(n_looks, -1, -1))
+        xyz = out["xyz"]
+        if self.centre_snap and "centres" in out:  # the chain walked down onto the centres the model sees
+            xyz = snapped_estimates(out, t(np.stack(Pw)).expand(n_looks, -1, -1, -1), (size, size), self.centre_snap)
         # over the looks: the median estimate (one look's misreading does not move it) and the mean presence
-        outputs = {"3D positions": np.median(out["xyz"].double().cpu().numpy(), axis=0),
+        outputs = {"3D positions": np.median(xyz.double().cpu().numpy(), axis=0),
                    "presence": out["presence"].float().cpu().numpy().mean(axis=0)}
         if "pixels" in out:
             outputs["heatmap peaks"] = np.median(out["pixels"].double().cpu().numpy(), axis=0)

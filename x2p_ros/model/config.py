@@ -72,6 +72,14 @@ class X2PConfig:
     # C-arm's dynamic-range compression flattens soft tissue: the spine's local contrast without the body's
     # thickness gradient (encoder.py); 0: none (both shipped models; README: tried at 0.125, not shipped)
     background_sigma: float = 0.0
+    # a head on the VFE's high-resolution features that marks every vertebral centre in a view, whatever its
+    # index (centres.py), trained with this weight (its Gaussians' sigma: CENTRE_SIGMA_CELLS); False in both
+    # models shipped before it
+    centre_head: bool = False
+    loss_centre_weight: float = 1.0
+    # inference with a centre head: the chain walked down and each vertebra moved onto the strongest centre
+    # within this share of the model's step to it (centres.snap_chain); 0: the model's own estimates
+    centre_snap: float = 0.0
     # the lifting baseline on the same VFE and prompt FE: per-view high-resolution
     # heatmaps, 2D soft-argmax, closed-form two-view triangulation
     lifting: bool = False
@@ -109,6 +117,13 @@ class X2PConfig:
         if not 0 <= self.background_sigma <= 0.5:
             raise ValueError(f"background_sigma must be 0 (none) to 0.5 of the input side, got "
                              f"{self.background_sigma}")
+        if not 0 <= self.centre_snap <= 1:
+            raise ValueError(f"centre_snap must be 0 (the model's own estimates) to 1 (a whole step), got "
+                             f"{self.centre_snap}")
+        if self.centre_snap and not self.centre_head:
+            raise ValueError("centre_snap needs the centre head (centre_head=true)")
+        if not 0 <= self.loss_centre_weight <= 100:
+            raise ValueError(f"loss_centre_weight must be 0 to 100, got {self.loss_centre_weight}")
         if self.hires_stride not in (1, 2, 4, 8):
             raise ValueError(f"hires_stride must be 1, 2, 4 or 8, got {self.hires_stride}")
 

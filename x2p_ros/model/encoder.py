@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .centres import CentreHead
 from .config import X2PConfig
 from .prompt_fe import PromptFE
 from .vfe import VFE
@@ -40,6 +41,7 @@ class BiplanarEncoder(nn.Module):
         self.vfe = VFE(cfg.base_channels, cfg.hires_stride)
         self.fe = PromptFE(self.vfe.lowres_channels, cfg.d_model, cfg.heads, cfg.fe_layers, cfg.prompt_radius,
                            cfg.use_prompt, cfg.position_max_cycles)
+        self.centre_head = CentreHead(self.vfe.hires_channels) if cfg.centre_head else None
 
     def encode(self, images, prompt):
         """-> high (B*V, c_hi, H/s, W/s) and f_m (B*V, d, H/8, W/8), views along the batch."""
@@ -50,3 +52,8 @@ class BiplanarEncoder(nn.Module):
         low, high = self.vfe(views)  # (B*V, 8c, H/8, W/8), (B*V, c_hi, H/s, W/s)
         f_m = self.fe(low, prompt.flatten(0, 1).float(), (H, W))  # (B*V, d, H/8, W/8)
         return high, f_m
+
+    def centres(self, high, views: int):
+        """The centre head's maps (B, V, h, w) of the high-resolution features (B*V, c_hi, h, w)."""
+        maps = self.centre_head(high)  # (B*V, 1, h, w)
+        return maps.reshape(-1, views, *maps.shape[-2:])

@@ -35,8 +35,12 @@ class LiftingBaseline(BiplanarEncoder):
         self.lifting = LiftingHead(self.vfe.hires_channels + config.d_model, config.n_vertebrae)
 
     def forward(self, images, P, prompt):
-        """As X2PNet.forward: xyz (B, N, 3) mm, heatmaps (B, V, N, h, w), presence (B, N), pixels (B, V, N, 2)."""
+        """As X2PNet.forward: xyz (B, N, 3) mm, heatmaps (B, V, N, h, w), presence (B, N), pixels (B, V, N, 2);
+        with a centre head, centres (B, V, H/s, W/s)."""
         high, f_m = self.encode(images, prompt)
         features = torch.cat([high, F.interpolate(f_m, size=high.shape[-2:], mode="bilinear", align_corners=False)],
                              dim=1)  # (B*V, c_hi + d, H/s, W/s)
-        return self.lifting(features, P, images.shape[-2:])
+        out = self.lifting(features, P, images.shape[-2:])
+        if self.centre_head is not None:
+            out["centres"] = self.centres(high, P.shape[1])  # (B, V, H/s, W/s)
+        return out

@@ -35,7 +35,8 @@ class X2PNet(BiplanarEncoder):
         Returns a dict: xyz (B, N, 3) mm; heatmaps (B, V, N, S, S) (absent without
         SCE); presence (B, N) in [0, 1]; pixels (B, V, N, 2) heatmap peaks; the 3D
         volume's logits (B, N, D, Hy, Wx) and voxel centres (B, D, Hy, Wx, 3) mm; the
-        BrickFormer's routing (B, V, layers, N, P) over its P bricks (brick attention only)."""
+        BrickFormer's routing (B, V, layers, N, P) over its P bricks (brick attention only); with a centre head,
+        its maps of every vertebral centre (B, V, H/s, W/s)."""
         cfg = self.config
         B, V, _, H, W = images.shape
         high, f_m = self.encode(images, prompt)  # (B*V, c_hi, H/s, W/s), (B*V, d, H/8, W/8)
@@ -55,6 +56,8 @@ class X2PNet(BiplanarEncoder):
         anchor = geometry.triangulate_torch(P.double(), prompt.double()[:, :, None])[:, 0].to(P.dtype)  # (B, 3)
         out["volume_logits"], out["xyz"], out["volume_points"] = self.fusion(features, P, anchor, (H, W),
                                                                              out.get("heatmaps"))
+        if self.centre_head is not None:
+            out["centres"] = self.centres(high, V)  # (B, V, H/s, W/s)
         if self.sce is None:
             out["presence"] = torch.ones(out["xyz"].shape[:2], device=images.device)
         return out

@@ -22,6 +22,7 @@ from . import appearance
 # down at 512), so that the sweep's extremes lie inside what training shows rather than on its edge (issue
 # 12: at the sweep's range the sweep moved X2P-Net's MPE by 1.6 mm); `x2p train --prompt-jitter` sets another
 PROMPT_JITTER_PX = (30.0, 15.0)
+MAX_CENTRES = 32  # every vertebra a case can label (C1-S1 are 25), for the centre head's targets
 
 
 class BiplanarDataset(Dataset):
@@ -51,6 +52,10 @@ class BiplanarDataset(Dataset):
         case = case_io.read_case(self.root / self.names[i])
         images, others, Ps = [], [], []
         inside = np.ones(len(case.labels), dtype=bool)
+        if len(case.labels) > MAX_CENTRES:
+            raise case_io.DatasetError(f"{self.names[i]}: {len(case.labels)} vertebrae, more than {MAX_CENTRES}")
+        centres = np.zeros((2, MAX_CENTRES, 2))  # every labelled vertebra inside each window, whatever its index
+        centre_inside = np.zeros((2, MAX_CENTRES), dtype=bool)
         crop = _random_crop(rng, self.full_share) if rng is not None else None
         for k, view in enumerate(geometry.VIEWS):
             v = case.views[view]
@@ -69,7 +74,9 @@ class BiplanarDataset(Dataset):
             if len(case.labels):
                 uv = geometry.project(P, case.xyz_mm)
                 margin = 0.02 * self.size + 0.5  # from the edge, 2 % of the side from the edge pixels' centres
-                inside &= geometry.inside_image(uv, (self.size, self.size), margin)
+                in_view = geometry.inside_image(uv, (self.size, self.size), margin)
+                inside &= in_view
+                centres[k, :len(uv)], centre_inside[k, :len(uv)] = uv, in_view
         # the vertebrae visible in both views, from the top-most one down, without gaps
         first = int(np.argmax(inside)) if inside.any() else len(inside)
         last = first
@@ -97,6 +104,8 @@ class BiplanarDataset(Dataset):
             "xyz": torch.from_numpy(xyz.astype(np.float32)),  # (N, 3)
             "present": torch.from_numpy(present),  # (N,)
             "pixels": torch.from_numpy(pixels.astype(np.float32)),  # (V, N, 2)
+            "centres": torch.from_numpy(centres.astype(np.float32)),  # (V, MAX_CENTRES, 2)
+            "centre_inside": torch.from_numpy(centre_inside),  # (V, MAX_CENTRES)
             "first": first,  # index of the prompted vertebra in the case's list
             "name": self.names[i],  # the case folder, named when its batch goes wrong
         }

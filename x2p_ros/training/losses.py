@@ -10,6 +10,7 @@ import torch
 from .. import geometry
 
 POSITIVE_WEIGHT = 20.0
+CENTRE_SIGMA_CELLS = 1.5  # the centre head's Gaussians, in cells of its map (3 px at stride 2)
 
 
 def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma_px: float):
@@ -27,6 +28,17 @@ def gaussian_heatmaps(pixels, present, size: int, image_hw, sigma_px: float):
                   / (2 * sigma ** 2))
     g = g / g.flatten(-2).amax(-1).clamp_min(1e-6)[..., None, None]
     return g * present[:, None, :, None, None]
+
+
+def centre_loss(maps, centres, inside, image_hw):
+    """Weighted MSE of the centre maps (B, V, h, w) against the maximum of Gaussians (peak 1) at every
+    vertebra inside each view (centres (B, V, M, 2) px, inside (B, V, M)), weighted as the heatmaps are."""
+    h, w = maps.shape[-2:]
+    ones = torch.ones(inside.shape[0], inside.shape[2], device=maps.device)
+    g = gaussian_heatmaps(torch.where(inside[..., None], centres, 0.0), ones, h, image_hw,
+                          CENTRE_SIGMA_CELLS * image_hw[1] / w)  # (B, V, M, h, w)
+    target = (g * inside[..., None, None]).amax(2)  # (B, V, h, w)
+    return ((1.0 + POSITIVE_WEIGHT * target) * (maps.float() - target) ** 2).mean()
 
 
 def peak_3d_loss(logits, points, xyz_true, present, sigma_mm: float):
@@ -105,6 +117,9 @@ def x2p_losses(out: dict, batch: dict, config) -> dict:
             out["volume_logits"], out["volume_points"], xyz_true, present, config.loss_3d_peak_sigma_mm)
     if config.loss_routing_weight > 0 and "routing" in out:
         terms["routing"] = config.loss_routing_weight * routing_loss(out["routing"], pixels_true, present, image_hw)
+    if "centres" in out and config.loss_centre_weight > 0:
+        terms["centres"] = config.loss_centre_weight * centre_loss(out["centres"], batch["centres"],
+                                                                   batch["centre_inside"].bool(), image_hw)
     if config.loss_look_consistency_weight > 0 and batch.get("paired_looks"):
         terms["looks"] = config.loss_look_consistency_weight * look_consistency(out, present,
                                                                               config.loss_3d_scale_mm)

@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data import case_io
 from ..model import X2PConfig, build_model, checkpoint, preset
+from ..model.centres import snapped_estimates
 from .data import PROMPT_JITTER_PX, BiplanarDataset, with_paired_looks
 from .losses import x2p_losses
 
-LOG_FIELDS = ["epoch", "step", "lr", "loss", "mse", "dice", "3d", "peak", "routing", "looks", "skipped",
+LOG_FIELDS = ["epoch", "step", "lr", "loss", "mse", "dice", "3d", "peak", "routing", "looks", "centres", "skipped",
               "val_mpe_mm", "val_pcl10", "seconds"]
 
 
@@ -66,7 +67,10 @@ def validate(model, loader, device) -> dict:
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(batch["images"], batch["P"], batch["prompt"])
-        err = (out["xyz"].float() - batch["xyz"]).norm(dim=-1)
+        xyz = out["xyz"]
+        if "centres" in out and model.config.centre_snap:  # the estimates as the localizer gives them
+            xyz = snapped_estimates(out, batch["P"], batch["images"].shape[-2:], model.config.centre_snap)
+        err = (xyz.float() - batch["xyz"]).norm(dim=-1)
         errors.append(err[batch["present"]].cpu())
     model.train()
     e = torch.cat(errors).numpy() if errors else np.zeros(0)
@@ -104,8 +108,9 @@ class Run:
 
 def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: float, workers: int, device: str,
           seed: int, init: str | None, max_bad_steps: int, progress: bool, augment: str = "strong",
-          prompt_jitter_px=PROMPT_JITTER_PX, **config_overrides) -> Run:
-    """Data, model, optimizer and schedule of a run; continues RUN/last.pt when there is one."""
+          prompt_jitter_px=PROMPT_JITTER_PX, train_only: str | None = None, **config_overrides) -> Run:
+    """Data, model, optimizer and schedule of a run; continues RUN/last.pt when there is one. train_only:
+    only the weights whose names begin with it learn (e.g. "centre_head."); the rest stay as loaded."""
     if max_bad_steps < 1:
         raise TrainingError(f"max_bad_steps must be at least 1, got {max_bad_steps}")
     rank, world, local_rank = _distributed()
@@ -129,7 +134,13 @@ def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: fl
     model = build_model(cfg).to(dev)
     if init is not None:  # fine-tuning: another run's weights, a fresh optimizer and schedule
         _init_weights(model, init, config, announce=rank == 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    if train_only is not None:
+        names = [name for name, _ in model.named_parameters() if name.startswith(train_only)]
+        if not names:
+            raise TrainingError(f"--train-only {train_only}: no weight of the {config} model's is named so")
+        for name, weight in model.named_parameters():
+            weight.requires_grad_(name.startswith(train_only))
+    optimizer = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=lr, weight_decay=0.05)
     total_steps = max(epochs * len(loader), 1)
     warmup = min(200, total_steps // 10 + 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -209,7 +220,8 @@ def end_epoch(run: Run, epoch: int, stats: dict, seconds: float):
     row = {"epoch": epoch, "step": run.step, "lr": run.scheduler.get_last_lr()[0],
            "loss": mean.get("total", float("nan")), "mse": mean.get("mse", 0.0), "dice": mean.get("dice", 0.0),
            "3d": mean.get("3d", float("nan")), "peak": mean.get("peak", 0.0),
-           "routing": mean.get("routing", 0.0), "looks": mean.get("looks", 0.0), "skipped": stats["skipped"],
+           "routing": mean.get("routing", 0.0), "looks": mean.get("looks", 0.0),
+           "centres": mean.get("centres", 0.0), "skipped": stats["skipped"],
            **validate(run.model, run.val_loader, run.device), "seconds": round(seconds, 1)}
     _append_log(run.out / "log.csv", row)
     if math.isfinite(row["val_mpe_mm"]) and row["val_mpe_mm"] < run.best["val_mpe_mm"]:
@@ -232,10 +244,10 @@ def end_epoch(run: Run, epoch: int, stats: dict, seconds: float):
 def train(data: str, config: str, out: str, epochs: int = 100, batch_size: int = 2, lr: float = 5e-4,
           workers: int = 2, device: str = "auto", seed: int = 0, time_limit_min: float | None = None,
           progress: bool = True, init: str | None = None, max_bad_steps: int = 20, augment: str = "strong",
-          prompt_jitter_px=PROMPT_JITTER_PX, **config_overrides) -> dict:
+          prompt_jitter_px=PROMPT_JITTER_PX, train_only: str | None = None, **config_overrides) -> dict:
     """Trains (or resumes) a run; returns its best validation."""
     run = setup(data, config, out, epochs, batch_size, lr, workers, device, seed, init, max_bad_steps, progress,
-                augment, prompt_jitter_px, **config_overrides)
+                augment, prompt_jitter_px, train_only, **config_overrides)
     started = time.monotonic()
     for epoch in range(run.start_epoch, epochs):
         stats = train_one_epoch(run, epoch)
@@ -324,7 +336,7 @@ def _plot_log(csv_path: Path, png_path: Path):
     epochs = [int(r["epoch"]) for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     losses = {key: [float(r.get(key) or 0.0) for r in rows]
-              for key in ("loss", "mse", "dice", "3d", "peak", "routing", "looks")}
+              for key in ("loss", "mse", "dice", "3d", "peak", "routing", "looks", "centres")}
     for key, values in losses.items():
         a.plot(epochs, values, label=key)
     if any(v > 0 for values in losses.values() for v in values):  # epochs whose every step was skipped are NaN

@@ -1,0 +1,74 @@
+"""Vertebral centres without an index, and the chain snapped onto them.
+
+Both models read the step from one vertebra to the next from the whole window
+(which vertebra is the k-th below the prompt), and on DRRs of real CTs that
+step is off by 4-5 mm a vertebra, so the error grows down the chain (README,
+"Centre snapping"). Where a vertebral body's centre lies is a local question:
+a head on the VFE's high-resolution features (prompt-free, the same for every
+vertebra) marks every centre in a view. The chain is then walked down: each
+vertebra starts one model step below the previous vertebra's snapped place
+and moves to the strongest centre within a share of that step, so that an
+error in one step is not carried into the next.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import geometry
+from .heatmaps import heatmap_peaks
+
+FLOOR = 0.3  # a centre map's least height to snap to (its targets peak at 1)
+
+
+class CentreHead(nn.Module):
+    """High-resolution features (B, C, h, w) -> one linear heatmap of every vertebral centre (B, 1, h, w)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        # two dilated layers: a receptive field a vertebral body wide at stride 2 (about 20 cells at 256)
+        self.head = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(channels, channels, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
+                                  nn.Conv2d(channels, channels, 3, padding=4, dilation=4), nn.ReLU(inplace=True),
+                                  nn.Conv2d(channels, 1, 1))
+
+    def forward(self, features):
+        return self.head(features)
+
+
+def snap_chain(centres, chain, image_hw, radius_share: float, floor: float):
+    """The chain's pixels moved onto the centre map, walking down from the prompted vertebra.
+
+    centres (B, V, h, w) heatmaps of every centre (square, peak 1); chain (B, V, N, 2) the model's pixels.
+    Vertebra k starts at the previous one's snapped place plus the model's own step k-1 -> k (k = 0 at
+    its own place), and takes the sub-cell peak of the map within radius_share of that step (of the step
+    0 -> 1 for k = 0) if the map reaches floor there; else it stays where it started. -> (B, V, N, 2)."""
+    H, W = image_hw
+    h, w = centres.shape[-2:]
+    if h != w:
+        raise ValueError(f"the centre map must be square, got {h} x {w}")
+    chain = chain.float()
+    u = geometry.cell_to_pixel(torch.arange(w, device=chain.device, dtype=chain.dtype), w, W)  # (w,)
+    v = geometry.cell_to_pixel(torch.arange(h, device=chain.device, dtype=chain.dtype), h, H)  # (h,)
+    steps = chain[..., 1:, :] - chain[..., :-1, :]  # (B, V, N-1, 2)
+    snapped = []
+    for k in range(chain.shape[-2]):
+        start = chain[..., 0, :] if k == 0 else snapped[-1] + steps[..., k - 1, :]  # (B, V, 2)
+        step = steps[..., max(k - 1, 0), :] if steps.shape[-2] else torch.zeros_like(start)
+        radius = radius_share * step.norm(dim=-1)  # (B, V)
+        d2 = (u - start[..., :1, None]) ** 2 + (v[:, None] - start[..., 1:, None]) ** 2  # (B, V, h, w)
+        near = torch.where(d2 <= radius[..., None, None] ** 2, centres.float(), torch.zeros_like(d2))
+        found = near.flatten(-2).amax(-1) >= floor  # (B, V)
+        snapped.append(torch.where(found[..., None], heatmap_peaks(near, image_hw), start))
+    return torch.stack(snapped, dim=-2)
+
+
+def snapped_estimates(out: dict, P, image_hw, radius_share: float, floor: float = FLOOR):
+    """3D estimates (B, N, 3) triangulated from the chain snapped in every view: the model's own estimates
+    (out["xyz"]) projected into each view (P (B, V, 3, 4)), snapped onto out["centres"] (B, V, h, w)."""
+    B, N = out["xyz"].shape[:2]
+    V = P.shape[1]
+    points = out["xyz"].double()[:, None].expand(B, V, N, 3)
+    chain, _ = geometry.project_torch(P.double(), points)  # (B, V, N, 2)
+    pixels = snap_chain(out["centres"], chain, image_hw, radius_share, floor)
+    return geometry.triangulate_torch(P.double(), pixels.double()).to(out["xyz"].dtype)
