@@ -13,6 +13,7 @@ error in one step is not carried into the next.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import geometry
@@ -41,8 +42,9 @@ def snap_chain(centres, chain, image_hw, radius_share: float, floor: float):
 
     centres (B, V, h, w) heatmaps of every centre (square, peak 1); chain (B, V, N, 2) the model's pixels.
     Vertebra k starts at the previous one's snapped place plus the model's own step k-1 -> k (k = 0 at
-    its own place), and takes the sub-cell peak of the map within radius_share of that step (of the step
-    0 -> 1 for k = 0) if the map reaches floor there; else it stays where it started. -> (B, V, N, 2)."""
+    its own place), and moves to the sub-cell place of the strongest of the map's peaks at least floor high
+    within radius_share of that step (of the step 0 -> 1 for k = 0); without one it stays where it
+    started. -> (B, V, N, 2)."""
     H, W = image_hw
     h, w = centres.shape[-2:]
     if h != w:
@@ -51,15 +53,19 @@ def snap_chain(centres, chain, image_hw, radius_share: float, floor: float):
     u = geometry.cell_to_pixel(torch.arange(w, device=chain.device, dtype=chain.dtype), w, W)  # (w,)
     v = geometry.cell_to_pixel(torch.arange(h, device=chain.device, dtype=chain.dtype), h, H)  # (h,)
     steps = chain[..., 1:, :] - chain[..., :-1, :]  # (B, V, N-1, 2)
+    maps = centres.float()
+    # the maps' own peaks (no higher neighbour), at least floor high: a Gaussian's flank inside the radius is not
+    # a centre
+    peaks = torch.where((maps == F.max_pool2d(maps, 3, 1, 1)) & (maps >= floor), maps, torch.zeros_like(maps))
     snapped = []
     for k in range(chain.shape[-2]):
         start = chain[..., 0, :] if k == 0 else snapped[-1] + steps[..., k - 1, :]  # (B, V, 2)
         step = steps[..., max(k - 1, 0), :] if steps.shape[-2] else torch.zeros_like(start)
         radius = radius_share * step.norm(dim=-1)  # (B, V)
         d2 = (u - start[..., :1, None]) ** 2 + (v[:, None] - start[..., 1:, None]) ** 2  # (B, V, h, w)
-        near = torch.where(d2 <= radius[..., None, None] ** 2, centres.float(), torch.zeros_like(d2))
-        found = near.flatten(-2).amax(-1) >= floor  # (B, V)
-        snapped.append(torch.where(found[..., None], heatmap_peaks(near, image_hw), start))
+        near = torch.where(d2 <= radius[..., None, None] ** 2, peaks, torch.zeros_like(d2)).flatten(-2)
+        best, cell = near.max(-1)  # (B, V): the strongest peak within the radius
+        snapped.append(torch.where((best > 0)[..., None], heatmap_peaks(maps, image_hw, cell), start))
     return torch.stack(snapped, dim=-2)
 
 

@@ -11,17 +11,19 @@ def presence(heatmaps):
     return heatmaps.float().flatten(-2).amax(-1).clamp(0, 1).mean(1)
 
 
-def heatmap_peaks(heatmaps, image_hw):
+def heatmap_peaks(heatmaps, image_hw, peak=None):
     """Sub-cell peak of each heatmap, in input pixels: the vertex of the parabola through the
     logarithms of the maximum and its two neighbours along each axis, exact for a Gaussian
     of any width (a weighted mean of the 3 x 3 cells pulls the peak towards the middle cell).
 
-    heatmaps (..., S, S) -> (..., 2) as (u, v)."""
+    heatmaps (..., S, S) -> (..., 2) as (u, v); peak (...): the flat index of the cell to refine
+    instead of the maximum's."""
     S = heatmaps.shape[-1]
     H, W = image_hw
     log = heatmaps.float().clamp(1e-6, 1).log()
     padded = torch.nn.functional.pad(log, (1, 1, 1, 1), value=float("nan"))
-    peak = log.flatten(-2).argmax(-1)
+    if peak is None:
+        peak = log.flatten(-2).argmax(-1)
     r, c = peak // S, peak % S
 
     def at(dr, dc):  # log value at (r + dr, c + dc); off the map: NaN
