@@ -4,8 +4,8 @@ Both models read the step from one vertebra to the next from the whole window
 (which vertebra is the k-th below the prompt), and on DRRs of real CTs that
 step is off by 4-5 mm a vertebra, so the error grows down the chain (README,
 "Centre snapping"). Where a vertebral body's centre lies is a local question:
-a head on the VFE's high-resolution features (prompt-free, the same for every
-vertebra) marks every centre in a view. The chain is then walked down: each
+a head without the prompt, the same for every vertebra, marks every centre in
+a view. The chain is then walked down: each
 vertebra starts one model step below the previous vertebra's snapped place
 and moves to the strongest centre within a share of that step, so that an
 error in one step is not carried into the next.
@@ -18,23 +18,25 @@ from torch import nn
 
 from .. import geometry
 from .heatmaps import heatmap_peaks
+from .vfe import VFE
 
 FLOOR = 0.3  # a centre map's least height to snap to (its targets peak at 1)
 
 
 class CentreHead(nn.Module):
-    """High-resolution features (B, C, h, w) -> one linear heatmap of every vertebral centre (B, 1, h, w)."""
+    """Images (B, 1, H, W) -> one linear heatmap of every vertebral centre (B, 1, H/s, W/s): a U-Net of its own
+    (the VFE's architecture), so that it can be trained on a model whose weights stay as they are; on the
+    frozen high-resolution features of the shipped models a head placed the centres worse than the models
+    placed the prompted vertebra (README, "Centre snapping")."""
 
-    def __init__(self, channels: int):
+    def __init__(self, base: int, hires_stride: int):
         super().__init__()
-        # two dilated layers: a receptive field a vertebral body wide at stride 2 (about 20 cells at 256)
-        self.head = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(channels, channels, 3, padding=2, dilation=2), nn.ReLU(inplace=True),
-                                  nn.Conv2d(channels, channels, 3, padding=4, dilation=4), nn.ReLU(inplace=True),
-                                  nn.Conv2d(channels, 1, 1))
+        self.vfe = VFE(base, hires_stride)
+        c = self.vfe.hires_channels
+        self.head = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, 1, 1))
 
-    def forward(self, features):
-        return self.head(features)
+    def forward(self, images):
+        return self.head(self.vfe(images)[1])
 
 
 def snap_chain(centres, chain, image_hw, radius_share: float, floor: float):

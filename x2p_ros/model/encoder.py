@@ -41,19 +41,24 @@ class BiplanarEncoder(nn.Module):
         self.vfe = VFE(cfg.base_channels, cfg.hires_stride)
         self.fe = PromptFE(self.vfe.lowres_channels, cfg.d_model, cfg.heads, cfg.fe_layers, cfg.prompt_radius,
                            cfg.use_prompt, cfg.position_max_cycles)
-        self.centre_head = CentreHead(self.vfe.hires_channels) if cfg.centre_head else None
+        self.centre_head = CentreHead(cfg.base_channels, cfg.hires_stride) if cfg.centre_head else None
 
     def encode(self, images, prompt):
         """-> high (B*V, c_hi, H/s, W/s) and f_m (B*V, d, H/8, W/8), views along the batch."""
         H, W = images.shape[-2:]
-        views = images.flatten(0, 1)  # (B*V, 1, H, W)
-        if self.config.background_sigma > 0:
-            views = flatten_background(views, self.config.background_sigma * max(H, W))
+        views = self._views(images)
         low, high = self.vfe(views)  # (B*V, 8c, H/8, W/8), (B*V, c_hi, H/s, W/s)
         f_m = self.fe(low, prompt.flatten(0, 1).float(), (H, W))  # (B*V, d, H/8, W/8)
         return high, f_m
 
-    def centres(self, high, views: int):
-        """The centre head's maps (B, V, h, w) of the high-resolution features (B*V, c_hi, h, w)."""
-        maps = self.centre_head(high)  # (B*V, 1, h, w)
-        return maps.reshape(-1, views, *maps.shape[-2:])
+    def _views(self, images):
+        """images (B, V, 1, H, W) -> (B*V, 1, H, W) as the U-Nets take them."""
+        views = images.flatten(0, 1)  # (B*V, 1, H, W)
+        if self.config.background_sigma > 0:
+            views = flatten_background(views, self.config.background_sigma * max(images.shape[-2:]))
+        return views
+
+    def centres(self, images):
+        """The centre head's maps (B, V, H/s, W/s) of images (B, V, 1, H, W)."""
+        maps = self.centre_head(self._views(images))  # (B*V, 1, H/s, W/s)
+        return maps.reshape(*images.shape[:2], *maps.shape[-2:])

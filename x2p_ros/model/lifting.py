@@ -42,5 +42,5 @@ class LiftingBaseline(BiplanarEncoder):
                              dim=1)  # (B*V, c_hi + d, H/s, W/s)
         out = self.lifting(features, P, images.shape[-2:])
         if self.centre_head is not None:
-            out["centres"] = self.centres(high, P.shape[1])  # (B, V, H/s, W/s)
+            out["centres"] = self.centres(images)  # (B, V, H/s, W/s)
         return out

@@ -57,7 +57,7 @@ class X2PNet(BiplanarEncoder):
         out["volume_logits"], out["xyz"], out["volume_points"] = self.fusion(features, P, anchor, (H, W),
                                                                              out.get("heatmaps"))
         if self.centre_head is not None:
-            out["centres"] = self.centres(high, V)  # (B, V, H/s, W/s)
+            out["centres"] = self.centres(images)  # (B, V, H/s, W/s)
         if self.sce is None:
             out["presence"] = torch.ones(out["xyz"].shape[:2], device=images.device)
         return out
