@@ -110,13 +110,13 @@ def test_a_centre_head_trained_alone_leaves_every_other_weight_as_it_was(small_d
     head = ["--set", "centre_head=true", "--set", "centre_snap=0.3", "--lr", "1e-2",
             "--init", str(tmp_path / "a" / "best.pt")]
     assert main(args + ["--out", str(tmp_path / "b"), "--train-only", "centre_head."] + head) == 0
+    assert "new, at their initial values: centre_head.* (" in capsys.readouterr().out
     tuned = checkpoint.read(tmp_path / "b" / "best.pt")
     for name, weights in start.items():
         torch.testing.assert_close(tuned["model"][name], weights)
     initial = build_model(preset("tiny", centre_head=True)).state_dict()
     assert any(not torch.equal(tuned["model"][n], initial[n]) for n in tuned["model"] if n.startswith("centre_head."))
     assert float(next(csv.DictReader((tmp_path / "b" / "log.csv").open()))["centres"]) > 0
-    capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "c"), "--train-only", "no_such_head."] + head) == 2
     assert "no weight of the tiny model's is named so" in capsys.readouterr().err
 

@@ -45,6 +45,8 @@ def test_the_shipped_models_record_that_no_real_anatomy_validation_ct_trained_th
     # every choice made after training (threshold, inference settings) names its data, checked the same way
     choices = [meta[key] for key in ("presence_calibration", "chain_stride", "prompt_refinements", "extra_looks")
                if meta.get(key) is not None]
+    if meta.get("centre_head") is not None:  # its training data and the figures its radius was chosen by
+        choices += [meta["centre_head"]["training_data"], meta["centre_head"]["measured"]]
     assert choices, "a shipped model records at least how its presence threshold was chosen"
     assert all(choice["real_anatomy_validation_cts"] is False for choice in choices)
     assert meta["presence_calibration"]["threshold"] == meta["config_values"]["presence_threshold"]
@@ -337,4 +339,46 @@ def test_ship_model_sets_a_chain_stride_and_prompt_refinements_keeping_the_weigh
     before = shipped.read_bytes()
     with pytest.raises(SystemExit, match="chose the chain stride on the real-anatomy validation CT"):
         tool.with_inference_setting("--chain-stride", "1", "default", str(tmp_path / "measured.json"))
+    assert shipped.read_bytes() == before
+
+
+def test_ship_model_puts_a_centre_head_into_the_shipped_model_keeping_its_weights_and_refuses_one_chosen_on_a_validation_ct(  # noqa: E501
+        tmp_path, monkeypatch):
+    import csv
+
+    import torch
+
+    from x2p_ros.model import build_model, checkpoint, preset
+    tool, shipped = _ship_to(tmp_path, monkeypatch)
+    torch.manual_seed(0)
+    checkpoint.save(shipped, build_model(preset("tiny", presence_threshold=0.3)),
+                    meta={"config_name": "tiny", "note": "trained on the CPU, 3 epochs"})
+    shipped.with_suffix(".json").write_text(json.dumps({"config": "tiny", "training": {"epochs_run": 3}}))
+    weights = checkpoint.read(shipped)["model"]
+    run = tmp_path / "run"
+    head = build_model(preset("tiny", centre_head=True, centre_snap=0.3))  # beside other weights
+    checkpoint.save(run / "best.pt", head, meta={"init": "baseline.pt", "epoch": 1, "val_mpe_mm": 4.0})
+    with (run / "log.csv").open("w") as f:
+        csv.writer(f).writerows([["epoch"], [0], [1]])
+    data = _data_set(tmp_path / "data", ["case_00000"])
+    figures = {"rule": "commit 2222222", "rows": [{"data": str(data), "split": "val", "centre_snap": 0.2}]}
+    (tmp_path / "measured.json").write_text(json.dumps(figures))
+    assert tool.with_centre_head(str(run), str(data), "0.2", "default", str(tmp_path / "measured.json")) == 0
+    after = checkpoint.read(shipped)
+    assert after["config"]["centre_head"] is True and after["config"]["centre_snap"] == 0.2
+    assert after["config"]["presence_threshold"] == 0.3
+    assert all(torch.equal(after["model"][k], w) for k, w in weights.items())
+    own = {k: w for k, w in head.state_dict().items() if k.startswith("centre_head.")}
+    assert own and all(torch.equal(after["model"][k], w) for k, w in own.items())
+    assert after["meta"]["note"] == "trained on the CPU, 3 epochs; centre snap 0.2 chosen by commit 2222222"
+    record = json.loads(shipped.with_suffix(".json").read_text())
+    assert record["centre_head"]["training_data"]["real_anatomy_validation_cts"] is False
+    assert record["centre_head"]["measured"] == {**figures, "real_anatomy_validation_cts": False}
+    assert record["centre_head"]["epochs_run"] == 2 and record["centre_head"]["trained_beside"] == "baseline.pt"
+    assert checkpoint.load_model(shipped)[0].config.centre_snap == 0.2
+
+    before = shipped.read_bytes()
+    with pytest.raises(SystemExit, match="trains on the real-anatomy validation CT"):
+        tool.with_centre_head(str(run), str(_leaky_data_set(tmp_path, monkeypatch)), "0.2", "default",
+                              str(tmp_path / "measured.json"))
     assert shipped.read_bytes() == before

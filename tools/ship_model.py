@@ -17,7 +17,13 @@ presence threshold; its JSON keeps the training record and gets the new threshol
   python tools/ship_model.py --prompt-refinements R NAME MEASURED.json
   python tools/ship_model.py --extra-looks L NAME MEASURED.json
 
-sets the shipped model's chain stride (X2PConfig.chain_stride: prompt again every S vertebrae),
+  python tools/ship_model.py --centre-head RUN DATA SNAP NAME MEASURED.json
+
+puts the centre head of RUN/best.pt (trained on DATA with `x2p train --train-only centre_head.`) into the
+shipped model, snapping at SNAP of its step (X2PConfig.centre_snap), its other weights unchanged; MEASURED.json,
+the figures it was chosen by, goes into its JSON.
+
+The last three set the shipped model's chain stride (X2PConfig.chain_stride: prompt again every S vertebrae),
 prompt refinements (X2PConfig.prompt_refinements: prompt again R times at the prompted vertebra's
 estimate) or extra looks (X2PConfig.extra_looks: the median over L more looks of each window), its
 weights unchanged; MEASURED.json, the figures it was chosen by (`x2p evaluate --chain-stride`,
@@ -36,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from x2p_ros.data import case_io, realct  # noqa: E402
 from x2p_ros.data.patient_pairs import sha256  # noqa: E402
-from x2p_ros.model import checkpoint, preset  # noqa: E402
+from x2p_ros.model import build_model, checkpoint, preset  # noqa: E402
 from x2p_ros.models import baseline_checkpoint, default_checkpoint  # noqa: E402
 
 TARGETS = {"default": default_checkpoint, "baseline": baseline_checkpoint}
@@ -189,7 +195,48 @@ def with_inference_setting(option: str, value: str, name: str, measured: str) ->
     return 0
 
 
+def with_centre_head(run: str, data: str, snap: str, name: str, measured: str) -> int:
+    """The shipped model with the centre head of a run (its own U-Net: the model's other weights stay), snapping
+    at snap of its step."""
+    if name not in TARGETS:
+        raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
+    run, data = Path(run), Path(data)
+    head = checkpoint.read(run / "best.pt")
+    weights = {k: v for k, v in head["model"].items() if k.startswith("centre_head.")}
+    if not weights:
+        raise SystemExit(f"ship_model: {run / 'best.pt'} has no centre head")
+    patient_cases = refuse_validation_cts(data, ("train", "val"), "trains on")
+    figures = json.loads(Path(measured).read_text())
+    for measured_on in sorted({row["data"] for row in figures["rows"]}):
+        refuse_validation_cts(Path(measured_on), ("train", "val", "test"), "chose the centre snapping on")
+    target = TARGETS[name]()
+    model, meta = checkpoint.load_model(target)
+    with_head = build_model(replace(model.config, centre_head=True, centre_snap=float(snap)))
+    with_head.load_state_dict({**model.state_dict(), **weights})
+    dataset = json.loads((data / "dataset.json").read_text())
+    log = list(csv.DictReader((run / "log.csv").open()))
+    record = json.loads(target.with_suffix(".json").read_text())
+    record["config_values"] = with_head.config.to_dict()
+    record["config_changes"] = config_changes(record.get("config"), with_head)
+    record["centre_head"] = {
+        "run": run.name, "trained_beside": head["meta"].get("init"), "epochs_run": len(log),
+        "best_epoch": head["meta"].get("epoch"), "validation_snapped": {"mpe_mm": head["meta"].get("val_mpe_mm"),
+                                                                       "pcl10": head["meta"].get("val_pcl10")},
+        "training_data": {"folder": data.name, "engine": dataset.get("engine", 1), "cases": dataset["cases"],
+                          "seed": dataset["seed"], "patient_ct_cases": len(patient_cases),
+                          "real_anatomy_validation_cts": False},
+        "snap": float(snap), "measured": {**figures, "real_anatomy_validation_cts": False}}
+    parts = [part for part in meta.get("note", "").split("; ") if part and not part.startswith("centre snap")]
+    note = "; ".join(parts + [f"centre snap {float(snap):g} chosen by {figures['rule']}"])
+    checkpoint.save(target, with_head, meta={**meta, "note": note})
+    target.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    print(f"shipped {target} with the centre head of {run} snapping at {float(snap):g} (other weights unchanged)")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--centre-head"]:
+        sys.exit(with_centre_head(*sys.argv[2:]))
     if sys.argv[1:2] == ["--recalibrated"]:
         sys.exit(recalibrated(*sys.argv[2:]))
     if sys.argv[1:2] and sys.argv[1] in INFERENCE_SETTINGS:

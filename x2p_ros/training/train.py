@@ -299,8 +299,14 @@ def _init_weights(model, path, config_name: str, announce: bool):
     new = sorted(set(own) - set(state["model"]))
     model.load_state_dict(state["model"], strict=False)
     if announce:
+        # a new module's weights named by the module: a centre head's U-Net has 46
+        modules = {}
+        for name in new:
+            modules.setdefault(name.split(".")[0], []).append(name)
+        named = [names[0] if len(names) == 1 else f"{module}.* ({len(names)} weights)"
+                 for module, names in modules.items()]
         print(f"warm start from {path} (another config): every weight loaded"
-              + (f"; new, at their initial values: {', '.join(new)}" if new else ""))
+              + (f"; new, at their initial values: {', '.join(named)}" if new else ""))
 
 
 def _load_weights(model, path, config_name: str) -> dict:
