@@ -117,6 +117,12 @@ def test_a_centre_head_trained_alone_leaves_every_other_weight_as_it_was(small_d
     initial = build_model(preset("tiny", centre_head=True)).state_dict()
     assert any(not torch.equal(tuned["model"][n], initial[n]) for n in tuned["model"] if n.startswith("centre_head."))
     assert float(next(csv.DictReader((tmp_path / "b" / "log.csv").open()))["centres"]) > 0
+    # a new head's U-Net starts as the model's VFE
+    assert main(args + ["--out", str(tmp_path / "d"), "--train-only", "centre_head."] + head + ["--lr", "0"]) == 0
+    untrained = checkpoint.read(tmp_path / "d" / "best.pt")["model"]
+    for name, weights in start.items():
+        if name.startswith("vfe."):
+            torch.testing.assert_close(untrained[f"centre_head.{name}"], weights)
     assert main(args + ["--out", str(tmp_path / "c"), "--train-only", "no_such_head."] + head) == 2
     assert "no weight of the tiny model's is named so" in capsys.readouterr().err
 

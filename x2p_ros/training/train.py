@@ -298,6 +298,10 @@ def _init_weights(model, path, config_name: str, announce: bool):
             f"not fit this one: {', '.join(misfits[:5])}{', ...' if len(misfits) > 5 else ''}")
     new = sorted(set(own) - set(state["model"]))
     model.load_state_dict(state["model"], strict=False)
+    if model.centre_head is not None and any(name.startswith("centre_head.") for name in new):
+        # a new centre head's U-Net starts as the model's VFE, whose features already tell the vertebrae apart:
+        # from scratch, its maps had no peaks after 5 epochs (README, "Centre snapping")
+        model.centre_head.vfe.load_state_dict(model.vfe.state_dict())
     if announce:
         # a new module's weights named by the module: a centre head's U-Net has 46
         modules = {}
