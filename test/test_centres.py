@@ -110,7 +110,8 @@ def test_a_centre_head_trained_alone_leaves_every_other_weight_as_it_was(small_d
     head = ["--set", "centre_head=true", "--set", "centre_snap=0.3", "--lr", "1e-2",
             "--init", str(tmp_path / "a" / "best.pt")]
     assert main(args + ["--out", str(tmp_path / "b"), "--train-only", "centre_head."] + head) == 0
-    assert "new, at their initial values: centre_head.* (" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "new, at their initial values: centre_head.* (" in said and "U-Net copied from the VFE" in said
     tuned = checkpoint.read(tmp_path / "b" / "best.pt")
     for name, weights in start.items():
         torch.testing.assert_close(tuned["model"][name], weights)

@@ -298,7 +298,8 @@ def _init_weights(model, path, config_name: str, announce: bool):
             f"not fit this one: {', '.join(misfits[:5])}{', ...' if len(misfits) > 5 else ''}")
     new = sorted(set(own) - set(state["model"]))
     model.load_state_dict(state["model"], strict=False)
-    if model.centre_head is not None and any(name.startswith("centre_head.") for name in new):
+    head_from_vfe = model.centre_head is not None and any(name.startswith("centre_head.vfe.") for name in new)
+    if head_from_vfe:
         # a new centre head's U-Net starts as the model's VFE, whose features already tell the vertebrae apart:
         # from scratch, its maps had no peaks after 5 epochs (README, "Centre snapping")
         model.centre_head.vfe.load_state_dict(model.vfe.state_dict())
@@ -310,7 +311,8 @@ def _init_weights(model, path, config_name: str, announce: bool):
         named = [names[0] if len(names) == 1 else f"{module}.* ({len(names)} weights)"
                  for module, names in modules.items()]
         print(f"warm start from {path} (another config): every weight loaded"
-              + (f"; new, at their initial values: {', '.join(named)}" if new else ""))
+              + (f"; new, at their initial values: {', '.join(named)}" if new else "")
+              + ("; the centre head's U-Net copied from the VFE" if head_from_vfe else ""))
 
 
 def _load_weights(model, path, config_name: str) -> dict:
