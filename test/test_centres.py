@@ -182,3 +182,13 @@ def test_the_localizer_walks_the_chain_onto_the_centres_when_told(snap):
 def test_centre_settings_out_of_range_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
         preset("tiny", **change)
+
+
+def test_the_model_summary_counts_the_centre_head_as_a_unit_of_its_own():
+    from x2p_ros.model.summary import model_summary
+    plain, with_head = model_summary(preset("tiny")), model_summary(preset("tiny", centre_head=True))
+    assert "centre_head" not in plain
+    head = with_head["centre_head"]
+    assert head["params"] > 0 and head["gmacs"] > 0
+    assert with_head["total"]["params"] == plain["total"]["params"] + head["params"]
+    assert with_head["total"]["gmacs"] == pytest.approx(plain["total"]["gmacs"] + head["gmacs"])

@@ -223,9 +223,10 @@ def _model_summary(args):
             raise InputError(f"--size {args.size}: {e}") from None
     rows = model_summary(config)
     print(f"X2P-Net ({args.checkpoint or args.config}) at {config.image_size} x {config.image_size}, per pair:")
-    print(f"{'unit':<8}{'parameters':>12}{'GMACs':>10}")
+    width = max(len(unit) for unit in rows) + 1
+    print(f"{'unit':<{width}}{'parameters':>12}{'GMACs':>10}")
     for unit, row in rows.items():
-        print(f"{unit:<8}{row['params']:>12,}{row['gmacs']:>10.2f}")
+        print(f"{unit:<{width}}{row['params']:>12,}{row['gmacs']:>10.2f}")
     return 0
 
 

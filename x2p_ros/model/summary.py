@@ -9,7 +9,7 @@ from ..geometry import carm_view
 from . import build_model
 from .config import X2PConfig
 
-UNITS = ("vfe", "fe", "sce", "fusion", "lifting")
+UNITS = ("vfe", "fe", "sce", "fusion", "lifting", "centre_head")
 
 
 def example_inputs(config: X2PConfig, batch: int = 1):
