@@ -192,3 +192,19 @@ def test_the_model_summary_counts_the_centre_head_as_a_unit_of_its_own():
     assert head["params"] > 0 and head["gmacs"] > 0
     assert with_head["total"]["params"] == plain["total"]["params"] + head["params"]
     assert with_head["total"]["gmacs"] == pytest.approx(plain["total"]["gmacs"] + head["gmacs"])
+
+
+def test_evaluate_snaps_at_the_given_radius_and_refuses_a_radius_it_cannot_use(small_data, tmp_path, capsys):
+    import json
+    torch.manual_seed(0)
+    with_head, plain = tmp_path / "head.pt", tmp_path / "plain.pt"
+    checkpoint.save(with_head, build_model(preset("tiny", centre_head=True)))
+    checkpoint.save(plain, build_model(preset("tiny")))
+    args = ["evaluate", "--data", str(small_data), "--split", "all", "--no-realct"]
+    assert main(args + ["--checkpoint", str(with_head), "--centre-snap", "0.3", "--out", str(tmp_path / "e")]) == 0
+    assert ", centre snap 0.3" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["centre_snap"] == 0.3
+    for checkpoint_path, snap, message in ((plain, "0.3", "needs a checkpoint with a centre head"),
+                                           (with_head, "1.5", "centre snap must be 0")):
+        assert main(args + ["--checkpoint", str(checkpoint_path), "--centre-snap", snap]) == 2
+        assert message in capsys.readouterr().err

@@ -143,12 +143,13 @@ def _evaluate(args):
     result = evaluate(args.data, args.checkpoint, split=args.split, out=args.out, device=args.device,
                       sweep=args.sweep, limit=args.limit, realct_root=root, chain_stride=args.chain_stride,
                       prompt_refinements=args.prompt_refinements, extra_looks=args.extra_looks,
-                      look_seed=args.look_seed)
+                      look_seed=args.look_seed, centre_snap=args.centre_snap)
     for failed in result["failed_cases"]:
         print(f"x2p: error: case {failed['case']}: {failed['error']} (counted as missed)", file=sys.stderr)
     print(f"{result['cases']} cases of split '{result['split']}' in {result['data']}, chain stride "
           f"{result['chain_stride']}, prompt refinements {result['prompt_refinements']}, extra looks "
-          f"{result['extra_looks']}" + ("" if args.look_seed is None else f", random looks of seed {args.look_seed}"))
+          f"{result['extra_looks']}" + (f", centre snap {result['centre_snap']:g}" if result["centre_snap"] else "")
+          + ("" if args.look_seed is None else f", random looks of seed {args.look_seed}"))
     m = result["3d_mm"]
     print(f"3D: PCL@10 {100 * m['pcl@10']:.1f} %  PCL@20 {100 * m['pcl@20']:.1f} %  MPE {m['mpe']:.2f} mm  "
           f"AUC {m['auc']:.4f}  ({m['n']} vertebrae, {m['missed']} missed)")
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--look-seed", type=at_least(0), default=None,
                    help="give each view of the split a random look first, drawn as training draws it from this "
                         "seed: how the estimates depend on the images' look (the real CTs stay as they are)")
+    p.add_argument("--centre-snap", type=float, default=None,
+                   help="walk the chain onto the centre head's peaks within this share of the model's step (0: the "
+                        "model's own estimates; at most 1; a checkpoint with a centre head; default: the checkpoint's)")
     p.set_defaults(run=_evaluate)
 
     p = commands.add_parser("presence", help="choose the presence threshold on a data split (vertebrae within "

@@ -216,11 +216,18 @@ def real_anatomy(localizer: Localizer, root, poses: int | None = None) -> dict:
 
 def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=False, limit=None,
              realct_root=None, chain_stride: int | None = None, prompt_refinements: int | None = None,
-             extra_looks: int | None = None, look_seed: int | None = None) -> dict:
+             extra_looks: int | None = None, look_seed: int | None = None, centre_snap: float | None = None) -> dict:
     """Metrics of a split ('train', 'val', 'test') or of every case ('all'), and the real-anatomy
-    validation row when realct_root holds the real CTs; chain_stride, prompt_refinements and extra_looks:
-    the checkpoint's unless given; look_seed: the split's images in random looks (evaluate_cases)."""
+    validation row when realct_root holds the real CTs; chain_stride, prompt_refinements, extra_looks and
+    centre_snap: the checkpoint's unless given; look_seed: the split's images in random looks (evaluate_cases)."""
     localizer = Localizer.from_checkpoint(checkpoint_path, device)
+    if centre_snap is not None:
+        if not 0 <= centre_snap <= 1:
+            raise InputError(f"centre snap must be 0 (the model's own estimates) to 1 (a whole step), got "
+                             f"{centre_snap}")
+        if centre_snap and not localizer.config.centre_head:
+            raise InputError(f"centre snap needs a checkpoint with a centre head; {checkpoint_path} has none")
+        localizer.centre_snap = centre_snap
     for name, value in (("chain_stride", chain_stride), ("prompt_refinements", prompt_refinements),
                         ("extra_looks", extra_looks)):
         if value is not None:
@@ -234,7 +241,7 @@ def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=
     errors = evaluate_cases(localizer, data, names, look_seed=look_seed)
     result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
               "chain_stride": localizer.chain_stride, "prompt_refinements": localizer.prompt_refinements,
-              "extra_looks": localizer.extra_looks, "look_seed": look_seed,
+              "extra_looks": localizer.extra_looks, "centre_snap": localizer.centre_snap, "look_seed": look_seed,
               **report(errors), "failed_cases": errors["failed"]}
     if realct_root is not None:
         result["real_anatomy"] = real_anatomy(localizer, realct_root)
