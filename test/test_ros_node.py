@@ -199,7 +199,8 @@ def test_the_presence_threshold_and_inference_settings_are_the_checkpoints_own_u
     from x2p_ros.ros.localizer_node import LocalizerNode
     torch.manual_seed(0)
     ckpt = checkpoint.save(tmp_path / "calibrated.pt", X2PNet(preset("tiny", presence_threshold=0.3, chain_stride=2,
-                                                                           prompt_refinements=1, extra_looks=2)))
+                                                                           prompt_refinements=1, extra_looks=2,
+                                                                           centre_head=True, centre_snap=0.3)))
     context = rclpy.Context()
     rclpy.init(context=context)
     node = LocalizerNode(context=context, parameter_overrides=[Parameter("checkpoint", value=str(ckpt)),
@@ -225,6 +226,39 @@ def test_the_presence_threshold_and_inference_settings_are_the_checkpoints_own_u
             assert node.set_parameters([Parameter(name, value=-1)])[0].successful
             assert getattr(node.localizer, name) == own
             assert not node.set_parameters([Parameter(name, value=out_of_range)])[0].successful
+        assert node.localizer.centre_snap == 0.3  # a float setting, the same way
+        assert node.set_parameters([Parameter("centre_snap", value=0.0)])[0].successful
+        assert node.localizer.centre_snap == 0.0
+        assert {kv.key: kv.value for kv in node.diagnostic_status().values}["centre_snap"] == "0.0"
+        assert node.set_parameters([Parameter("centre_snap", value=-1.0)])[0].successful
+        assert node.localizer.centre_snap == 0.3
+        assert not node.set_parameters([Parameter("centre_snap", value=1.5)])[0].successful
+    finally:
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def test_centre_snap_without_a_centre_head_is_refused_with_a_reason_and_never_runs(tmp_path):
+    import torch
+    from rclpy.parameter import Parameter
+
+    from x2p_ros.ros.localizer_node import LocalizerNode
+    torch.manual_seed(0)
+    ckpt = checkpoint.save(tmp_path / "plain.pt", X2PNet(preset("tiny")))
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = LocalizerNode(context=context, parameter_overrides=[Parameter("checkpoint", value=str(ckpt)),
+                                                               Parameter("autostart", value=False),
+                                                               Parameter("centre_snap", value=0.3)])
+    try:
+        node.trigger_configure()
+        node.trigger_activate()  # set for another checkpoint: this one runs without snapping
+        assert node.localizer.centre_snap == 0.0
+        result = node.set_parameters([Parameter("centre_snap", value=0.2)])[0]
+        assert not result.successful and "needs a checkpoint with a centre head" in result.reason
+        assert node.localizer.centre_snap == 0.0
+        assert node.set_parameters([Parameter("centre_snap", value=0.0)])[0].successful
     finally:
         node.close()
         node.destroy_node()

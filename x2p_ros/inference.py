@@ -84,7 +84,7 @@ class Localizer:
     # settings of how a pair is localised, each the checkpoint's config unless the node or x2p evaluate sets it,
     # with what 0 means
     SETTINGS = {"chain_stride": "the whole view's estimates", "prompt_refinements": "the prompt as given",
-                "extra_looks": "the image as given"}
+                "extra_looks": "the image as given", "centre_snap": "the model's own estimates"}
 
     def __init__(self, model: X2PNet, device="cpu", presence_threshold: float | None = None, bf16: bool = False,
                  cuda_graph: bool = True):

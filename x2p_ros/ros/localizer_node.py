@@ -77,6 +77,9 @@ PARAMETERS = {  # name: (default, descriptor)
     "extra_looks": (-1, ranged(-1, MAX_EXTRA_LOOKS, "also run each window in L other looks (edge enhancement, "
                                                     "gamma, CLAHE) and take the median estimate (0: the image as "
                                                     "given); below 0: the checkpoint's own")),
+    "centre_snap": (-1.0, ranged(-1.0, 1.0, "walk the chain onto the centre head's peaks within this share of the "
+                                            "model's step (0: the model's own estimates; a checkpoint with a "
+                                            "centre head); below 0: the checkpoint's own")),
     "reference_level": ("", ParameterDescriptor(description="level of the prompted vertebra, e.g. T12; empty: V0..")),
     "auto_prompt": (True, ParameterDescriptor(description="reuse the last reference vertebra when no new prompt")),
     "publish_overlays": (True, ParameterDescriptor(description="publish ap/overlay and lat/overlay")),
@@ -94,10 +97,18 @@ def presence_threshold(value: float) -> float | None:
     return None if value < 0 else value
 
 
-def inference_setting(name: str, value: int, localizer: Localizer) -> int:
-    """The chain stride, prompt refinements or extra looks that run: the parameter's, or the checkpoint's own
-    below 0."""
+def inference_setting(name: str, value, localizer: Localizer):
+    """The chain stride, prompt refinements, extra looks or centre snap that run: the parameter's, or the
+    checkpoint's own below 0."""
     return getattr(localizer.config, name) if value < 0 else value
+
+
+def centre_snap_refused(value: float, localizer: Localizer | None) -> str:
+    """Why a centre_snap parameter cannot run with this model, or ''."""
+    if value > 0 and localizer is not None and not localizer.config.centre_head:
+        return f"centre_snap {value:g} needs a checkpoint with a centre head, and the loaded one has none (0 or " \
+               f"below: the model's own estimates)"
+    return ""
 
 
 class LocalizerNode(LifecycleNode):
@@ -203,11 +214,16 @@ class LocalizerNode(LifecycleNode):
             "presence_threshold").value), bf16=self.get_parameter("precision").value == "bf16")
         for name in Localizer.SETTINGS:
             setattr(localizer, name, inference_setting(name, self.get_parameter(name).value, localizer))
+        refused = centre_snap_refused(localizer.centre_snap, localizer)
+        if refused:  # a parameter set for another checkpoint: this one's own estimates, said
+            self.get_logger().warning(f"{refused}; running without snapping")
+            localizer.centre_snap = 0.0
         localizer.warm_up()
         with self._lock:
             self.localizer, self.device, self.model_path = localizer, device, path
         self.get_logger().info(f"model {path} on {device}, presence threshold {localizer.threshold:g}, chain "
                                f"stride {localizer.chain_stride}, prompt refinements {localizer.prompt_refinements}, "
+                               f"centre snap {localizer.centre_snap:g}, "
                                f"extra looks {localizer.extra_looks}")
 
     # parameters ------------------------------------------------------------------------------
@@ -230,6 +246,8 @@ class LocalizerNode(LifecycleNode):
                     return SetParametersResult(successful=False, reason=str(e))
             if p.name == "reference_frame" and not v:
                 return SetParametersResult(successful=False, reason="reference_frame must not be empty")
+            if p.name == "centre_snap" and centre_snap_refused(v, self.localizer):
+                return SetParametersResult(successful=False, reason=centre_snap_refused(v, self.localizer))
         for p in params:  # all valid: apply what needs more than a read at use
             if p.name in SESSION_PARAMETERS:
                 self.session.apply(**{p.name: p.value})
