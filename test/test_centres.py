@@ -126,6 +126,15 @@ def test_a_centre_head_trained_alone_leaves_every_other_weight_as_it_was(small_d
             torch.testing.assert_close(untrained[f"centre_head.{name}"], weights)
     assert main(args + ["--out", str(tmp_path / "c"), "--train-only", "no_such_head."] + head) == 2
     assert "no weight of the tiny model's is named so" in capsys.readouterr().err
+    # resumed, it trains the same weights, or not at all
+    assert main(args + ["--epochs", "2", "--out", str(tmp_path / "b")] + head) == 2
+    assert "was trained with --train-only centre_head.; resume it with the same" in capsys.readouterr().err
+    assert main(args + ["--epochs", "2", "--out", str(tmp_path / "b"), "--train-only", "centre_head."]
+                + head) == 0
+    resumed = checkpoint.read(tmp_path / "b" / "last.pt")
+    assert resumed["epoch"] == 1 and resumed["meta"]["train_only"] == "centre_head."
+    for name, weights in start.items():
+        torch.testing.assert_close(resumed["model"][name], weights)
 
 
 class OverSteppingNet(torch.nn.Module):

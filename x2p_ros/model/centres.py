@@ -5,10 +5,10 @@ Both models read the step from one vertebra to the next from the whole window
 step is off by 4-5 mm a vertebra, so the error grows down the chain (README,
 "Centre snapping"). Where a vertebral body's centre lies is a local question:
 a head without the prompt, the same for every vertebra, marks every centre in
-a view. The chain is then walked down: each
-vertebra starts one model step below the previous vertebra's snapped place
-and moves to the strongest centre within a share of that step, so that an
-error in one step is not carried into the next.
+a view. The chain is then walked down: each vertebra starts one model step
+below the previous vertebra's snapped place and moves to the strongest centre
+within a share of that step, so that an error in one step is not carried into
+the next.
 """
 from __future__ import annotations
 

@@ -104,6 +104,7 @@ class Run:
     step: int = 0
     best: dict = field(default_factory=lambda: {"val_mpe_mm": float("inf")})
     bad_in_row: int = 0  # steps skipped in a row, across epochs
+    train_only: str | None = None  # the prefix of the weights that learn; None: all
 
 
 def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: float, workers: int, device: str,
@@ -148,7 +149,7 @@ def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: fl
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if dev.type == "cuda" else None) \
         if world > 1 else model
     run = Run(config, cfg, data, out, init, rank, world, dev, model, net, optimizer, scheduler, train_set, sampler,
-              loader, val_loader, max_bad_steps, progress)
+              loader, val_loader, max_bad_steps, progress, train_only=train_only)
     if (out / "last.pt").is_file():  # resume
         state = _load_weights(model, out / "last.pt", config)
         started_with = state["meta"].get("augment", "mild")  # runs from before the choice trained with mild
@@ -158,6 +159,10 @@ def setup(data: str, config: str, out: str, epochs: int, batch_size: int, lr: fl
         jittered = tuple(state["meta"].get("prompt_jitter_px512", PROMPT_JITTER_PX))
         if jittered != tuple(prompt_jitter_px):
             raise TrainingError(f"{out} was trained with --prompt-jitter {jittered[0]:g} {jittered[1]:g}; resume it "
+                                f"with the same, or use a new --out")
+        trained_only = state["meta"].get("train_only")
+        if trained_only != train_only:
+            raise TrainingError(f"{out} was trained with --train-only {trained_only or '(all weights)'}; resume it "
                                 f"with the same, or use a new --out")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -229,10 +234,10 @@ def end_epoch(run: Run, epoch: int, stats: dict, seconds: float):
         checkpoint.save(run.out / "best.pt", run.model, meta={"config_name": run.config_name, "data": str(run.data),
                                                               "init": run.init, "augment": run.train_set.augment,
                                                               "prompt_jitter_px512": run.train_set.jitter_px,
-                                                              **run.best})
+                                                              "train_only": run.train_only, **run.best})
     checkpoint.save(run.out / "last.pt", run.model,
                     meta={"config_name": run.config_name, "augment": run.train_set.augment,
-                          "prompt_jitter_px512": run.train_set.jitter_px},
+                          "prompt_jitter_px512": run.train_set.jitter_px, "train_only": run.train_only},
                     optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), epoch=epoch,
                     step=run.step, best=run.best)
     _plot_log(run.out / "log.csv", run.out / "loss.png")
