@@ -103,6 +103,14 @@ class Localizer:
         self.centre_snap = model.config.centre_snap  # 0: the model's own estimates
         self.windows_run = 0  # forwards so far: a pair costs one per window
 
+    def centre_snap_refusal(self, value: float) -> str:
+        """Why this model cannot snap its chain at `value` (a share of its step), or ''."""
+        if not 0 <= value <= 1:
+            return f"centre snap must be 0 (the model's own estimates) to 1 (a whole step), got {value:g}"
+        if value and not self.config.centre_head:
+            return f"centre snap {value:g} needs a checkpoint with a centre head, and this one has none"
+        return ""
+
     @classmethod
     def from_checkpoint(cls, path, device="cpu", presence_threshold=None, bf16=False, cuda_graph=True) -> Localizer:
         model, _ = checkpoint.load_model(path, device)
@@ -163,11 +171,12 @@ class Localizer:
             pw.append(geometry.transform_pixels(A[view], prompts[view])[0])
         # one batch of the looks, each with the same P and prompt
         t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
+        P_looks = t(np.stack(Pw)).expand(n_looks, -1, -1, -1)  # (L, V, 3, 4)
         out = self.forward(t(np.stack(tiles, axis=1)[:, :, None]),  # (L, V, 1, S, S)
-                           t(np.stack(Pw)).expand(n_looks, -1, -1, -1), t(np.stack(pw)).expand(n_looks, -1, -1))
+                           P_looks, t(np.stack(pw)).expand(n_looks, -1, -1))
         xyz = out["xyz"]
         if self.centre_snap and "centres" in out:  # the chain walked down onto the centres the model sees
-            xyz = snapped_estimates(out, t(np.stack(Pw)).expand(n_looks, -1, -1, -1), (size, size), self.centre_snap)
+            xyz = snapped_estimates(out, P_looks, (size, size), self.centre_snap)
         # over the looks: the median estimate (one look's misreading does not move it) and the mean presence
         outputs = {"3D positions": np.median(xyz.double().cpu().numpy(), axis=0),
                    "presence": out["presence"].float().cpu().numpy().mean(axis=0)}

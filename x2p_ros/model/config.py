@@ -72,9 +72,8 @@ class X2PConfig:
     # C-arm's dynamic-range compression flattens soft tissue: the spine's local contrast without the body's
     # thickness gradient (encoder.py); 0: none (both shipped models; README: tried at 0.125, not shipped)
     background_sigma: float = 0.0
-    # a head on the VFE's high-resolution features that marks every vertebral centre in a view, whatever its
-    # index (centres.py), trained with this weight (its Gaussians' sigma: CENTRE_SIGMA_CELLS); False in both
-    # models shipped before it
+    # a U-Net of its own that marks every vertebral centre in a view, whatever its index (centres.py), trained
+    # with this weight (its Gaussians' sigma: losses.CENTRE_SIGMA_CELLS); False in both shipped models
     centre_head: bool = False
     loss_centre_weight: float = 1.0
     # inference with a centre head: the chain walked down and each vertebra moved onto the strongest centre

@@ -103,14 +103,6 @@ def inference_setting(name: str, value, localizer: Localizer):
     return getattr(localizer.config, name) if value < 0 else value
 
 
-def centre_snap_refused(value: float, localizer: Localizer | None) -> str:
-    """Why a centre_snap parameter cannot run with this model, or ''."""
-    if value > 0 and localizer is not None and not localizer.config.centre_head:
-        return f"centre_snap {value:g} needs a checkpoint with a centre head, and the loaded one has none (0 or " \
-               f"below: the model's own estimates)"
-    return ""
-
-
 class LocalizerNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__("x2p_localizer", **kwargs)
@@ -214,7 +206,7 @@ class LocalizerNode(LifecycleNode):
             "presence_threshold").value), bf16=self.get_parameter("precision").value == "bf16")
         for name in Localizer.SETTINGS:
             setattr(localizer, name, inference_setting(name, self.get_parameter(name).value, localizer))
-        refused = centre_snap_refused(localizer.centre_snap, localizer)
+        refused = localizer.centre_snap_refusal(localizer.centre_snap)
         if refused:  # a parameter set for another checkpoint: this one's own estimates, said
             self.get_logger().warning(f"{refused}; running without snapping")
             localizer.centre_snap = 0.0
@@ -246,8 +238,10 @@ class LocalizerNode(LifecycleNode):
                     return SetParametersResult(successful=False, reason=str(e))
             if p.name == "reference_frame" and not v:
                 return SetParametersResult(successful=False, reason="reference_frame must not be empty")
-            if p.name == "centre_snap" and centre_snap_refused(v, self.localizer):
-                return SetParametersResult(successful=False, reason=centre_snap_refused(v, self.localizer))
+            if p.name == "centre_snap" and v >= 0 and self.localizer is not None:  # below 0: the checkpoint's own
+                refused = self.localizer.centre_snap_refusal(v)
+                if refused:
+                    return SetParametersResult(successful=False, reason=refused)
         for p in params:  # all valid: apply what needs more than a read at use
             if p.name in SESSION_PARAMETERS:
                 self.session.apply(**{p.name: p.value})

@@ -222,11 +222,9 @@ def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=
     centre_snap: the checkpoint's unless given; look_seed: the split's images in random looks (evaluate_cases)."""
     localizer = Localizer.from_checkpoint(checkpoint_path, device)
     if centre_snap is not None:
-        if not 0 <= centre_snap <= 1:
-            raise InputError(f"centre snap must be 0 (the model's own estimates) to 1 (a whole step), got "
-                             f"{centre_snap}")
-        if centre_snap and not localizer.config.centre_head:
-            raise InputError(f"centre snap needs a checkpoint with a centre head; {checkpoint_path} has none")
+        refusal = localizer.centre_snap_refusal(centre_snap)
+        if refusal:
+            raise InputError(f"{checkpoint_path}: {refusal}")
         localizer.centre_snap = centre_snap
     for name, value in (("chain_stride", chain_stride), ("prompt_refinements", prompt_refinements),
                         ("extra_looks", extra_looks)):
