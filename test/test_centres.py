@@ -55,17 +55,41 @@ def test_a_centre_the_map_does_not_show_leaves_the_model_step_and_the_walk_goes_
         snap_chain(maps[..., :-1], chain, (SIZE, SIZE), 0.3, 0.3)
 
 
-def test_snapped_estimates_triangulate_the_snapped_pixels_of_both_views():
+P_PAIR = np.stack([geometry.carm_view(v, 1000.0, 1200.0, 200.0, SIZE)[0] for v in ("ap", "lat")])
+POINTS = np.array([[0.0, 0.0, 40.0], [2.0, 1.0, 10.0], [3.0, 3.0, -22.0], [3.0, 6.0, -55.0]])  # mm
+
+
+@pytest.mark.parametrize("agree", [0.0, 0.1])
+def test_snapped_estimates_triangulate_the_snapped_pixels_of_both_views(agree):
     """Two calibrated views of four points: the model's estimates 5 mm too far down from the second on, the maps
-    exact -> the snapped estimates are the points."""
-    P = np.stack([geometry.carm_view(v, 1000.0, 1200.0, 200.0, SIZE)[0] for v in ("ap", "lat")])
-    points = np.array([[0.0, 0.0, 40.0], [2.0, 1.0, 10.0], [3.0, 3.0, -22.0], [3.0, 6.0, -55.0]])
-    maps = torch.stack([centre_map(geometry.project(p, points)) for p in P])[None]  # (1, V, h, w)
-    off = points + np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -5.0], [0.0, 0.0, -10.0], [0.0, 0.0, -15.0]])
+    exact -> the snapped estimates are the points (the two views' snaps meet: the agreement check takes them)."""
+    maps = torch.stack([centre_map(geometry.project(p, POINTS)) for p in P_PAIR])[None]  # (1, V, h, w)
+    off = POINTS + np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -5.0], [0.0, 0.0, -10.0], [0.0, 0.0, -15.0]])
     out = {"xyz": torch.tensor(off[None], dtype=torch.float32), "centres": maps}
-    xyz = snapped_estimates(out, torch.tensor(P[None]), (SIZE, SIZE), radius_share=0.3)[0]
-    np.testing.assert_allclose(xyz.numpy(), points, atol=0.6)
-    assert np.abs(off - points).max() == 15.0
+    xyz = snapped_estimates(out, torch.tensor(P_PAIR[None]), (SIZE, SIZE), radius_share=0.3, agree_share=agree)[0]
+    np.testing.assert_allclose(xyz.numpy(), POINTS, atol=0.6)
+    assert np.abs(off - POINTS).max() == 15.0
+
+
+def test_snaps_of_two_views_that_do_not_meet_are_not_taken_and_the_walk_goes_on():
+    """The AP map shows vertebra 1's centre 6 px too low (as when a view's snap takes another peak), the LAT map
+    every centre where it is; the model's own estimates are exact. Snapped without the check, vertebra 1 lands
+    between the two views' heights; with it, both views keep their start places there, and vertebrae 2 and 3,
+    whose snaps meet, still move onto their centres."""
+    uv = np.stack([geometry.project(p, POINTS) for p in P_PAIR])  # (V, N, 2)
+    wrong = uv.copy()
+    wrong[0, 1, 1] += 6.0
+    maps = torch.stack([centre_map(wrong[0]), centre_map(uv[1])])[None]  # (1, V, h, w)
+    # the model's pixels 3 px too low at vertebrae 2 and 3 (start places the snaps must correct)
+    chain = torch.tensor(uv[None]) + torch.tensor([0.0, 0.0, 3.0, 3.0])[:, None] * torch.tensor([0.0, 1.0])
+    P = torch.tensor(P_PAIR[None])
+    taken = snap_chain(maps, chain, (SIZE, SIZE), 0.3, 0.3, P)[0]  # agree_share 0: every snap
+    checked = snap_chain(maps, chain, (SIZE, SIZE), 0.3, 0.3, P, agree_share=0.1)[0]
+    assert abs(taken[0, 1, 1] - wrong[0, 1, 1]) < 0.3  # the AP snap took the wrong peak
+    xyz = lambda pixels: geometry.triangulate_torch(P, pixels[None].double())[0].numpy()  # noqa: E731
+    assert np.linalg.norm(xyz(taken)[1] - POINTS[1]) > 1.5
+    torch.testing.assert_close(checked[:, 1], chain[0, :, 1].float())  # both views kept their start places
+    np.testing.assert_allclose(xyz(checked), POINTS, atol=0.6)
 
 
 def test_the_centre_loss_is_zero_for_its_target_and_counts_every_vertebra_inside_the_view():
@@ -187,7 +211,10 @@ def test_the_localizer_walks_the_chain_onto_the_centres_when_told(snap):
 
 @pytest.mark.parametrize("change, message", [(dict(centre_snap=0.3), "needs the centre head"),
                                              (dict(centre_head=True, centre_snap=1.5), "centre_snap must be"),
-                                             (dict(centre_head=True, loss_centre_weight=-1.0), "loss_centre_weight")])
+                                             (dict(centre_head=True, loss_centre_weight=-1.0), "loss_centre_weight"),
+                                             (dict(centre_head=True, centre_agree=0.1), "centre_agree needs snapping"),
+                                             (dict(centre_head=True, centre_snap=0.3, centre_agree=1.5),
+                                              "centre_agree must be")])
 def test_centre_settings_out_of_range_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
         preset("tiny", **change)
@@ -213,6 +240,12 @@ def test_evaluate_snaps_at_the_given_radius_and_refuses_a_radius_it_cannot_use(s
     assert main(args + ["--checkpoint", str(with_head), "--centre-snap", "0.3", "--out", str(tmp_path / "e")]) == 0
     assert ", centre snap 0.3" in capsys.readouterr().out
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["centre_snap"] == 0.3
+    assert main(args + ["--checkpoint", str(with_head), "--centre-snap", "0.3", "--centre-agree", "0.15",
+                        "--out", str(tmp_path / "f")]) == 0
+    assert ", centre snap 0.3, agreement 0.15" in capsys.readouterr().out
+    assert json.loads((tmp_path / "f" / "metrics.json").read_text())["centre_agree"] == 0.15
+    assert main(args + ["--checkpoint", str(with_head), "--centre-snap", "0.3", "--centre-agree", "2"]) == 2
+    assert "centre agree must be 0 (no check) to 1" in capsys.readouterr().err
     for checkpoint_path, snap, message in ((plain, "0.3", "needs a checkpoint with a centre head"),
                                            (with_head, "1.5", "centre snap must be 0")):
         assert main(args + ["--checkpoint", str(checkpoint_path), "--centre-snap", snap]) == 2

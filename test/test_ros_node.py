@@ -200,7 +200,8 @@ def test_the_presence_threshold_and_inference_settings_are_the_checkpoints_own_u
     torch.manual_seed(0)
     ckpt = checkpoint.save(tmp_path / "calibrated.pt", X2PNet(preset("tiny", presence_threshold=0.3, chain_stride=2,
                                                                            prompt_refinements=1, extra_looks=2,
-                                                                           centre_head=True, centre_snap=0.3)))
+                                                                           centre_head=True, centre_snap=0.3,
+                                                                           centre_agree=0.1)))
     context = rclpy.Context()
     rclpy.init(context=context)
     node = LocalizerNode(context=context, parameter_overrides=[Parameter("checkpoint", value=str(ckpt)),
@@ -233,6 +234,13 @@ def test_the_presence_threshold_and_inference_settings_are_the_checkpoints_own_u
         assert node.set_parameters([Parameter("centre_snap", value=-1.0)])[0].successful
         assert node.localizer.centre_snap == 0.3
         assert not node.set_parameters([Parameter("centre_snap", value=1.5)])[0].successful
+        assert node.localizer.centre_agree == 0.1
+        assert node.set_parameters([Parameter("centre_agree", value=0.25)])[0].successful
+        assert node.localizer.centre_agree == 0.25
+        assert {kv.key: kv.value for kv in node.diagnostic_status().values}["centre_agree"] == "0.25"
+        assert node.set_parameters([Parameter("centre_agree", value=-1.0)])[0].successful
+        assert node.localizer.centre_agree == 0.1
+        assert not node.set_parameters([Parameter("centre_agree", value=1.5)])[0].successful
     finally:
         node.close()
         node.destroy_node()

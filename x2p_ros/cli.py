@@ -143,12 +143,14 @@ def _evaluate(args):
     result = evaluate(args.data, args.checkpoint, split=args.split, out=args.out, device=args.device,
                       sweep=args.sweep, limit=args.limit, realct_root=root, chain_stride=args.chain_stride,
                       prompt_refinements=args.prompt_refinements, extra_looks=args.extra_looks,
-                      look_seed=args.look_seed, centre_snap=args.centre_snap)
+                      look_seed=args.look_seed, centre_snap=args.centre_snap,
+                      centre_agree=args.centre_agree)
     for failed in result["failed_cases"]:
         print(f"x2p: error: case {failed['case']}: {failed['error']} (counted as missed)", file=sys.stderr)
     print(f"{result['cases']} cases of split '{result['split']}' in {result['data']}, chain stride "
           f"{result['chain_stride']}, prompt refinements {result['prompt_refinements']}, extra looks "
           f"{result['extra_looks']}" + (f", centre snap {result['centre_snap']:g}" if result["centre_snap"] else "")
+          + (f", agreement {result['centre_agree']:g}" if result["centre_snap"] and result["centre_agree"] else "")
           + ("" if args.look_seed is None else f", random looks of seed {args.look_seed}"))
     m = result["3d_mm"]
     print(f"3D: PCL@10 {100 * m['pcl@10']:.1f} %  PCL@20 {100 * m['pcl@20']:.1f} %  MPE {m['mpe']:.2f} mm  "
@@ -380,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centre-snap", type=float, default=None,
                    help="walk the chain onto the centre head's peaks within this share of the model's step (0: the "
                         "model's own estimates; at most 1; a checkpoint with a centre head; default: the checkpoint's)")
+    p.add_argument("--centre-agree", type=float, default=None,
+                   help="take a vertebra's snaps only where the two views meet: their triangulated point "
+                        "reprojects within this share of the step of each view's snap (0: no check; at most 1; "
+                        "default: the checkpoint's)")
     p.set_defaults(run=_evaluate)
 
     p = commands.add_parser("presence", help="choose the presence threshold on a data split (vertebrae within "

@@ -84,7 +84,8 @@ class Localizer:
     # settings of how a pair is localised, each the checkpoint's config unless the node or x2p evaluate sets it,
     # with what 0 means
     SETTINGS = {"chain_stride": "the whole view's estimates", "prompt_refinements": "the prompt as given",
-                "extra_looks": "the image as given", "centre_snap": "the model's own estimates"}
+                "extra_looks": "the image as given", "centre_snap": "the model's own estimates",
+                "centre_agree": "no check of the two views' snaps"}
 
     def __init__(self, model: X2PNet, device="cpu", presence_threshold: float | None = None, bf16: bool = False,
                  cuda_graph: bool = True):
@@ -101,6 +102,7 @@ class Localizer:
         self.prompt_refinements = model.config.prompt_refinements  # 0: the prompt as given
         self.extra_looks = model.config.extra_looks  # 0: the image as given
         self.centre_snap = model.config.centre_snap  # 0: the model's own estimates
+        self.centre_agree = model.config.centre_agree  # 0: every snap taken
         self.windows_run = 0  # forwards so far: a pair costs one per window
 
     def centre_snap_refusal(self, value: float) -> str:
@@ -176,7 +178,7 @@ class Localizer:
                            P_looks, t(np.stack(pw)).expand(n_looks, -1, -1))
         xyz = out["xyz"]
         if self.centre_snap and "centres" in out:  # the chain walked down onto the centres the model sees
-            xyz = snapped_estimates(out, P_looks, (size, size), self.centre_snap)
+            xyz = snapped_estimates(out, P_looks, (size, size), self.centre_snap, self.centre_agree)
         # over the looks: the median estimate (one look's misreading does not move it) and the mean presence
         outputs = {"3D positions": np.median(xyz.double().cpu().numpy(), axis=0),
                    "presence": out["presence"].float().cpu().numpy().mean(axis=0)}

@@ -8,7 +8,9 @@ a head without the prompt, the same for every vertebra, marks every centre in
 a view. The chain is then walked down: each vertebra starts one model step
 below the previous vertebra's snapped place and moves to the strongest centre
 within a share of that step, so that an error in one step is not carried into
-the next.
+the next. A peak near enough in one view may be another vertebra's or none's
+(under rule 8d4f558 the AP view jumped a whole vertebra while the LAT view did
+not): where the two views' snaps do not meet in one 3D point, neither is taken.
 """
 from __future__ import annotations
 
@@ -39,14 +41,16 @@ class CentreHead(nn.Module):
         return self.head(self.vfe(images)[1])
 
 
-def snap_chain(centres, chain, image_hw, radius_share: float, floor: float):
+def snap_chain(centres, chain, image_hw, radius_share: float, floor: float, P=None, agree_share: float = 0.0):
     """The chain's pixels moved onto the centre map, walking down from the prompted vertebra.
 
     centres (B, V, h, w) heatmaps of every centre (square, peak 1); chain (B, V, N, 2) the model's pixels.
     Vertebra k starts at the previous one's snapped place plus the model's own step k-1 -> k (k = 0 at
     its own place), and moves to the sub-cell place of the strongest of the map's peaks at least floor high
     within radius_share of that step (of the step 0 -> 1 for k = 0); without one it stays where it
-    started. -> (B, V, N, 2)."""
+    started. With agree_share > 0 and the views' P (B, V, 3, 4), a vertebra whose snapped pixels,
+    triangulated, reproject farther than agree_share of its step from either view's snap stays where it
+    started in every view. -> (B, V, N, 2)."""
     H, W = image_hw
     h, w = centres.shape[-2:]
     if h != w:
@@ -67,16 +71,24 @@ def snap_chain(centres, chain, image_hw, radius_share: float, floor: float):
         d2 = (u - start[..., :1, None]) ** 2 + (v[:, None] - start[..., 1:, None]) ** 2  # (B, V, h, w)
         near = torch.where(d2 <= radius[..., None, None] ** 2, peaks, torch.zeros_like(d2)).flatten(-2)
         best, cell = near.max(-1)  # (B, V): the strongest peak within the radius
-        snapped.append(torch.where((best > 0)[..., None], heatmap_peaks(maps, image_hw, cell), start))
+        moved = torch.where((best > 0)[..., None], heatmap_peaks(maps, image_hw, cell), start)  # (B, V, 2)
+        if agree_share:
+            point = geometry.triangulate_torch(P, moved[..., None, :])  # (B, 1, 3)
+            seen, _ = geometry.project_torch(P, point[:, None].expand(-1, P.shape[1], -1, -1))  # (B, V, 1, 2)
+            apart = (seen[..., 0, :] - moved).norm(dim=-1)  # (B, V)
+            agree = (apart <= agree_share * step.norm(dim=-1)).all(-1)  # (B,)
+            moved = torch.where(agree[:, None, None], moved, start)
+        snapped.append(moved)
     return torch.stack(snapped, dim=-2)
 
 
-def snapped_estimates(out: dict, P, image_hw, radius_share: float, floor: float = FLOOR):
+def snapped_estimates(out: dict, P, image_hw, radius_share: float, agree_share: float = 0.0, floor: float = FLOOR):
     """3D estimates (B, N, 3) triangulated from the chain snapped in every view: the model's own estimates
-    (out["xyz"]) projected into each view (P (B, V, 3, 4)), snapped onto out["centres"] (B, V, h, w)."""
+    (out["xyz"]) projected into each view (P (B, V, 3, 4)), snapped onto out["centres"] (B, V, h, w) where the
+    views agree within agree_share of the step (0: no check; snap_chain)."""
     B, N = out["xyz"].shape[:2]
     V = P.shape[1]
     points = out["xyz"].double()[:, None].expand(B, V, N, 3)
     chain, _ = geometry.project_torch(P.double(), points)  # (B, V, N, 2)
-    pixels = snap_chain(out["centres"], chain, image_hw, radius_share, floor)
+    pixels = snap_chain(out["centres"], chain, image_hw, radius_share, floor, P.double(), agree_share)
     return geometry.triangulate_torch(P.double(), pixels.double()).to(out["xyz"].dtype)

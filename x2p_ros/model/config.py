@@ -79,6 +79,9 @@ class X2PConfig:
     # inference with a centre head: the chain walked down and each vertebra moved onto the strongest centre
     # within this share of the model's step to it (centres.snap_chain); 0: the model's own estimates
     centre_snap: float = 0.0
+    # a vertebra's snaps taken only where the two views meet: their triangulated point reprojects within this
+    # share of the step of each view's snap (centres.snap_chain); 0: no check
+    centre_agree: float = 0.0
     # the lifting baseline on the same VFE and prompt FE: per-view high-resolution
     # heatmaps, 2D soft-argmax, closed-form two-view triangulation
     lifting: bool = False
@@ -121,6 +124,10 @@ class X2PConfig:
                              f"{self.centre_snap}")
         if self.centre_snap and not self.centre_head:
             raise ValueError("centre_snap needs the centre head (centre_head=true)")
+        if not 0 <= self.centre_agree <= 1:
+            raise ValueError(f"centre_agree must be 0 (no check) to 1 (a whole step), got {self.centre_agree}")
+        if self.centre_agree and not self.centre_snap:
+            raise ValueError("centre_agree needs snapping (centre_snap > 0)")
         if not 0 <= self.loss_centre_weight <= 100:
             raise ValueError(f"loss_centre_weight must be 0 to 100, got {self.loss_centre_weight}")
         if self.hires_stride not in (1, 2, 4, 8):

@@ -80,6 +80,8 @@ PARAMETERS = {  # name: (default, descriptor)
     "centre_snap": (-1.0, ranged(-1.0, 1.0, "walk the chain onto the centre head's peaks within this share of the "
                                             "model's step (0: the model's own estimates; a checkpoint with a "
                                             "centre head); below 0: the checkpoint's own")),
+    "centre_agree": (-1.0, ranged(-1.0, 1.0, "take a vertebra's snaps only where both views' snaps meet within this "
+                                             "share of the step (0: no check); below 0: the checkpoint's own")),
     "reference_level": ("", ParameterDescriptor(description="level of the prompted vertebra, e.g. T12; empty: V0..")),
     "auto_prompt": (True, ParameterDescriptor(description="reuse the last reference vertebra when no new prompt")),
     "publish_overlays": (True, ParameterDescriptor(description="publish ap/overlay and lat/overlay")),
@@ -98,7 +100,7 @@ def presence_threshold(value: float) -> float | None:
 
 
 def inference_setting(name: str, value, localizer: Localizer):
-    """The chain stride, prompt refinements, extra looks or centre snap that run: the parameter's, or the
+    """The chain stride, prompt refinements, extra looks, centre snap or agreement that run: the parameter's, or the
     checkpoint's own below 0."""
     return getattr(localizer.config, name) if value < 0 else value
 
@@ -215,7 +217,7 @@ class LocalizerNode(LifecycleNode):
             self.localizer, self.device, self.model_path = localizer, device, path
         self.get_logger().info(f"model {path} on {device}, presence threshold {localizer.threshold:g}, chain "
                                f"stride {localizer.chain_stride}, prompt refinements {localizer.prompt_refinements}, "
-                               f"centre snap {localizer.centre_snap:g}, "
+                               f"centre snap {localizer.centre_snap:g} (agreement {localizer.centre_agree:g}), "
                                f"extra looks {localizer.extra_looks}")
 
     # parameters ------------------------------------------------------------------------------

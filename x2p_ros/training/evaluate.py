@@ -216,16 +216,21 @@ def real_anatomy(localizer: Localizer, root, poses: int | None = None) -> dict:
 
 def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=False, limit=None,
              realct_root=None, chain_stride: int | None = None, prompt_refinements: int | None = None,
-             extra_looks: int | None = None, look_seed: int | None = None, centre_snap: float | None = None) -> dict:
+             extra_looks: int | None = None, look_seed: int | None = None, centre_snap: float | None = None,
+             centre_agree: float | None = None) -> dict:
     """Metrics of a split ('train', 'val', 'test') or of every case ('all'), and the real-anatomy
     validation row when realct_root holds the real CTs; chain_stride, prompt_refinements, extra_looks and
-    centre_snap: the checkpoint's unless given; look_seed: the split's images in random looks (evaluate_cases)."""
+    centre_snap and centre_agree: the checkpoint's unless given; look_seed: the split's images in random looks (evaluate_cases)."""
     localizer = Localizer.from_checkpoint(checkpoint_path, device)
     if centre_snap is not None:
         refusal = localizer.centre_snap_refusal(centre_snap)
         if refusal:
             raise InputError(f"{checkpoint_path}: {refusal}")
         localizer.centre_snap = centre_snap
+    if centre_agree is not None:
+        if not 0 <= centre_agree <= 1:
+            raise InputError(f"centre agree must be 0 (no check) to 1 (a whole step), got {centre_agree:g}")
+        localizer.centre_agree = centre_agree
     for name, value in (("chain_stride", chain_stride), ("prompt_refinements", prompt_refinements),
                         ("extra_looks", extra_looks)):
         if value is not None:
@@ -239,7 +244,8 @@ def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=
     errors = evaluate_cases(localizer, data, names, look_seed=look_seed)
     result = {"data": str(data), "split": split, "cases": len(names), "checkpoint": str(checkpoint_path),
               "chain_stride": localizer.chain_stride, "prompt_refinements": localizer.prompt_refinements,
-              "extra_looks": localizer.extra_looks, "centre_snap": localizer.centre_snap, "look_seed": look_seed,
+              "extra_looks": localizer.extra_looks, "centre_snap": localizer.centre_snap,
+              "centre_agree": localizer.centre_agree, "look_seed": look_seed,
               **report(errors), "failed_cases": errors["failed"]}
     if realct_root is not None:
         result["real_anatomy"] = real_anatomy(localizer, realct_root)

@@ -69,7 +69,8 @@ def validate(model, loader, device) -> dict:
             out = model(batch["images"], batch["P"], batch["prompt"])
         xyz = out["xyz"]
         if "centres" in out and model.config.centre_snap:  # the estimates as the localizer gives them
-            xyz = snapped_estimates(out, batch["P"], batch["images"].shape[-2:], model.config.centre_snap)
+            xyz = snapped_estimates(out, batch["P"], batch["images"].shape[-2:], model.config.centre_snap,
+                                    model.config.centre_agree)
         err = (xyz.float() - batch["xyz"]).norm(dim=-1)
         errors.append(err[batch["present"]].cpu())
     model.train()
