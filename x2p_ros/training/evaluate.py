@@ -219,8 +219,9 @@ def evaluate(data, checkpoint_path, split="test", out=None, device="cpu", sweep=
              extra_looks: int | None = None, look_seed: int | None = None, centre_snap: float | None = None,
              centre_agree: float | None = None) -> dict:
     """Metrics of a split ('train', 'val', 'test') or of every case ('all'), and the real-anatomy
-    validation row when realct_root holds the real CTs; chain_stride, prompt_refinements, extra_looks and
-    centre_snap and centre_agree: the checkpoint's unless given; look_seed: the split's images in random looks (evaluate_cases)."""
+    validation row when realct_root holds the real CTs; chain_stride, prompt_refinements, extra_looks,
+    centre_snap and centre_agree: the checkpoint's unless given; look_seed: the split's images in random looks
+    (evaluate_cases)."""
     localizer = Localizer.from_checkpoint(checkpoint_path, device)
     if centre_snap is not None:
         refusal = localizer.centre_snap_refusal(centre_snap)
