@@ -363,19 +363,22 @@ def test_ship_model_puts_a_centre_head_into_the_shipped_model_keeping_its_weight
     data = _data_set(tmp_path / "data", ["case_00000"])
     figures = {"rule": "commit 2222222", "rows": [{"data": str(data), "split": "val", "centre_snap": 0.2}]}
     (tmp_path / "measured.json").write_text(json.dumps(figures))
-    assert tool.with_centre_head(str(run), str(data), "0.2", "default", str(tmp_path / "measured.json")) == 0
+    assert tool.with_centre_head(str(run), str(data), "0.2", "default", str(tmp_path / "measured.json"), "0.1") == 0
     after = checkpoint.read(shipped)
     assert after["config"]["centre_head"] is True and after["config"]["centre_snap"] == 0.2
+    assert after["config"]["centre_agree"] == 0.1
     assert after["config"]["presence_threshold"] == 0.3
     assert all(torch.equal(after["model"][k], w) for k, w in weights.items())
     own = {k: w for k, w in head.state_dict().items() if k.startswith("centre_head.")}
     assert own and all(torch.equal(after["model"][k], w) for k, w in own.items())
-    assert after["meta"]["note"] == "trained on the CPU, 3 epochs; centre snap 0.2 chosen by commit 2222222"
+    assert after["meta"]["note"] == "trained on the CPU, 3 epochs; centre snap 0.2 (agreement 0.1) chosen by commit " \
+                                    "2222222"
     record = json.loads(shipped.with_suffix(".json").read_text())
     assert record["centre_head"]["training_data"]["real_anatomy_validation_cts"] is False
     assert record["centre_head"]["measured"] == {**figures, "real_anatomy_validation_cts": False}
     assert record["centre_head"]["epochs_run"] == 2 and record["centre_head"]["trained_beside"] == "baseline.pt"
     assert checkpoint.load_model(shipped)[0].config.centre_snap == 0.2
+    assert record["centre_head"]["agree"] == 0.1
 
     before = shipped.read_bytes()
     with pytest.raises(SystemExit, match="trains on the real-anatomy validation CT"):

@@ -17,11 +17,12 @@ presence threshold; its JSON keeps the training record and gets the new threshol
   python tools/ship_model.py --prompt-refinements R NAME MEASURED.json
   python tools/ship_model.py --extra-looks L NAME MEASURED.json
 
-  python tools/ship_model.py --centre-head RUN DATA SNAP NAME MEASURED.json
+  python tools/ship_model.py --centre-head RUN DATA SNAP NAME MEASURED.json [AGREE]
 
 puts the centre head of RUN/best.pt (trained on DATA with `x2p train --train-only centre_head.`) into the
-shipped model, snapping at SNAP of its step (X2PConfig.centre_snap), its other weights unchanged; MEASURED.json,
-the figures it was chosen by, goes into its JSON.
+shipped model, snapping at SNAP of its step (X2PConfig.centre_snap) where the two views agree within AGREE of
+it (X2PConfig.centre_agree; default 0, no check), its other weights unchanged; MEASURED.json, the figures it was
+chosen by, goes into its JSON.
 
 The last three set the shipped model's chain stride (X2PConfig.chain_stride: prompt again every S vertebrae),
 prompt refinements (X2PConfig.prompt_refinements: prompt again R times at the prompted vertebra's
@@ -195,9 +196,9 @@ def with_inference_setting(option: str, value: str, name: str, measured: str) ->
     return 0
 
 
-def with_centre_head(run: str, data: str, snap: str, name: str, measured: str) -> int:
+def with_centre_head(run: str, data: str, snap: str, name: str, measured: str, agree: str = "0") -> int:
     """The shipped model with the centre head of a run (its own U-Net: the model's other weights stay), snapping
-    at snap of its step."""
+    at snap of its step where the views agree within agree of it."""
     if name not in TARGETS:
         raise SystemExit(f"ship_model: NAME must be one of {', '.join(TARGETS)}, got {name!r}")
     run, data = Path(run), Path(data)
@@ -211,7 +212,8 @@ def with_centre_head(run: str, data: str, snap: str, name: str, measured: str) -
         refuse_validation_cts(Path(measured_on), ("train", "val", "test"), "chose the centre snapping on")
     target = TARGETS[name]()
     model, meta = checkpoint.load_model(target)
-    with_head = build_model(replace(model.config, centre_head=True, centre_snap=float(snap)))
+    with_head = build_model(replace(model.config, centre_head=True, centre_snap=float(snap),
+                                    centre_agree=float(agree)))
     with_head.load_state_dict({**model.state_dict(), **weights})
     dataset = json.loads((data / "dataset.json").read_text())
     log = list(csv.DictReader((run / "log.csv").open()))
@@ -225,12 +227,13 @@ def with_centre_head(run: str, data: str, snap: str, name: str, measured: str) -
         "training_data": {"folder": data.name, "engine": dataset.get("engine", 1), "cases": dataset["cases"],
                           "seed": dataset["seed"], "patient_ct_cases": len(patient_cases),
                           "real_anatomy_validation_cts": False},
-        "snap": float(snap), "measured": {**figures, "real_anatomy_validation_cts": False}}
+        "snap": float(snap), "agree": float(agree), "measured": {**figures, "real_anatomy_validation_cts": False}}
     parts = [part for part in meta.get("note", "").split("; ") if part and not part.startswith("centre snap")]
-    note = "; ".join(parts + [f"centre snap {float(snap):g} chosen by {figures['rule']}"])
+    note = "; ".join(parts + [f"centre snap {float(snap):g} (agreement {float(agree):g}) chosen by {figures['rule']}"])
     checkpoint.save(target, with_head, meta={**meta, "note": note})
     target.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    print(f"shipped {target} with the centre head of {run} snapping at {float(snap):g} (other weights unchanged)")
+    print(f"shipped {target} with the centre head of {run} snapping at {float(snap):g}, agreement {float(agree):g} "
+          f"(other weights unchanged)")
     return 0
 
 
