@@ -335,9 +335,10 @@ def test_warm_start_from_another_config_whose_weights_all_fit(small_data, tmp_pa
     assert not (tmp_path / "c").exists()
 
 
-def test_the_shipped_models_can_be_fine_tuned(small_data, tmp_path):
+def test_the_shipped_models_can_be_fine_tuned(small_data, tmp_path, capsys):
     """Both, and each as if saved before later fields (sce_ffn_dim, position_max_cycles)
-    existed: those take the defaults that keep the architecture, for fine-tuning as for loading."""
+    existed: those take the defaults that keep the architecture, for fine-tuning as for loading. A model with a
+    centre head is fine-tuned with one, and a config without one is refused with the way to keep it."""
     from x2p_ros.models import baseline_checkpoint, default_checkpoint
     for shipped, config in ((default_checkpoint(), "cpu"), (baseline_checkpoint(), "cpu-baseline")):
         state = checkpoint.read(shipped)
@@ -345,8 +346,13 @@ def test_the_shipped_models_can_be_fine_tuned(small_data, tmp_path):
             state["config"].pop(later, None)
         path = tmp_path / f"{config}-older.pt"
         torch.save(state, path)
-        assert main(["train", "--data", str(small_data), "--config", config, "--out", str(tmp_path / config),
-                     "--epochs", "1", "--lr", "0", "--workers", "0", "--quiet", "--init", str(path)]) == 0
+        args = ["train", "--data", str(small_data), "--config", config, "--out", str(tmp_path / config),
+                "--epochs", "1", "--lr", "0", "--workers", "0", "--quiet", "--init", str(path)]
+        if state["config"].get("centre_head"):
+            assert main(args) == 2
+            assert "it has a centre head: --set centre_head=true keeps it" in capsys.readouterr().err
+            args += ["--set", "centre_head=true"]
+        assert main(args) == 0
         tuned = checkpoint.read(tmp_path / config / "best.pt")["model"]
         for name, weights in checkpoint.read(path)["model"].items():
             torch.testing.assert_close(tuned[name], weights)

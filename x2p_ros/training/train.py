@@ -296,12 +296,15 @@ def _init_weights(model, path, config_name: str, announce: bool):
         model.load_state_dict(state["model"])
         return
     own = model.state_dict()
-    misfits = [f"{name} {tuple(w.shape)}" + (f" (here {tuple(own[name].shape)})" if name in own else " (not here)")
-               for name, w in state["model"].items() if name not in own or own[name].shape != w.shape]
-    if misfits:
+    unfit = [name for name, w in state["model"].items() if name not in own or own[name].shape != w.shape]
+    if unfit:
+        misfits = [f"{name} {tuple(state['model'][name].shape)}"
+                   + (f" (here {tuple(own[name].shape)})" if name in own else " (not here)") for name in unfit]
+        head_only = all(name.startswith("centre_head.") for name in unfit)
         raise checkpoint.CheckpointError(
             f"{path} was trained with another config than {config_name!r}, and {len(misfits)} of its weights do "
-            f"not fit this one: {', '.join(misfits[:5])}{', ...' if len(misfits) > 5 else ''}")
+            f"not fit this one: {', '.join(misfits[:5])}{', ...' if len(misfits) > 5 else ''}"
+            + ("; it has a centre head: --set centre_head=true keeps it" if head_only else ""))
     new = sorted(set(own) - set(state["model"]))
     model.load_state_dict(state["model"], strict=False)
     head_from_vfe = model.centre_head is not None and any(name.startswith("centre_head.vfe.") for name in new)
