@@ -73,7 +73,7 @@ class X2PConfig:
     # thickness gradient (encoder.py); 0: none (both shipped models; README: tried at 0.125, not shipped)
     background_sigma: float = 0.0
     # a U-Net of its own that marks every vertebral centre in a view, whatever its index (centres.py), trained
-    # with this weight (its Gaussians' sigma: losses.CENTRE_SIGMA_CELLS); False in both shipped models
+    # with this weight (its Gaussians' sigma: losses.CENTRE_SIGMA_CELLS); True in the shipped X2P-Net
     centre_head: bool = False
     loss_centre_weight: float = 1.0
     # inference with a centre head: the chain walked down and each vertebra moved onto the strongest centre
