@@ -333,6 +333,12 @@ def test_ship_model_sets_a_chain_stride_and_prompt_refinements_keeping_the_weigh
     assert tool.with_inference_setting("--chain-stride", "3", "default", str(tmp_path / "measured.json")) == 0
     assert checkpoint.read(shipped)["meta"]["note"] == ("trained on the CPU, 3 epochs; prompt refinements 1 chosen "
                                                        "by commit 1111111; chain stride 3 chosen by commit 0000000")
+    # a rule whose reference holds '; ' in parentheses is one part of the note, replaced whole
+    (tmp_path / "outcome.json").write_text(json.dumps({**figures, "rule": "commit 2222222 (outcome 3333333; kept)"}))
+    assert tool.with_inference_setting("--chain-stride", "1", "default", str(tmp_path / "outcome.json")) == 0
+    assert tool.with_inference_setting("--chain-stride", "0", "default", str(tmp_path / "measured.json")) == 0
+    assert checkpoint.read(shipped)["meta"]["note"] == ("trained on the CPU, 3 epochs; prompt refinements 1 chosen "
+                                                       "by commit 1111111; chain stride 0 chosen by commit 0000000")
 
     figures["rows"][0]["data"] = str(_leaky_data_set(tmp_path, monkeypatch))
     (tmp_path / "measured.json").write_text(json.dumps(figures))
@@ -384,4 +390,25 @@ def test_ship_model_puts_a_centre_head_into_the_shipped_model_keeping_its_weight
     with pytest.raises(SystemExit, match="trains on the real-anatomy validation CT"):
         tool.with_centre_head(str(run), str(_leaky_data_set(tmp_path, monkeypatch)), "0.2", "default",
                               str(tmp_path / "measured.json"))
+    assert shipped.read_bytes() == before
+
+    # a head trained on in a second run: the record holds both runs, and the first run's data is checked too
+    later = tmp_path / "later"
+    checkpoint.save(later / "best.pt", head, meta={"init": str(run / "last.pt"), "epoch": 0})
+    with (later / "log.csv").open("w") as f:
+        csv.writer(f).writerows([["epoch"], [0], [1], [2]])
+    checkpoint.save(run / "best.pt", head, meta={"init": "baseline.pt", "data": str(data), "epoch": 1})
+    assert tool.with_centre_head(str(later), str(data), "0.2", "default", str(tmp_path / "measured.json"), "0.1") == 0
+    record = json.loads(shipped.with_suffix(".json").read_text())["centre_head"]
+    assert [(r["run"], r["epochs"], r["init"]) for r in record["runs"]] == [
+        ("later", 3, str(run / "last.pt")), ("run", 2, "baseline.pt")]
+    assert record["epochs_in_all"] == 5 and record["trained_beside"] == "baseline.pt"
+    assert all(r["training_data"]["real_anatomy_validation_cts"] is False for r in record["runs"])
+    before = shipped.read_bytes()
+    checkpoint.save(run / "best.pt", head, meta={"init": "baseline.pt", "data": str(tmp_path / "leaky"), "epoch": 1})
+    with pytest.raises(SystemExit, match="trains on the real-anatomy validation CT"):
+        tool.with_centre_head(str(later), str(data), "0.2", "default", str(tmp_path / "measured.json"), "0.1")
+    checkpoint.save(run / "best.pt", head, meta={"init": "baseline.pt", "epoch": 1})
+    with pytest.raises(SystemExit, match="does not say what it was trained on"):
+        tool.with_centre_head(str(later), str(data), "0.2", "default", str(tmp_path / "measured.json"), "0.1")
     assert shipped.read_bytes() == before

@@ -73,6 +73,51 @@ def checked_calibration(meta: dict) -> dict | None:
     return calibration
 
 
+def refuse_chosen_on_validation_cts(figures: dict, words: str) -> list[str]:
+    """The data sets a setting was chosen on (MEASURED.json's rows); SystemExit if any holds a validation CT's
+    pairs: a setting is chosen on phantom data, never on the validation CTs."""
+    measured_on = sorted({row["data"] for row in figures["rows"]})
+    for data in measured_on:
+        refuse_validation_cts(Path(data), ("train", "val", "test"), f"chose the {words} on")
+    return measured_on
+
+
+def head_runs(run: Path, data: Path) -> list[dict]:
+    """Every run a centre head was trained in, newest first, followed back through --init while it is a run's
+    checkpoint (its folder has log.csv): the run, its training data (checked: no validation CT's pairs) and its
+    epochs. RUN's data is DATA; an earlier run's, its best.pt's record."""
+    runs = []
+    while True:
+        patient_cases = refuse_validation_cts(data, ("train", "val"), "trains on")
+        dataset = json.loads((data / "dataset.json").read_text())
+        init = checkpoint.read(run / "best.pt")["meta"].get("init")
+        runs.append({"run": run.name, "epochs": len(list(csv.DictReader((run / "log.csv").open()))), "init": init,
+                     "training_data": {"folder": data.name, "engine": dataset.get("engine", 1),
+                                       "cases": dataset["cases"], "seed": dataset["seed"],
+                                       "patient_ct_cases": len(patient_cases), "real_anatomy_validation_cts": False}})
+        if not init or not (Path(init).parent / "log.csv").is_file():
+            return runs
+        run = Path(init).parent
+        recorded = checkpoint.read(run / "best.pt")["meta"].get("data")
+        if not recorded:
+            raise SystemExit(f"ship_model: {run / 'best.pt'} does not say what it was trained on: its head's "
+                             "provenance cannot be checked")
+        data = Path(recorded)
+
+
+def with_note_part(note: str, words: str, part: str) -> str:
+    """The checkpoint's note with its part on `words` (a setting's name) replaced by `part`. Parts are separated
+    by '; ' outside parentheses: a rule's reference may hold '; ' in its own parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(note):
+        depth = max(depth + {"(": 1, ")": -1}.get(c, 0), 0)  # an unmatched ')' of an older note closes nothing
+        if depth == 0 and note.startswith("; ", i):
+            parts.append(note[start:i])
+            start = i + 2
+    parts.append(note[start:])
+    return "; ".join([p for p in parts if p and not p.startswith(words)] + [part])
+
+
 def config_changes(config_name: str | None, model) -> dict:
     """The fields that differ from the named preset (x2p train --set, x2p presence): the name alone would not say
     what was shipped."""
@@ -178,18 +223,15 @@ def with_inference_setting(option: str, value: str, name: str, measured: str) ->
     target = TARGETS[name]()
     model, meta = checkpoint.load_model(target)
     figures = json.loads(Path(measured).read_text())
-    measured_on = sorted({row["data"] for row in figures["rows"]})
-    for data in measured_on:  # chosen on phantom data, never on the validation CTs
-        refuse_validation_cts(Path(data), ("train", "val", "test"), f"chose the {words} on")
-    figures = {**figures, "measured_on": measured_on, "real_anatomy_validation_cts": False}
+    figures = {**figures, "measured_on": refuse_chosen_on_validation_cts(figures, words),
+               "real_anatomy_validation_cts": False}
     model.config = replace(model.config, **{field: int(value)})
     record = json.loads(target.with_suffix(".json").read_text())
     record["config_values"] = model.config.to_dict()
     record["config_changes"] = config_changes(record.get("config"), model)
     record[field] = figures
     # the note's other parts (training, threshold, the other setting) stay; this setting's part is replaced
-    parts = [part for part in meta.get("note", "").split("; ") if part and not part.startswith(words)]
-    note = "; ".join(parts + [f"{words} {value} chosen by {figures['rule']}"])
+    note = with_note_part(meta.get("note", ""), words, f"{words} {value} chosen by {figures['rule']}")
     checkpoint.save(target, model, meta={**meta, "note": note})
     target.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(f"shipped {target} with {words} {getattr(model.config, field)} (weights unchanged)")
@@ -206,30 +248,26 @@ def with_centre_head(run: str, data: str, snap: str, name: str, measured: str, a
     weights = {k: v for k, v in head["model"].items() if k.startswith("centre_head.")}
     if not weights:
         raise SystemExit(f"ship_model: {run / 'best.pt'} has no centre head")
-    patient_cases = refuse_validation_cts(data, ("train", "val"), "trains on")
+    runs = head_runs(run, data)
     figures = json.loads(Path(measured).read_text())
-    for measured_on in sorted({row["data"] for row in figures["rows"]}):
-        refuse_validation_cts(Path(measured_on), ("train", "val", "test"), "chose the centre snapping on")
+    refuse_chosen_on_validation_cts(figures, "centre snapping")
     target = TARGETS[name]()
     model, meta = checkpoint.load_model(target)
     with_head = build_model(replace(model.config, centre_head=True, centre_snap=float(snap),
                                     centre_agree=float(agree)))
     with_head.load_state_dict({**model.state_dict(), **weights})
-    dataset = json.loads((data / "dataset.json").read_text())
-    log = list(csv.DictReader((run / "log.csv").open()))
     record = json.loads(target.with_suffix(".json").read_text())
     record["config_values"] = with_head.config.to_dict()
     record["config_changes"] = config_changes(record.get("config"), with_head)
     record["centre_head"] = {
-        "run": run.name, "trained_beside": head["meta"].get("init"), "epochs_run": len(log),
+        "run": run.name, "trained_beside": runs[-1]["init"], "epochs_run": runs[0]["epochs"],
+        "epochs_in_all": sum(r["epochs"] for r in runs), "runs": runs,
         "best_epoch": head["meta"].get("epoch"), "validation_snapped": {"mpe_mm": head["meta"].get("val_mpe_mm"),
                                                                        "pcl10": head["meta"].get("val_pcl10")},
-        "training_data": {"folder": data.name, "engine": dataset.get("engine", 1), "cases": dataset["cases"],
-                          "seed": dataset["seed"], "patient_ct_cases": len(patient_cases),
-                          "real_anatomy_validation_cts": False},
+        "training_data": runs[0]["training_data"],
         "snap": float(snap), "agree": float(agree), "measured": {**figures, "real_anatomy_validation_cts": False}}
-    parts = [part for part in meta.get("note", "").split("; ") if part and not part.startswith("centre snap")]
-    note = "; ".join(parts + [f"centre snap {float(snap):g} (agreement {float(agree):g}) chosen by {figures['rule']}"])
+    note = with_note_part(meta.get("note", ""), "centre snap",
+                          f"centre snap {float(snap):g} (agreement {float(agree):g}) chosen by {figures['rule']}")
     checkpoint.save(target, with_head, meta={**meta, "note": note})
     target.with_suffix(".json").write_text(json.dumps(record, indent=1))
     print(f"shipped {target} with the centre head of {run} snapping at {float(snap):g}, agreement {float(agree):g} "
